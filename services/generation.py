@@ -1,0 +1,145 @@
+"""The front tier's generation path: text in, token ids to the GPU tier, text out.
+
+One `TextGeneration` per PromptService worker. Every API (/generate and the OpenAI routes) goes
+through it, so templating, limits, detokenization and stop strings behave the same everywhere:
+
+    prompt or messages -> template -> token ids -> limits -> LLMService -> ids -> text chunks
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.errors import RequestError
+from services.llm_client import LLMClient
+from services.protocol import FinishReason, GenerateRequest, SamplingParams, TokenLogprobs
+from services.text.detokenizer import IncrementalDetokenizer
+from services.text.templates import ChatFormatter
+from services.text.tokenizer import check_context_length, check_token_ids, encode
+
+
+@dataclass
+class TextOptions:
+    """What the front tier does with the returned tokens (vLLM's names and defaults)."""
+
+    stop: Sequence[str] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class TextChunk:
+    """New text of one choice. The last chunk of a choice carries its finish reason and counts."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TextGeneration:
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        formatter: ChatFormatter,
+        llm: LLMClient,
+        context_length: int,
+        vocab_size: int,
+        default_max_tokens: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.formatter = formatter
+        self.llm = llm
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.default_max_tokens = default_max_tokens
+
+    # --- prompts -> token ids ----------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, Any]], **template_options: Any) -> list[int]:
+        """Token ids of a conversation rendered with the chat template."""
+        try:
+            text = self.formatter.render(messages, **template_options)
+        except Exception as error:  # a template may raise on input it does not accept
+            raise RequestError(f"the chat template could not render these messages: {error}", param="messages") from error
+        return encode(self.tokenizer, text, add_special_tokens=False)
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, with the tokenizer's own special tokens (BOS)."""
+        return encode(self.tokenizer, text, add_special_tokens=True)
+
+    def token_prompt(self, token_ids: list[int], *, param: str = "tokens") -> list[int]:
+        check_token_ids(token_ids, self.vocab_size, param=param)
+        return token_ids
+
+    def sampling_params(self, prompt_tokens: int, max_tokens: int | None, **fields: Any) -> SamplingParams:
+        """Sampling parameters with max_tokens defaulted to what fits, and the context limit checked."""
+        if max_tokens is None:
+            max_tokens = max(1, min(self.default_max_tokens, self.context_length - prompt_tokens))
+        check_context_length(prompt_tokens, max_tokens, self.context_length)
+        check_token_ids(fields.get("stop_token_ids") or [0], self.vocab_size, param="stop_token_ids")
+        try:
+            return SamplingParams(max_tokens=max_tokens, **fields)
+        except ValueError as error:
+            raise RequestError(str(error)) from error
+
+    # --- token ids -> text -----------------------------------------------------------------------
+
+    async def stream(
+        self, token_ids: list[int], params: SamplingParams, options: TextOptions = TextOptions()
+    ) -> AsyncIterator[TextChunk]:
+        """Text chunks of every choice as the engine produces them, ending each with its finish."""
+        request = GenerateRequest(request_id=uuid.uuid4().hex, token_ids=token_ids, sampling_params=params)
+        decoders = [
+            IncrementalDetokenizer(
+                self.tokenizer.backend_tokenizer,
+                stop=options.stop,
+                include_stop_str_in_output=options.include_stop_str_in_output,
+                skip_special_tokens=options.skip_special_tokens,
+            )
+            for _ in range(params.n)
+        ]
+        open_choices = set(range(params.n))
+        async with aclosing(self.llm.generate(request)) as deltas:
+            async for delta in deltas:
+                if delta.index not in open_choices:
+                    continue  # a choice already ended by a stop string
+                decoder = decoders[delta.index]
+                ids = delta.token_ids
+                if delta.finish_reason == "stop" and ids and not options.include_stop_str_in_output:
+                    ids = ids[:-1]  # the stop token itself is not text (as in vLLM)
+                text = decoder.push(ids)
+                chunk = TextChunk(
+                    index=delta.index,
+                    text=text,
+                    token_ids=delta.token_ids,
+                    logprobs=delta.logprobs,
+                    prompt_tokens=delta.prompt_tokens,
+                    completion_tokens=delta.completion_tokens,
+                )
+                if decoder.stop_reason is not None:
+                    # The tokens after the one that completed the stop string are not part of it.
+                    used = decoder.token_count - (delta.completion_tokens - len(delta.token_ids))
+                    chunk.token_ids = delta.token_ids[:used]
+                    chunk.logprobs = delta.logprobs[:used] if delta.logprobs else delta.logprobs
+                    chunk.completion_tokens = decoder.token_count
+                    chunk.finish_reason, chunk.stop_reason = "stop", decoder.stop_reason
+                elif delta.finish_reason is not None:
+                    chunk.text += decoder.finish()
+                    chunk.finish_reason, chunk.stop_reason = delta.finish_reason, delta.stop_reason
+                if chunk.finish_reason is not None:
+                    open_choices.discard(delta.index)
+                yield chunk
+                if not open_choices:
+                    break  # leaving the stream aborts whatever the engine still runs
+        if open_choices:
+            raise RequestError("the GPU tier's stream ended before the generation finished", status=503)

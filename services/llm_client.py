@@ -1,0 +1,116 @@
+"""The front tier's side of the contract: calls LLMService at the address `bentoml.depends` gives.
+
+Why not the dependency proxy's own streaming call: the proxy never closes the HTTP response when
+its caller stops reading (measured, see docs/architecture.md), so the engine would go on generating
+for nobody. Here every stream is read under `async with`, so leaving it closes the connection
+(the GPU tier's generator is cancelled and vLLM aborts the request), and an explicit `abort` call
+follows as a second guarantee. Frames are reassembled from bytes with `DeltaDecoder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import urlparse
+
+import httpx
+
+from services.errors import RequestError, TierUnavailable
+from services.protocol import AbortRequest, DeltaDecoder, GenerateDelta, GenerateRequest, ModelInfo
+
+logger = logging.getLogger("bentoml.service.prompt")
+
+
+def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http)."""
+    parsed = urlparse(url)
+    transport, base_url = None, url
+    if parsed.scheme == "file":
+        transport, base_url = httpx.AsyncHTTPTransport(uds=parsed.path), "http://llm-service"
+    elif parsed.scheme == "tcp":
+        base_url = f"http://{parsed.netloc}"
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=transport,
+        timeout=httpx.Timeout(timeout_s, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
+
+
+class LLMClient:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.url = url
+        self._http = http_client(url, timeout_s)
+        self._background: set[asyncio.Task] = set()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        """The engine's frames for one request; leaving early aborts it on the GPU tier."""
+        complete = False
+        try:
+            async with self._http.stream("POST", "/generate", json={"request": request.model_dump()}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _error_from(response)
+                decoder = DeltaDecoder()
+                async for chunk in response.aiter_bytes():
+                    for delta in decoder.feed(chunk):
+                        yield delta
+                if decoder.pending:
+                    raise TierUnavailable("the GPU tier's stream ended inside a frame")
+                complete = True
+        except httpx.TransportError as error:
+            raise TierUnavailable(f"the GPU tier is unreachable: {error!r}") from error
+        finally:
+            if not complete:
+                self._abort_in_background(request.request_id)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        body = {"request": AbortRequest(request_ids=request_ids).model_dump()}
+        response = await self._http.post("/abort", json=body, timeout=5.0)
+        response.raise_for_status()
+
+    async def model_info(self) -> ModelInfo:
+        response = await self._http.post("/model_info", json={}, timeout=5.0)
+        response.raise_for_status()
+        return ModelInfo.model_validate_json(response.content)
+
+    async def load(self) -> dict[str, int]:
+        response = await self._http.post("/load", json={}, timeout=5.0)
+        response.raise_for_status()
+        return response.json()
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            response = await self._http.get("/readyz", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _abort_in_background(self, request_id: str) -> None:
+        async def abort() -> None:
+            try:
+                await self.abort([request_id])
+            except Exception as error:  # the tier may be gone; closing the stream already aborted
+                logger.debug("abort of %s failed: %r", request_id, error)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _error_from(response: httpx.Response) -> RequestError:
+    """The GPU tier's refusal as the front tier's error (its 4xx messages are for the user)."""
+    if response.status_code >= 500:
+        return TierUnavailable(f"the GPU tier answered {response.status_code}")
+    try:
+        body = response.json()
+        if isinstance(body, list) and body:  # BentoML wraps a BentoMLException's message in a list
+            body = body[0]
+        message = body.get("error") if isinstance(body, dict) else None
+    except ValueError:
+        message = None
+    return RequestError(message or response.text, status=response.status_code)

@@ -1,0 +1,184 @@
+"""LLMService, the GPU tier: one vLLM engine, token ids in and token ids out.
+
+No tokenizer and no text: the engine is built with `skip_tokenizer_init=True`, takes a
+`GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames. It checks what it receives
+even though the front tier checked first, because anything that can reach it may call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator
+
+import bentoml
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+
+from services.config import Settings, is_cpu_build, settings
+from services.model_store import model_reference
+from services.protocol import (
+    AbortRequest,
+    GenerateDelta,
+    GenerateRequest,
+    ModelInfo,
+    TokenLogprobs,
+    encode_frame,
+)
+
+logger = logging.getLogger("bentoml.service.llm")
+
+
+def engine_args(config: Settings):
+    """vLLM engine arguments from the settings, with defaults that suit the machine."""
+    from vllm import AsyncEngineArgs
+
+    on_cpu = is_cpu_build()
+    if on_cpu:
+        # The CPU backend sizes its KV cache from this variable and, by default, keeps a core
+        # for itself; both are read when the engine starts (FINDINGS.md: +40% with both cores).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    optional = {
+        "max_num_seqs": config.max_num_seqs,
+        "enable_prefix_caching": config.enable_prefix_caching,
+    }
+    return AsyncEngineArgs(
+        model=config.model_path,
+        served_model_name=config.model_name,
+        skip_tokenizer_init=True,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        load_format=config.load_format,
+        disable_log_stats=False,
+        **{name: value for name, value in optional.items() if value is not None},
+    )
+
+
+def vllm_sampling_params(request: GenerateRequest):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        **request.sampling_params.model_dump(),
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[GenerateDelta]:
+    """A vLLM RequestOutput (DELTA kind) as frames, one per choice that moved."""
+    deltas = []
+    for choice in output.outputs:
+        completed[choice.index] = completed.get(choice.index, 0) + len(choice.token_ids)
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [
+                TokenLogprobs(
+                    logprob=candidates[token_id].logprob,
+                    top=sorted(
+                        ((candidate, entry.logprob) for candidate, entry in candidates.items()),
+                        key=lambda pair: -pair[1],
+                    ),
+                )
+                for token_id, candidates in zip(choice.token_ids, choice.logprobs)
+            ]
+        deltas.append(
+            GenerateDelta(
+                index=choice.index,
+                token_ids=list(choice.token_ids),
+                logprobs=logprobs,
+                finish_reason=choice.finish_reason,
+                stop_reason=choice.stop_reason if isinstance(choice.stop_reason, int) else None,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completed[choice.index],
+            )
+        )
+    return deltas
+
+
+@bentoml.service(
+    name="LLMService",
+    resources={"gpu": settings.tensor_parallel_size},
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s, "concurrency": 4096},
+    labels={"tier": "gpu"},
+)
+class LLMService:
+    model = model_reference(settings.model)
+
+    def __init__(self) -> None:
+        from vllm import AsyncLLMEngine
+
+        self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings))
+        model_config = self.engine.model_config
+        self.info = ModelInfo(
+            model=settings.model_name,
+            max_model_len=model_config.max_model_len,
+            vocab_size=model_config.get_vocab_size(),
+        )
+        logger.info("engine ready: %s", self.info)
+
+    async def __is_ready__(self) -> bool:
+        return not self.engine.errored
+
+    async def __is_alive__(self) -> bool:
+        return not self.engine.errored
+
+    @bentoml.api
+    async def model_info(self) -> ModelInfo:
+        """The served model's name, context length and vocabulary size."""
+        return self.info
+
+    @bentoml.api
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[str, None]:
+        """Stream GenerateDelta frames (newline-delimited JSON) for a tokenized prompt."""
+        self._check(request)
+        if self.engine.errored:
+            raise ServiceUnavailable("the engine has stopped; the service is restarting")
+        from vllm.inputs import TokensPrompt
+
+        stream = self.engine.generate(
+            TokensPrompt(prompt_token_ids=request.token_ids),
+            vllm_sampling_params(request),
+            request_id=request.request_id,
+        )
+        completed: dict[int, int] = {}
+        prompt_tokens = len(request.token_ids)
+        try:
+            async for output in stream:
+                yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
+        except ValueError as error:  # vLLM's own input checks, raised before the first output
+            raise InvalidArgument(str(error)) from error
+        finally:
+            # Leaving early (the caller went away, or was cancelled) closes the engine stream,
+            # which aborts the request in vLLM; a finished request is unaffected.
+            await stream.aclose()
+
+    @bentoml.api
+    async def abort(self, request: AbortRequest) -> int:
+        """Abort engine requests by id; returns how many ids were given."""
+        await self.engine.abort(request.request_ids)
+        return len(request.request_ids)
+
+    @bentoml.api
+    async def load(self) -> dict[str, int]:
+        """Requests the engine holds now (running or waiting)."""
+        return {"unfinished_requests": self.engine.get_num_unfinished_requests()}
+
+    def _check(self, request: GenerateRequest) -> None:
+        limit, vocab = self.info.max_model_len, self.info.vocab_size
+        prompt_tokens, max_tokens = len(request.token_ids), request.sampling_params.max_tokens
+        if prompt_tokens + max_tokens > limit:
+            raise InvalidArgument(
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{prompt_tokens + max_tokens} tokens, over the model's context length of {limit}"
+            )
+        bad = [token for token in request.token_ids if not 0 <= token < vocab]
+        if bad:
+            raise InvalidArgument(f"token ids must be in [0, {vocab}); got {bad[:5]}")
+        bad_stop = [token for token in request.sampling_params.stop_token_ids if not 0 <= token < vocab]
+        if bad_stop:
+            raise InvalidArgument(f"stop_token_ids must be in [0, {vocab}); got {bad_stop[:5]}")

@@ -1,0 +1,34 @@
+"""Where the model comes from: the BentoML model store, the Hugging Face Hub, or a local folder.
+
+Both service classes declare `model_reference(settings.model)` as a class attribute, so that
+`bentoml build` packs the model into the Bento and each tier finds it there at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bentoml.models import BentoModel, HuggingFaceModel
+
+
+def model_reference(model: str) -> BentoModel | HuggingFaceModel | None:
+    """The BentoML model reference for a setting, or None for a local folder (not packed)."""
+    if Path(model).is_dir():
+        return None
+    if "/" in model:
+        return HuggingFaceModel(model)
+    return BentoModel(model)
+
+
+def resolve_model_path(model: str) -> str:
+    """A local folder holding the model's config, tokenizer and weights."""
+    if Path(model).is_dir():
+        return str(Path(model).resolve())
+    reference = model_reference(model)
+    if isinstance(reference, BentoModel) and reference.stored is None:
+        raise RuntimeError(
+            f"model {model!r} is not in the BentoML model store: run `python scripts/prepare_model.py` "
+            f"for the default model, or set PIPELINE_MODEL to a Hugging Face id or a local folder"
+        )
+    resolved = reference.resolve()
+    return resolved if isinstance(resolved, str) else resolved.path

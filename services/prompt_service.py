@@ -1,0 +1,136 @@
+"""PromptService, the CPU tier and the entry service: the HTTP API, and all text work.
+
+Routes only parse, call `TextGeneration` and shape errors. The GPU tier is reached through
+`bentoml.depends(LLMService)`, so `bentoml serve` starts both, and in a deployment each tier
+scales on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+import bentoml
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from pydantic import Field
+
+from services.config import settings
+from services.errors import RequestError
+from services.generation import TextGeneration, TextOptions
+from services.llm_client import LLMClient
+from services.llm_service import LLMService
+from services.model_store import model_reference
+from services.text.templates import ChatFormatter, load_chat_template
+from services.text.tokenizer import load_tokenizer
+
+logger = logging.getLogger("bentoml.service.prompt")
+
+SEED_PROMPT = "Explain superconductors like I'm five years old"
+
+
+def _one_of(schema: dict) -> None:
+    """Publish a union as `oneOf`: BentoML's schema keeps only the first `anyOf` branch, and its
+    client then fails to send `tokens=None`, the seed's own call."""
+    schema["oneOf"] = schema.pop("anyOf")
+
+
+NullableTokens = Annotated[list[int] | None, Field(json_schema_extra=_one_of, description="token ids, or null")]
+StopStrings = Annotated[str | list[str] | None, Field(json_schema_extra=_one_of, description="one stop string or a list")]
+
+
+def as_bentoml_error(error: RequestError) -> BentoMLException:
+    if error.status < 500:
+        return InvalidArgument(error.message)
+    from http import HTTPStatus
+
+    return BentoMLException(error.message, error_code=HTTPStatus(error.status))
+
+
+@bentoml.service(
+    name="PromptService",
+    workers=settings.prompt_workers,
+    resources={"cpu": "1"},
+    traffic={"timeout": settings.request_timeout_s, "concurrency": 4096},
+    labels={"tier": "cpu"},
+)
+class PromptService:
+    llm = bentoml.depends(LLMService)
+    model = model_reference(settings.model)
+
+    def __init__(self) -> None:
+        tokenizer = load_tokenizer(settings.model_path)
+        template = load_chat_template(settings.chat_template, tokenizer.chat_template)
+        self.llm_client = LLMClient(self.llm.to_async.url, timeout_s=settings.request_timeout_s)
+        self.generation = TextGeneration(
+            tokenizer=tokenizer,
+            formatter=ChatFormatter(tokenizer, template),
+            llm=self.llm_client,
+            context_length=settings.context_length,
+            vocab_size=int(settings.hf_config["vocab_size"]),
+            default_max_tokens=settings.default_max_tokens,
+        )
+
+    async def __is_ready__(self) -> bool:
+        return await self.llm_client.is_ready()
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        await self.llm_client.close()
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt: str = SEED_PROMPT,
+        tokens: NullableTokens = None,
+        max_tokens: Annotated[int | None, Field(ge=1)] = None,
+        temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0,
+        top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0,
+        top_k: Annotated[int, Field(ge=-1)] = 0,
+        min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
+        seed: int | None = None,
+        stop: StopStrings = None,
+        stop_token_ids: list[int] | None = None,
+        presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0,
+        frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0,
+        repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0,
+        min_tokens: Annotated[int, Field(ge=0)] = 0,
+        ignore_eos: bool = False,
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+    ) -> AsyncGenerator[str, None]:
+        """Stream the model's answer to `prompt`, rendered with the chat template.
+
+        `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
+        their defaults are vLLM's. Errors before the first chunk are HTTP 400 with the reason.
+        """
+        try:
+            if tokens is not None:
+                token_ids = self.generation.token_prompt(tokens)
+            else:
+                token_ids = self.generation.chat_prompt([{"role": "user", "content": prompt}])
+            params = self.generation.sampling_params(
+                len(token_ids),
+                max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                seed=seed,
+                stop_token_ids=stop_token_ids or [],
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+                repetition_penalty=repetition_penalty,
+                min_tokens=min_tokens,
+                ignore_eos=ignore_eos,
+            )
+            options = TextOptions(
+                stop=[stop] if isinstance(stop, str) else (stop or []),
+                include_stop_str_in_output=include_stop_str_in_output,
+                skip_special_tokens=skip_special_tokens,
+            )
+            async for chunk in self.generation.stream(token_ids, params, options):
+                if chunk.text:
+                    yield chunk.text
+        except RequestError as error:
+            raise as_bentoml_error(error) from error

@@ -1,0 +1,121 @@
+"""The contract between the tiers: what PromptService sends LLMService, and what streams back.
+
+Token ids in, token ids out. The request is shaped after vLLM's tokens-in/tokens-out
+`GenerateRequest` (token_ids, sampling_params, stream, request_id); the reply is a stream of
+`GenerateDelta` objects, one JSON object per line (newline-delimited JSON). BentoML's proxy and
+HTTP transports may merge or split chunks anywhere, so the receiver buffers bytes and only parses
+complete lines (`DeltaDecoder`); JSON escapes every newline inside a string, so a newline can only
+ever end a frame.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SamplingParams(BaseModel):
+    """The subset of vLLM's SamplingParams that makes sense without a tokenizer.
+
+    Ranges follow vLLM's own checks (vllm/sampling_params.py), so a request that passes here is
+    one the engine accepts. Stop *strings* are not here: they are text, handled by the front tier.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int = Field(ge=1)
+    min_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="0 or -1: all tokens")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="top logprobs per output token")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    """One generation: a tokenized prompt and how to sample its continuation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    token_ids: list[int] = Field(min_length=1)
+    sampling_params: SamplingParams
+    stream: bool = True
+
+
+class TokenLogprobs(BaseModel):
+    """Logprobs of one output token: the sampled one and the top alternatives (best first)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class GenerateDelta(BaseModel):
+    """One frame of the reply: new tokens of one choice since the previous frame.
+
+    The last frame of a choice has `finish_reason` set. Counts are cumulative so that the receiver
+    never has to add them up.
+    """
+
+    index: int = 0
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = Field(None, description="the stop token id that ended the choice, if any")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ModelInfo(BaseModel):
+    """What the front tier needs to know about the engine it talks to."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+
+
+class AbortRequest(BaseModel):
+    request_ids: list[str] = Field(min_length=1, max_length=1024)
+
+
+# --- framing -----------------------------------------------------------------------------------
+
+
+def encode_frame(delta: GenerateDelta) -> str:
+    """One delta as one line of newline-delimited JSON (ASCII only: no character can be split)."""
+    return delta.model_dump_json(exclude_defaults=True) + "\n"
+
+
+class DeltaDecoder:
+    """Reassembles frames from transport chunks of any size and any boundary."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes | str) -> list[GenerateDelta]:
+        if isinstance(chunk, str):
+            chunk = chunk.encode()
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [GenerateDelta.model_validate_json(line) for line in lines if line.strip()]
+
+    @property
+    def pending(self) -> bool:
+        """True when bytes of an unfinished frame are waiting (a stream cut short)."""
+        return bool(self._buffer.strip())
