@@ -65,17 +65,20 @@ class TextGeneration:
 
     # --- prompts -> token ids ----------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]], **template_options: Any) -> list[int]:
-        """Token ids of a conversation rendered with the chat template."""
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], *, add_special_tokens: bool = False, **template_options: Any
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (which holds its own
+        special tokens, hence no BOS unless asked for, as in vLLM)."""
         try:
             text = self.formatter.render(messages, **template_options)
         except Exception as error:  # a template may raise on input it does not accept
             raise RequestError(f"the chat template could not render these messages: {error}", param="messages") from error
-        return encode(self.tokenizer, text, add_special_tokens=False)
+        return encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
 
-    def text_prompt(self, text: str) -> list[int]:
-        """Token ids of a raw prompt, with the tokenizer's own special tokens (BOS)."""
-        return encode(self.tokenizer, text, add_special_tokens=True)
+    def text_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a raw prompt, with the tokenizer's own special tokens (BOS) by default."""
+        return encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
 
     def token_prompt(self, token_ids: list[int], *, param: str = "tokens") -> list[int]:
         check_token_ids(token_ids, self.vocab_size, param=param)
