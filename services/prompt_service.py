@@ -21,6 +21,8 @@ from services.generation import TextGeneration, TextOptions
 from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.model_store import model_reference
+from services.openai.router import app as openai_app
+from services.openai.serving import OpenAIServing
 from services.text.templates import ChatFormatter, load_chat_template
 from services.text.tokenizer import load_tokenizer
 
@@ -47,6 +49,7 @@ def as_bentoml_error(error: RequestError) -> BentoMLException:
     return BentoMLException(error.message, error_code=HTTPStatus(error.status))
 
 
+@bentoml.asgi_app(openai_app, path="/")  # /v1/*, /tokenize, /detokenize (services/openai/router.py)
 @bentoml.service(
     name="PromptService",
     workers=settings.prompt_workers,
@@ -70,6 +73,7 @@ class PromptService:
             vocab_size=int(settings.hf_config["vocab_size"]),
             default_max_tokens=settings.default_max_tokens,
         )
+        openai_app.state.serving = OpenAIServing(self.generation, model_name=settings.model_name, model_root=settings.model)
 
     async def __is_ready__(self) -> bool:
         return await self.llm_client.is_ready()

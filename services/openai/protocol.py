@@ -1,0 +1,555 @@
+"""OpenAI-compatible request and response models, shaped after vLLM's own server.
+
+Field names, defaults and response shapes follow vLLM 0.32 (`vllm/entrypoints/openai/*/protocol.py`,
+`vllm/entrypoints/serve/tokenize/protocol.py`). Two deliberate differences, both in the direction
+of "never ignore silently":
+
+- A field this server does not implement (tools, images, audio, response_format, logit_bias, ...)
+  is refused with 400 naming the field, where vLLM would use it or ignore it.
+- A field nobody knows (a typo, a newer OpenAI field) is refused too, where vLLM ignores it.
+
+Every refusal raises `ProtocolError`, a ValueError that carries the field name, so the router can
+put it in the error body's `param`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+
+MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS
+MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}
+
+
+class ProtocolError(ValueError):
+    """A refused request field: what is wrong, and the field (`param` of the error body)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def random_uuid() -> str:
+    return uuid.uuid4().hex
+
+
+# --- what is refused -------------------------------------------------------------------------
+
+# field -> (values that mean "not used", why it is refused). Present with another value: 400.
+_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None,), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "functions": ((None,), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "response_format": ((None, {"type": "text"}), "structured output (response_format) is not supported"),
+    "structured_outputs": ((None,), "structured output is not supported"),
+    "logit_bias": ((None, {}), "logit_bias is not supported by the token-id tier"),
+    "allowed_token_ids": ((None,), "allowed_token_ids is not supported by the token-id tier"),
+    "bad_words": ((None, []), "bad_words is not supported by the token-id tier"),
+    "logprob_token_ids": ((None,), "logprob_token_ids is not supported"),
+    "prompt_logprobs": ((None,), "prompt logprobs are not supported"),
+    "use_beam_search": ((None, False), "beam search is not supported"),
+    "length_penalty": ((None, 1.0), "length_penalty only applies to beam search, which is not supported"),
+    "prompt_embeds": ((None,), "prompt embeddings are not supported"),
+    "suffix": ((None,), "suffix (fill-in-the-middle) is not supported"),
+    "truncate_prompt_tokens": ((None,), "prompt truncation is not supported; shorten the prompt"),
+    "chat_template": ((None,), "a chat template in the request is not accepted; the server's is used"),
+    "spaces_between_special_tokens": ((None, True), "only spaces_between_special_tokens=true is supported"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "reasoning_effort": ((None,), "reasoning_effort is not supported"),
+    "priority": ((None, 0), "request priorities are not supported"),
+    "service_tier": ((None, "auto", "default"), "service tiers are not supported"),
+    "store": ((None, False), "stored completions are not supported"),
+    "metadata": ((None, {}), "metadata is only used with store, which is not supported"),
+}
+
+_ALLOWED_ROLES = ("system", "user", "assistant", "developer")
+
+
+def _reject_unsupported(data: Any, fields: set[str]) -> Any:
+    """Refuse unsupported and unknown fields with a message that names them."""
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        if name in _NOT_SUPPORTED:
+            unused, why = _NOT_SUPPORTED[name]
+            if value is not None and value not in unused:
+                raise ProtocolError(f"`{name}` is not supported by this server: {why}.", param=name)
+        elif name not in fields:
+            raise ProtocolError(f"Unknown field `{name}`: this server does not know it, so it refuses it "
+                                "rather than ignoring it.", param=name)
+    return data
+
+
+def _check_stream_options(data: dict) -> None:
+    if data.get("stream_options") and not data.get("stream"):
+        raise ProtocolError("Stream options can only be defined when `stream=True`.", param="stream_options")
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are refused by _reject_unsupported
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        return _reject_unsupported(data, set(cls.model_fields) | set(_NOT_SUPPORTED))
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageParam(BaseModel):
+    """One message: a role, and its content as a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text parts joined with newlines (vLLM's
+        "string" content format)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _check_messages(messages: Any) -> None:
+    """Clear refusals for what the message models would only call 'invalid'."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role in ("tool", "function"):
+            raise ProtocolError(f"messages[{i}]: role `{role}` is not supported: tool calling is not supported.",
+                                param=f"messages[{i}].role")
+        if role is not None and role not in _ALLOWED_ROLES:
+            raise ProtocolError(f"messages[{i}]: unknown role `{role}`; allowed: {', '.join(_ALLOWED_ROLES)}.",
+                                param=f"messages[{i}].role")
+        for key in ("tool_calls", "function_call", "audio", "refusal", "reasoning", "reasoning_content"):
+            if message.get(key):
+                raise ProtocolError(f"messages[{i}]: `{key}` is not supported.", param=f"messages[{i}].{key}")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ProtocolError(
+                        f"messages[{i}].content[{j}]: content parts of type `{kind}` are not supported; "
+                        "this server takes text only.",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+
+
+StopParam = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+# `top_logprobs` is nullable in the OpenAI spec; null means the same as omitted (vLLM).
+TopLogprobs = Annotated[int, BeforeValidator(lambda v: 0 if v is None else v)]
+
+
+class SamplingFields(RequestModel):
+    """What chat and completion requests share: sampling, stopping and output options."""
+
+    model: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = 1
+    seed: Annotated[int, Field(**INT64)] | None = None
+    stop: StopParam = []
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    parallel_tool_calls: bool | None = True  # harmless without tools, which are refused
+    # vLLM's extra sampling parameters
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    request_id: str = Field(default_factory=random_uuid, max_length=100)
+    return_token_ids: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stream_options_need_stream(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _check_stream_options(data)
+        return data
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """Sampling parameters for the GPU tier, with vLLM's defaults for what is unset."""
+        return {
+            "n": self.n if self.n is not None else 1,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": 0 if self.top_k is None else self.top_k,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "seed": self.seed,
+            "presence_penalty": 0.0 if self.presence_penalty is None else self.presence_penalty,
+            "frequency_penalty": 0.0 if self.frequency_penalty is None else self.frequency_penalty,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageParam]
+    logprobs: bool | None = False
+    top_logprobs: TopLogprobs = 0
+    max_tokens: int | None = Field(None, description="deprecated by OpenAI in favour of max_completion_tokens")
+    max_completion_tokens: int | None = None
+    echo: bool = Field(False, description="prepend the last message when it has the response's role")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_chat(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        _check_messages(data.get("messages"))
+        top_logprobs = data.get("top_logprobs")
+        if top_logprobs is not None:
+            if not isinstance(top_logprobs, int) or top_logprobs < 0:
+                raise ProtocolError("`top_logprobs` must be a non-negative integer.", param="top_logprobs")
+            if top_logprobs > 0 and not data.get("logprobs"):
+                raise ProtocolError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
+        if data.get("continue_final_message") and data.get("add_generation_prompt", True):
+            raise ProtocolError(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                param="continue_final_message",
+            )
+        return data
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The output limit asked for and the field it came from (max_completion_tokens first)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def template_options(self) -> dict[str, Any]:
+        extra = dict(self.chat_template_kwargs or {})
+        if self.documents is not None:
+            extra["documents"] = self.documents
+        return {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "template_kwargs": extra,
+        }
+
+
+class CompletionRequest(SamplingFields):
+    prompt: list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]] | str | list[str] | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    add_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_completion(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        prompt = data.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise ProtocolError("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        if isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt) and len(prompt) > MAX_COMPLETION_PROMPTS:
+            raise ProtocolError(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
+                                f"{MAX_COMPLETION_PROMPTS}.", param="prompt")
+        logprobs = data.get("logprobs")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+            raise ProtocolError("`logprobs` must be a non-negative integer.", param="logprobs")
+        if data.get("echo") and logprobs is not None:
+            raise ProtocolError("`echo` with `logprobs` needs prompt logprobs, which are not supported.", param="echo")
+        if data.get("max_tokens") is None:  # null means the default, as in vLLM
+            data = {**data, "max_tokens": cls.model_fields["max_tokens"].default}
+        return data
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return list(prompt or [])
+
+
+class TokenizeCompletionRequest(RequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(RequestModel):
+    model: str | None = None
+    messages: list[ChatMessageParam]
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _check_messages(data.get("messages"))
+            if data.get("continue_final_message") and data.get("add_generation_prompt", True):
+                raise ProtocolError(
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                    param="continue_final_message",
+                )
+        return data
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+
+
+class ChatCompletionLogProb(OpenAIBaseModel):
+    token: str
+    logprob: float = -9999.0
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(OpenAIBaseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class _DropsEmptyToolCalls(OpenAIBaseModel):
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
+
+
+class ChatMessage(_DropsEmptyToolCalls):
+    role: str
+    content: str | None = None
+    refusal: str | None = None
+    annotations: Any | None = None
+    audio: Any | None = None
+    function_call: Any | None = None
+    tool_calls: list[Any] = Field(default_factory=list)
+    reasoning: str | None = None
+
+
+class DeltaMessage(_DropsEmptyToolCalls):
+    role: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[Any] = Field(default_factory=list)
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{random_uuid()}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+    prompt_logprobs: list[Any] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{random_uuid()}")
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = Field(default=None)
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionLogProbs(OpenAIBaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    prompt_logprobs: list[Any] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{random_uuid()}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+
+
+class CompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{random_uuid()}")
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = Field(default=None)
+
+
+class ModelPermission(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"modelperm-{random_uuid()}")
+    object: str = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "vllm"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=list)
+
+
+class ModelList(OpenAIBaseModel):
+    object: str = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str

@@ -1,0 +1,198 @@
+"""The OpenAI-compatible HTTP routes, as a FastAPI app that PromptService mounts at "/".
+
+Routes only parse, call `OpenAIServing` and shape errors (vLLM's api_router.py pattern). Paths are
+vLLM's: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize. BentoML mounts
+the app with a "passive" mount that only claims the paths this app defines, so mounting at the
+root leaves /generate, /readyz, /livez, /metrics and /docs.json to BentoML, and BentoML merges this
+app's OpenAPI paths into the service's document (/docs.json, Swagger UI at /).
+
+The app reaches the worker's handler through `app.state.serving`, set by PromptService.__init__
+(each worker process builds its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from typing import Annotated, Any, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Discriminator, Tag
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import RequestError
+from services.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelList,
+    ProtocolError,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from services.openai.serving import OpenAIServing, error_response
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status.value: {"model": ErrorResponse, "description": status.phrase}
+    for status in (HTTPStatus.BAD_REQUEST, HTTPStatus.NOT_FOUND, HTTPStatus.SERVICE_UNAVAILABLE)
+}
+STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when `stream` is true"}}
+
+TokenizeRequest = Annotated[
+    Union[Annotated[TokenizeChatRequest, Tag("chat")], Annotated[TokenizeCompletionRequest, Tag("prompt")]],
+    Discriminator(lambda body: "chat" if isinstance(body, dict) and "messages" in body else "prompt"),
+]
+
+app = FastAPI(
+    title="OpenAI-compatible API",
+    description="vLLM-compatible OpenAI endpoints of PromptService (docs/api.md).",
+    docs_url=None,  # the service's own Swagger UI at / shows these routes
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+def serving(request: Request) -> OpenAIServing:
+    handler = getattr(request.app.state, "serving", None)
+    if handler is None:
+        raise RequestError("the OpenAI routes are not ready yet", status=503)
+    return handler
+
+
+def json_error(error: RequestError) -> JSONResponse:
+    body = error_response(error)
+    headers = {"Retry-After": str(getattr(error, "retry_after_s"))} if hasattr(error, "retry_after_s") else None
+    return JSONResponse(body.model_dump(), status_code=error.status, headers=headers)
+
+
+# --- errors: OpenAI's body, vLLM's statuses ------------------------------------------------------
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, error: RequestError) -> JSONResponse:
+    return json_error(error)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    """400 (vLLM's choice, where FastAPI says 422); a refused field names itself in `param`."""
+    errors = error.errors()
+    for item in errors:
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, ProtocolError):
+            return json_error(RequestError(cause.message, param=cause.param))
+    param = None
+    if errors and errors[0].get("loc"):
+        param = ".".join(str(part) for part in errors[0]["loc"] if part != "body") or None
+    lines = [f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}:"]
+    for item in errors[:10]:
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        lines.append(f"  {where}: {item.get('msg')}")
+    body = ErrorResponse(error=ErrorInfo(message="\n".join(lines), type="Bad Request", param=param, code=400))
+    return JSONResponse(body.model_dump(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    status = HTTPStatus(error.status_code)
+    body = ErrorResponse(error=ErrorInfo(message=str(error.detail), type=status.phrase, code=status.value))
+    return JSONResponse(body.model_dump(), status_code=status.value)
+
+
+def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Stop the handler when the client disconnects (vLLM's decorator of the same name): for a
+    non-streamed request the generation is cancelled, which aborts it on the GPU tier."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        raw_request: Request = kwargs["raw_request"]
+        work = asyncio.create_task(handler(*args, **kwargs))
+        watch = asyncio.create_task(_disconnected(raw_request))
+        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return JSONResponse({}, status_code=499)  # nobody is there to read it
+        watch.cancel()
+        return work.result()
+
+    return wrapper
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def respond(result: Any) -> Any:
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+
+@app.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**STREAM, **ERRORS},
+    summary="Chat completion (OpenAI / vLLM compatible)",
+    tags=["OpenAI"],
+)
+@with_cancellation
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+    result = await serving(raw_request).chat(request, raw_request.headers.get("X-Request-Id"))
+    return respond(result)
+
+
+@app.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={**STREAM, **ERRORS},
+    summary="Text completion (OpenAI / vLLM compatible)",
+    tags=["OpenAI"],
+)
+@with_cancellation
+async def create_completion(request: CompletionRequest, raw_request: Request):
+    result = await serving(raw_request).completion(request, raw_request.headers.get("X-Request-Id"))
+    return respond(result)
+
+
+@app.get("/v1/models", response_model=ModelList, summary="The served model", tags=["OpenAI"])
+async def show_available_models(raw_request: Request):
+    return JSONResponse(serving(raw_request).models().model_dump())
+
+
+@app.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses=ERRORS,
+    summary="Token ids of a prompt or of a templated conversation (vLLM)",
+    tags=["OpenAI"],
+)
+async def tokenize(request: TokenizeRequest, raw_request: Request):
+    return JSONResponse(serving(raw_request).tokenize(request).model_dump())
+
+
+@app.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses=ERRORS,
+    summary="Text of token ids (vLLM)",
+    tags=["OpenAI"],
+)
+async def detokenize(request: DetokenizeRequest, raw_request: Request):
+    return JSONResponse(serving(raw_request).detokenize(request).model_dump())

@@ -1,0 +1,497 @@
+"""The OpenAI handlers: requests in, `TextGeneration` calls, OpenAI responses and SSE chunks out.
+
+Behaviour follows vLLM's own server (vllm/entrypoints/openai/chat_completion/serving.py,
+completion/serving.py, serve/tokenize/serving.py): the same max_tokens rule (clamped to what the
+context leaves, an error only when the prompt alone is too long or max_tokens exceeds the
+context), the same chunk sequence (a role chunk per choice first, then deltas, then an optional
+usage chunk and `[DONE]`), the same echo, n and logprobs shapes.
+
+One difference on purpose: a streamed request's first engine output is awaited before the
+response starts, so an error that happens before any token (the GPU tier refusing, being down)
+gets its real HTTP status instead of a 200 with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from services.errors import RequestError
+from services.generation import TextChunk, TextGeneration, TextOptions
+from services.openai.logprobs import LogprobsBuilder, TokenStrings
+from services.openai.protocol import (
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ModelPermission,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    UsageInfo,
+)
+
+T = TypeVar("T")
+
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_response(error: RequestError) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorInfo(
+            message=error.message,
+            type=ERROR_TYPES.get(error.status, "BadRequestError" if error.status < 500 else "InternalServerError"),
+            param=error.param,
+            code=error.status,
+        )
+    )
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def started(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first item (errors before it raise here), then replay it and the rest."""
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await source.aclose()
+        raise
+
+    async def replay() -> AsyncIterator[T]:
+        async with aclosing(source):
+            if first is not None:
+                yield first
+            async for item in source:
+                yield item
+
+    return replay()
+
+
+async def merged(sources: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, tagged with the stream's index (vLLM's
+    merge_async_iterators). Leaving early cancels every stream, which aborts its engine request."""
+    if len(sources) == 1:
+        async with aclosing(sources[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, source: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(source):
+                async for item in source:
+                    await queue.put((index, item))
+            await queue.put((index, done))
+        except Exception as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sources)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OpenAIServing:
+    """One per PromptService worker, around that worker's `TextGeneration`."""
+
+    def __init__(self, generation: TextGeneration, *, model_name: str, model_root: str | None = None) -> None:
+        self.generation = generation
+        self.model_name = model_name
+        self.model_root = model_root
+        self.strings = TokenStrings(generation.tokenizer)
+
+    # --- shared checks -----------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise RequestError(
+                f"The model `{model}` does not exist. Valid aliases: {self.model_name}.", param="model", status=404
+            )
+
+    def max_tokens(self, prompt_tokens: int, requested: int | None, param: str) -> int:
+        """vLLM's rule: clamp to what the context leaves; refuse only what can never fit."""
+        context = self.generation.context_length
+        if requested is not None and requested > context:
+            raise RequestError(
+                f"{param}={requested} cannot be greater than max_model_len={context}. "
+                "Please request fewer output tokens.",
+                param=param,
+            )
+        if prompt_tokens > context:
+            raise RequestError(
+                f"This model's maximum context length is {context} tokens. However, your prompt contains "
+                f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. "
+                "Please reduce the length of the input prompt.",
+                param="input_tokens",
+            )
+        max_tokens = context - prompt_tokens if requested is None else min(requested, context - prompt_tokens)
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}.", param=param)
+        return max_tokens
+
+    @staticmethod
+    def options(request: ChatCompletionRequest | CompletionRequest) -> TextOptions:
+        return TextOptions(
+            stop=request.stop_strings(),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+
+    # --- /v1/models, /tokenize, /detokenize ----------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.model_name,
+                    max_model_len=self.generation.context_length,
+                    root=self.model_root,
+                    permission=[ModelPermission()],
+                )
+            ]
+        )
+
+    def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self.check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            ids = self.generation.chat_prompt(
+                [m.for_template() for m in request.messages],
+                add_special_tokens=request.add_special_tokens,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                template_kwargs=request.chat_template_kwargs,
+            )
+        else:
+            ids = self.generation.text_prompt(request.prompt, add_special_tokens=request.add_special_tokens)
+        strs = self.generation.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.generation.context_length, token_strs=strs)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(request.model)
+        if request.tokens:
+            self.generation.token_prompt(request.tokens, param="tokens")
+        return DetokenizeResponse(prompt=self.generation.tokenizer.decode(request.tokens))
+
+    # --- /v1/chat/completions ----------------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatCompletionRequest, request_id: str | None = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        messages = [m.for_template() for m in request.messages]
+        ids = self.generation.chat_prompt(
+            messages, add_special_tokens=request.add_special_tokens, **request.template_options()
+        )
+        requested, param = request.requested_max_tokens()
+        params = self.generation.sampling_params(
+            len(ids),
+            self.max_tokens(len(ids), requested, param),
+            **request.sampling_fields(),
+            logprobs=request.top_logprobs if request.logprobs else None,
+        )
+        role = "assistant" if request.add_generation_prompt else (messages[-1]["role"] if messages else "assistant")
+        echo = ""
+        if request.echo and messages and messages[-1]["role"] == role:
+            echo = messages[-1]["content"]
+        response_id = f"chatcmpl-{request_id or request.request_id}"
+        source = await started(self.generation.stream(ids, params, self.options(request)))
+        if request.stream:
+            return self._chat_stream(request, source, response_id, role, echo, ids)
+        return await self._chat_full(request, source, response_id, role, echo, ids)
+
+    async def _chat_full(
+        self, request: ChatCompletionRequest, source: AsyncIterator[TextChunk], response_id: str,
+        role: str, echo: str, prompt_ids: list[int],
+    ) -> ChatCompletionResponse:
+        n = request.n or 1
+        texts, token_ids = [""] * n, [[] for _ in range(n)]
+        builders = [LogprobsBuilder(self.strings) for _ in range(n)]
+        logprobs = [ChatCompletionLogProbs(content=[]) for _ in range(n)]
+        finished: list[TextChunk | None] = [None] * n
+        async with aclosing(source):
+            async for chunk in source:
+                i = chunk.index
+                texts[i] += chunk.text
+                token_ids[i] += chunk.token_ids
+                if request.logprobs and chunk.logprobs:
+                    logprobs[i].content += builders[i].chat(chunk.token_ids, chunk.logprobs, request.top_logprobs).content
+                if chunk.finish_reason is not None:
+                    finished[i] = chunk
+        choices = [
+            ChatCompletionResponseChoice(
+                index=i,
+                message=ChatMessage(role=role, content=echo + texts[i]),
+                logprobs=logprobs[i] if request.logprobs else None,
+                finish_reason=finished[i].finish_reason if finished[i] else "stop",
+                stop_reason=finished[i].stop_reason if finished[i] else None,
+                token_ids=token_ids[i] if request.return_token_ids else None,
+            )
+            for i in range(n)
+        ]
+        completion_tokens = sum(f.completion_tokens for f in finished if f)
+        return ChatCompletionResponse(
+            id=response_id,
+            model=self.model_name,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+                total_tokens=len(prompt_ids) + completion_tokens,
+            ),
+            prompt_token_ids=prompt_ids if request.return_token_ids else None,
+        )
+
+    async def _chat_stream(
+        self, request: ChatCompletionRequest, source: AsyncIterator[TextChunk], response_id: str,
+        role: str, echo: str, prompt_ids: list[int],
+    ) -> AsyncIterator[str]:
+        n = request.n or 1
+        created = int(time.time())
+        prompt_tokens = len(prompt_ids)
+        builders = [LogprobsBuilder(self.strings) for _ in range(n)]
+        tokens_so_far = [0] * n
+        finish_sent = [False] * n
+
+        def chunk_json(choice: ChatCompletionResponseStreamChoice, completion_tokens: int | None = None, **extra: Any) -> str:
+            response = ChatCompletionStreamResponse(id=response_id, created=created, model=self.model_name, choices=[choice], **extra)
+            if request.continuous_usage and completion_tokens is not None:
+                response.usage = UsageInfo(
+                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+            return sse(response.model_dump_json(exclude_unset=True))
+
+        try:
+            async with aclosing(source):
+                for i in range(n):
+                    yield chunk_json(
+                        ChatCompletionResponseStreamChoice(
+                            index=i, delta=DeltaMessage(role=role, content=""), logprobs=None, finish_reason=None
+                        ),
+                        0,
+                        prompt_token_ids=prompt_ids if request.return_token_ids else None,
+                    )
+                if echo:
+                    for i in range(n):
+                        yield chunk_json(
+                            ChatCompletionResponseStreamChoice(
+                                index=i, delta=DeltaMessage(content=echo), logprobs=None, finish_reason=None
+                            ),
+                            0,
+                        )
+                async for chunk in source:
+                    i = chunk.index
+                    if finish_sent[i]:
+                        continue
+                    if not chunk.text and not chunk.token_ids and not tokens_so_far[i] and chunk.finish_reason is None:
+                        continue
+                    tokens_so_far[i] = chunk.completion_tokens
+                    logprobs = None
+                    if request.logprobs:
+                        logprobs = builders[i].chat(chunk.token_ids, chunk.logprobs or [], request.top_logprobs)
+                    fields: dict[str, Any] = {
+                        "index": i,
+                        "delta": DeltaMessage(content=chunk.text),
+                        "logprobs": logprobs,
+                        "finish_reason": chunk.finish_reason,
+                        "token_ids": list(chunk.token_ids) if request.return_token_ids else None,
+                    }
+                    if chunk.finish_reason is not None:
+                        fields["stop_reason"] = chunk.stop_reason
+                        finish_sent[i] = True
+                    yield chunk_json(ChatCompletionResponseStreamChoice(**fields), tokens_so_far[i])
+            if request.include_usage:
+                completion_tokens = sum(tokens_so_far)
+                usage = ChatCompletionStreamResponse(
+                    id=response_id, created=created, model=self.model_name, choices=[],
+                    usage=UsageInfo(
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens,
+                    ),
+                )
+                yield sse(usage.model_dump_json(exclude_unset=True, exclude_none=True))
+        except RequestError as error:
+            yield sse(error_response(error).model_dump_json())
+        yield sse("[DONE]")
+
+    # --- /v1/completions -------------------------------------------------------------------------------
+
+    async def completion(
+        self, request: CompletionRequest, request_id: str | None = None
+    ) -> CompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        assert request.max_tokens is not None
+        prompts: list[tuple[list[int], str]] = []  # token ids, and the text echo shows
+        for prompt in request.prompts():
+            if isinstance(prompt, str):
+                prompts.append((self.generation.text_prompt(prompt, add_special_tokens=request.add_special_tokens), prompt))
+            else:
+                ids = self.generation.token_prompt(prompt, param="prompt")
+                prompts.append((ids, self.generation.tokenizer.decode(ids) if request.echo else ""))
+        echo_only = bool(request.echo) and request.max_tokens == 0
+        sources = []
+        for ids, _ in prompts:
+            max_tokens = 1 if echo_only else self.max_tokens(len(ids), request.max_tokens, "max_tokens")
+            params = self.generation.sampling_params(
+                len(ids), max_tokens, **request.sampling_fields(), logprobs=request.logprobs
+            )
+            sources.append(self.generation.stream(ids, params, self.options(request)))
+        response_id = f"cmpl-{request_id or request.request_id}"
+        source = await started(merged(sources))
+        if request.stream:
+            return self._completion_stream(request, source, response_id, prompts, echo_only)
+        return await self._completion_full(request, source, response_id, prompts, echo_only)
+
+    def _echoed(self, request: CompletionRequest, prompt: tuple[list[int], str], text: str, ids: list[int], echo_only: bool) -> tuple[str, list[int]]:
+        prompt_ids, prompt_text = prompt
+        if echo_only:
+            return prompt_text, prompt_ids
+        return prompt_text + text, prompt_ids + ids
+
+    async def _completion_full(
+        self, request: CompletionRequest, source: AsyncIterator[tuple[int, TextChunk]], response_id: str,
+        prompts: list[tuple[list[int], str]], echo_only: bool,
+    ) -> CompletionResponse:
+        n = request.n or 1
+        slots = len(prompts) * n
+        texts, token_ids = [""] * slots, [[] for _ in range(slots)]
+        builders = [LogprobsBuilder(self.strings) for _ in range(slots)]
+        logprobs = [CompletionLogProbs() for _ in range(slots)]
+        finished: list[TextChunk | None] = [None] * slots
+        async with aclosing(source):
+            async for p, chunk in source:
+                k = p * n + chunk.index
+                texts[k] += chunk.text
+                token_ids[k] += chunk.token_ids
+                if request.logprobs is not None and chunk.logprobs:
+                    part = builders[k].completion(chunk.token_ids, chunk.logprobs, request.logprobs)
+                    for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                        getattr(logprobs[k], name).extend(getattr(part, name))
+                if chunk.finish_reason is not None:
+                    finished[k] = chunk
+        choices = []
+        for k in range(slots):
+            text, ids = texts[k], token_ids[k]
+            if request.echo:
+                text, _ = self._echoed(request, prompts[k // n], text, ids, echo_only)
+            choices.append(
+                CompletionResponseChoice(
+                    index=k,
+                    text=text,
+                    logprobs=logprobs[k] if request.logprobs is not None else None,
+                    finish_reason=finished[k].finish_reason if finished[k] else None,
+                    stop_reason=finished[k].stop_reason if finished[k] else None,
+                    token_ids=token_ids[k] if request.return_token_ids else None,
+                    prompt_token_ids=prompts[k // n][0] if request.return_token_ids else None,
+                )
+            )
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        completion_tokens = sum(f.completion_tokens for f in finished if f)
+        return CompletionResponse(
+            id=response_id,
+            model=self.model_name,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def _completion_stream(
+        self, request: CompletionRequest, source: AsyncIterator[tuple[int, TextChunk]], response_id: str,
+        prompts: list[tuple[list[int], str]], echo_only: bool,
+    ) -> AsyncIterator[str]:
+        n = request.n or 1
+        slots = len(prompts) * n
+        created = int(time.time())
+        builders = [LogprobsBuilder(self.strings) for _ in range(slots)]
+        tokens_so_far = [0] * slots
+        echoed = [False] * slots
+        try:
+            async with aclosing(source):
+                async for p, chunk in source:
+                    k = p * n + chunk.index
+                    text, ids = chunk.text, list(chunk.token_ids)
+                    prompt_ids = None
+                    if request.echo and not echoed[k]:
+                        text, ids = self._echoed(request, prompts[p], text, ids, echo_only)
+                        echoed[k] = True
+                        prompt_ids = prompts[p][0] if request.return_token_ids else None
+                    elif request.echo and echo_only:
+                        text, ids = "", []
+                    elif not text and not ids and not tokens_so_far[k] and chunk.finish_reason is None:
+                        continue
+                    elif request.return_token_ids and not echoed[k]:
+                        prompt_ids, echoed[k] = prompts[p][0], True
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = builders[k].completion(chunk.token_ids, chunk.logprobs or [], request.logprobs)
+                    tokens_so_far[k] = chunk.completion_tokens
+                    response = CompletionStreamResponse(
+                        id=response_id, created=created, model=self.model_name,
+                        choices=[
+                            CompletionResponseStreamChoice(
+                                index=k, text=text, logprobs=logprobs,
+                                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason,
+                                prompt_token_ids=prompt_ids,
+                                token_ids=list(chunk.token_ids) if request.return_token_ids else None,
+                            )
+                        ],
+                    )
+                    if request.continuous_usage:
+                        prompt_tokens = len(prompts[p][0])
+                        response.usage = UsageInfo(
+                            prompt_tokens=prompt_tokens, completion_tokens=tokens_so_far[k],
+                            total_tokens=prompt_tokens + tokens_so_far[k],
+                        )
+                    yield sse(response.model_dump_json(exclude_unset=True))
+            if request.include_usage:
+                prompt_tokens = sum(len(ids) for ids, _ in prompts)
+                completion_tokens = sum(tokens_so_far)
+                usage = CompletionStreamResponse(
+                    id=response_id, created=created, model=self.model_name, choices=[],
+                    usage=UsageInfo(
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens,
+                    ),
+                )
+                yield sse(usage.model_dump_json(exclude_unset=False, exclude_none=True))
+        except RequestError as error:
+            yield sse(error_response(error).model_dump_json())
+        yield sse("[DONE]")
