@@ -463,6 +463,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = Field(default=None)
     prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
 
 
 class CompletionLogProbs(OpenAIBaseModel):

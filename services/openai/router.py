@@ -91,13 +91,15 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, ProtocolError):
             return json_error(RequestError(cause.message, param=cause.param))
-    param = None
-    if errors and errors[0].get("loc"):
-        param = ".".join(str(part) for part in errors[0]["loc"] if part != "body") or None
+    # vLLM's format (serve/exception_handling/handlers/validation.py): a count, then each error.
+    param = ".".join(str(part) for part in errors[0]["loc"]) if errors and errors[0].get("loc") else None
     lines = [f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}:"]
     for item in errors[:10]:
-        where = ".".join(str(part) for part in item.get("loc", ()))
-        lines.append(f"  {where}: {item.get('msg')}")
+        shown = {key: item[key] for key in ("type", "loc", "msg", "input") if key in item}
+        shown["loc"] = ".".join(str(part) for part in shown.get("loc", ()))
+        if isinstance(shown.get("input"), (dict, list)):
+            shown["input"] = f"<{type(shown['input']).__name__} of {len(shown['input'])} items>"
+        lines.append(f"  {str(shown)[:1000]}")
     body = ErrorResponse(error=ErrorInfo(message="\n".join(lines), type="Bad Request", param=param, code=400))
     return JSONResponse(body.model_dump(), status_code=400)
 

@@ -150,14 +150,14 @@ class OpenAIServing:
         if requested is not None and requested > context:
             raise RequestError(
                 f"{param}={requested} cannot be greater than max_model_len={context}. "
-                "Please request fewer output tokens.",
+                f"Please request fewer output tokens. (parameter={param}, value={requested})",
                 param=param,
             )
         if prompt_tokens > context:
             raise RequestError(
                 f"This model's maximum context length is {context} tokens. However, your prompt contains "
                 f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. "
-                "Please reduce the length of the input prompt.",
+                f"Please reduce the length of the input prompt. (parameter=input_tokens, value={prompt_tokens})",
                 param="input_tokens",
             )
         max_tokens = context - prompt_tokens if requested is None else min(requested, context - prompt_tokens)
@@ -289,7 +289,10 @@ class OpenAIServing:
         finish_sent = [False] * n
 
         def chunk_json(choice: ChatCompletionResponseStreamChoice, completion_tokens: int | None = None, **extra: Any) -> str:
-            response = ChatCompletionStreamResponse(id=response_id, created=created, model=self.model_name, choices=[choice], **extra)
+            response = ChatCompletionStreamResponse(
+                id=response_id, object="chat.completion.chunk", created=created, model=self.model_name,
+                choices=[choice], **extra,
+            )
             if request.continuous_usage and completion_tokens is not None:
                 response.usage = UsageInfo(
                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -306,6 +309,7 @@ class OpenAIServing:
                         ),
                         0,
                         prompt_token_ids=prompt_ids if request.return_token_ids else None,
+                        prompt_text=None,
                     )
                 if echo:
                     for i in range(n):
@@ -339,7 +343,7 @@ class OpenAIServing:
             if request.include_usage:
                 completion_tokens = sum(tokens_so_far)
                 usage = ChatCompletionStreamResponse(
-                    id=response_id, created=created, model=self.model_name, choices=[],
+                    id=response_id, object="chat.completion.chunk", created=created, model=self.model_name, choices=[],
                     usage=UsageInfo(
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,
@@ -464,7 +468,7 @@ class OpenAIServing:
                         logprobs = builders[k].completion(chunk.token_ids, chunk.logprobs or [], request.logprobs)
                     tokens_so_far[k] = chunk.completion_tokens
                     response = CompletionStreamResponse(
-                        id=response_id, created=created, model=self.model_name,
+                        id=response_id, object="text_completion", created=created, model=self.model_name,
                         choices=[
                             CompletionResponseStreamChoice(
                                 index=k, text=text, logprobs=logprobs,

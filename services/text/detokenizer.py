@@ -18,7 +18,7 @@ class IncrementalDetokenizer:
     """Feed token ids with `push`, take the text each call returns, and call `finish` at the end.
 
     The concatenation of everything returned equals the one-shot decode of all ids, cut at the
-    first stop string.
+    first stop string, less a character left incomplete by the last token.
     """
 
     def __init__(
@@ -76,9 +76,10 @@ class IncrementalDetokenizer:
         """The text still held back when the stream ends."""
         if self.stop_reason is not None:
             return ""
-        # DecodeStream keeps back an incomplete trailing character for ever; the one-shot decode
-        # shows it as the replacement character, as every other decoder would.
-        whole = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens)
+        # DecodeStream holds back text that ends inside a character until the character is
+        # complete. At the end, release what is complete; a character cut off by the end of the
+        # generation (max_tokens) is dropped rather than shown as U+FFFD, as vLLM does.
+        whole = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens).rstrip("\ufffd")
         if whole.startswith(self._text):
             self._text = whole
         return self._release(final=True)

