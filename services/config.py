@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # --- the engine (LLMService) -------------------------------------------------------------
     dtype: str = Field("auto", description="vLLM dtype: auto, bfloat16, float16 or float32.")
     max_model_len: int | None = Field(
-        2048, ge=16, description="Context length (prompt + output tokens); unset means the model's own."
+        None, ge=16, description="Context length (prompt + output tokens); unset means the model's own."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; also the GPU count LLMService asks for.")

@@ -32,6 +32,7 @@ def engine_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("PIPELINE_PROMPT_WORKERS", "1")
+    env.setdefault("PIPELINE_MAX_MODEL_LEN", "2048")  # the tests' limits are stated against it
     env.update(overrides)
     return env
 
