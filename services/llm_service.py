@@ -111,8 +111,11 @@ class LLMService:
 
     def __init__(self) -> None:
         from vllm import AsyncLLMEngine
+        from vllm.usage.usage_lib import UsageContext
 
-        self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings))
+        # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
+        # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
+        self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=UsageContext.OPENAI_API_SERVER)
         model_config = self.engine.model_config
         self.info = ModelInfo(
             model=settings.model_name,
