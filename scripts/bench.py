@@ -72,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
             meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": server.env}
             warm = min(max(args.concurrency), args.warmup_concurrency)
             warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
-            run_load(server.base_url, args.served_name, settings.model, warmup, out / "logs" / f"{target}-warmup", server.pids(), args.start_delay)
+            run_load(server.base_url, args.served_name, settings.model, warmup, out / "logs" / f"{target}-warmup", server.pids())
             for concurrency in args.concurrency:
                 prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
                 workload = Workload(
                     args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
                 )
                 record = run_load(
-                    server.base_url, args.served_name, settings.model, workload, out / "logs" / target, server.pids(), args.start_delay
+                    server.base_url, args.served_name, settings.model, workload, out / "logs" / target, server.pids()
                 )
                 record["target"] = target
                 (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
@@ -127,7 +127,6 @@ def main() -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--per-client", type=int, default=32, help="most concurrent requests per load-generator process")
     r.add_argument("--warmup-concurrency", type=int, default=64)
-    r.add_argument("--start-delay", type=float, default=15.0, help="seconds the load generators get to start up")
     r.add_argument("--max-model-len", type=int, default=4096)
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--load-format", default="auto")

@@ -1,0 +1,178 @@
+"""Compare the two servers' runs: for every figure the pipeline's value, vLLM's and their ratio.
+
+Writes, into one folder: `comparison.json`, `table.md` (the figures that the targets and the
+reader need) and `plots.png` (throughput and latencies against concurrency, both servers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench.metrics import errors, summarize
+
+# the figures shown in table.md and plots.png; comparison.json has them all
+TABLE = [
+    ("output_throughput", "output tok/s"),
+    ("request_throughput", "req/s"),
+    ("ttft_p50_ms", "TTFT p50 ms"),
+    ("ttft_p99_ms", "TTFT p99 ms"),
+    ("tpot_p50_ms", "TPOT p50 ms"),
+    ("itl_p50_ms", "ITL p50 ms"),
+    ("itl_p99_ms", "ITL p99 ms"),
+    ("e2el_p50_ms", "E2E p50 ms"),
+    ("e2el_p99_ms", "E2E p99 ms"),
+]
+TARGETS = ("pipeline", "vllm")
+
+
+def load_runs(results: Path) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted((results / "runs").glob("*-c*.json")):
+        record = json.loads(path.read_text())
+        runs.setdefault(record["target"], {})[record["workload"]["concurrency"]] = record
+    return runs
+
+
+def _ratio(a: float, b: float) -> float | None:
+    if b in (0, None) or a is None or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def compare(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    levels = sorted(set().union(*(set(r) for r in runs.values())))
+    rows = []
+    for c in levels:
+        figures = {t: summarize(runs[t][c]) for t in TARGETS if c in runs.get(t, {})}
+        row: dict = {"concurrency": c, "figures": {}, "errors": {}, "cpu": {}}
+        for name in next(iter(figures.values())):
+            entry = {t: figures[t][name] for t in figures}
+            if len(figures) == 2:
+                entry["ratio"] = _ratio(figures["pipeline"][name], figures["vllm"][name])
+            row["figures"][name] = entry
+        for t in figures:
+            row["errors"][t] = errors(runs[t][c])
+            row["cpu"][t] = runs[t][c]["cpu"]
+        if len(figures) == 2:
+            f = row["figures"]
+            row["output_throughput_ratio"] = f["output_throughput"]["ratio"]
+            row["request_throughput_ratio"] = f["request_throughput"]["ratio"]
+            row["ttft_p50_delta_ms"] = f["ttft_p50_ms"]["pipeline"] - f["ttft_p50_ms"]["vllm"]
+            row["itl_p50_ratio"] = f["itl_p50_ms"]["ratio"]
+            row["tpot_p50_ratio"] = f["tpot_p50_ms"]["ratio"]
+        rows.append(row)
+    return rows
+
+
+def check_targets(rows: list[dict], gpu: bool, small_model: bool) -> list[dict]:
+    """Issue 5's targets, where this run has the figures to judge them."""
+    checks = []
+    pairs = [r for r in rows if "output_throughput_ratio" in r]
+    for r in pairs:
+        c = r["concurrency"]
+        checks.append({"target": f"output throughput >= 98% of vLLM at c={c}", "value": r["output_throughput_ratio"],
+                       "met": r["output_throughput_ratio"] >= 0.98})  # fmt: skip
+        checks.append({"target": f"ITL p50 within 3% of vLLM at c={c}", "value": r["itl_p50_ratio"],
+                       "met": abs(r["itl_p50_ratio"] - 1) <= 0.03})  # fmt: skip
+        if gpu and c == 1:
+            checks.append({"target": "TTFT p50 at most 5 ms above vLLM at c=1", "value": r["ttft_p50_delta_ms"],
+                           "met": r["ttft_p50_delta_ms"] <= 5})  # fmt: skip
+        if gpu and small_model and c == 256:
+            checks.append({"target": "output throughput > 1.2x vLLM at c=256 (small model)",
+                           "value": r["output_throughput_ratio"], "met": r["output_throughput_ratio"] > 1.2})  # fmt: skip
+    return checks
+
+
+def loadgen_check(rows: list[dict]) -> list[dict]:
+    """The load generator's CPU use per run: mean and peak % of one core per process."""
+    out = []
+    for r in rows:
+        for target, cpu in r["cpu"].items():
+            gens = {k: v for k, v in cpu.items() if k.startswith("loadgen:")}
+            if gens:
+                out.append({
+                    "concurrency": r["concurrency"], "target": target, "processes": len(gens),
+                    "mean_pct_max": max(v["mean"] for v in gens.values()),
+                    "peak_pct_max": max(v["max"] for v in gens.values()),
+                })  # fmt: skip
+    return out
+
+
+def _fmt(value: float | None, name: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if name.endswith("throughput"):
+        return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def markdown(rows: list[dict], checks: list[dict], gen: list[dict], title: str) -> str:
+    lines = [f"### {title}" if title else "", ""]
+    head = "| c | figure | pipeline | vLLM | ratio |"
+    lines += [head, "|---|---|---|---|---|"]
+    for r in rows:
+        for name, label in TABLE:
+            e = r["figures"][name]
+            ratio = e.get("ratio")
+            lines.append(
+                f"| {r['concurrency']} | {label} | {_fmt(e.get('pipeline'), name)} | {_fmt(e.get('vllm'), name)} | "
+                f"{'-' if ratio is None else f'{ratio:.3f}'} |"
+            )
+        failed = {t: r["figures"]["failed"].get(t) for t in TARGETS}
+        lines.append(f"| {r['concurrency']} | failed requests | {failed['pipeline']} | {failed['vllm']} | |")
+    if checks:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['value']:.3f} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    if gen:
+        lines += ["", "Load generator CPU (% of one core, busiest process): ", "", "| c | server | processes | mean | peak |", "|---|---|---|---|---|"]
+        lines += [f"| {g['concurrency']} | {g['target']} | {g['processes']} | {g['mean_pct_max']:.0f} | {g['peak_pct_max']:.0f} |" for g in gen]
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("output_throughput", "output tokens/s"),
+        ("ttft_p50_ms", "TTFT p50 (ms)"),
+        ("itl_p50_ms", "ITL p50 (ms)"),
+        ("e2el_p99_ms", "E2E latency p99 (ms)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    levels = [r["concurrency"] for r in rows]
+    for ax, (name, label) in zip(axes.flat, panels):
+        for target, style in (("vllm", "o--"), ("pipeline", "s-")):
+            ys = [r["figures"][name].get(target) for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(levels, [math.nan if y is None else y for y in ys], style, label=f"{target}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrency")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: Path, out: Path, title: str = "") -> dict:
+    meta = json.loads((results / "meta.json").read_text())
+    rows = compare(load_runs(results))
+    gpu = bool(meta["machine"]["gpus"]) and not meta["engine"].get("cpu")
+    small = int(json.loads((Path(meta["engine"]["model"]) / "config.json").read_text()).get("hidden_size", 0)) < 1024 \
+        if Path(meta["engine"]["model"]).is_dir() else "smol" in meta["engine"]["served_name"]
+    checks = check_targets(rows, gpu, small)
+    gen = loadgen_check(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "rows": rows, "targets": checks, "load_generator": gen}
+    (out / "comparison.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(markdown(rows, checks, gen, title))
+    plot(rows, out / "plots.png", title)
+    return result
