@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -59,7 +60,7 @@ def error_response(error: RequestError) -> ErrorResponse:
     return ErrorResponse(
         error=ErrorInfo(
             message=error.message,
-            type=ERROR_TYPES.get(error.status, "BadRequestError" if error.status < 500 else "InternalServerError"),
+            type=ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase,
             param=error.param,
             code=error.status,
         )
@@ -165,6 +166,14 @@ class OpenAIServing:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}.", param=param)
         return max_tokens
 
+    def stop_reason(self, chunk: TextChunk, request: ChatCompletionRequest | CompletionRequest) -> int | str | None:
+        """vLLM reports no stop_reason for the tokenizer's EOS. Our GPU tier has no tokenizer, so
+        its engine takes EOS from generation_config.json as a stop token id and names it."""
+        eos = self.generation.tokenizer.eos_token_id
+        if chunk.stop_reason == eos and eos not in (request.stop_token_ids or []):
+            return None
+        return chunk.stop_reason
+
     @staticmethod
     def options(request: ChatCompletionRequest | CompletionRequest) -> TextOptions:
         return TextOptions(
@@ -259,7 +268,7 @@ class OpenAIServing:
                 message=ChatMessage(role=role, content=echo + texts[i]),
                 logprobs=logprobs[i] if request.logprobs else None,
                 finish_reason=finished[i].finish_reason if finished[i] else "stop",
-                stop_reason=finished[i].stop_reason if finished[i] else None,
+                stop_reason=self.stop_reason(finished[i], request) if finished[i] else None,
                 token_ids=token_ids[i] if request.return_token_ids else None,
             )
             for i in range(n)
@@ -337,7 +346,7 @@ class OpenAIServing:
                         "token_ids": list(chunk.token_ids) if request.return_token_ids else None,
                     }
                     if chunk.finish_reason is not None:
-                        fields["stop_reason"] = chunk.stop_reason
+                        fields["stop_reason"] = self.stop_reason(chunk, request)
                         finish_sent[i] = True
                     yield chunk_json(ChatCompletionResponseStreamChoice(**fields), tokens_so_far[i])
             if request.include_usage:
@@ -420,7 +429,7 @@ class OpenAIServing:
                     text=text,
                     logprobs=logprobs[k] if request.logprobs is not None else None,
                     finish_reason=finished[k].finish_reason if finished[k] else None,
-                    stop_reason=finished[k].stop_reason if finished[k] else None,
+                    stop_reason=self.stop_reason(finished[k], request) if finished[k] else None,
                     token_ids=token_ids[k] if request.return_token_ids else None,
                     prompt_token_ids=prompts[k // n][0] if request.return_token_ids else None,
                 )
@@ -472,7 +481,7 @@ class OpenAIServing:
                         choices=[
                             CompletionResponseStreamChoice(
                                 index=k, text=text, logprobs=logprobs,
-                                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason,
+                                finish_reason=chunk.finish_reason, stop_reason=self.stop_reason(chunk, request),
                                 prompt_token_ids=prompt_ids,
                                 token_ids=list(chunk.token_ids) if request.return_token_ids else None,
                             )
