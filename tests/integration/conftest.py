@@ -130,10 +130,14 @@ def start_pipeline(log: Path, **env: str) -> Pipeline:
     return Pipeline(url=url, process=process, log=log, ready_after_s=ready_after)
 
 
+LOGS = ROOT / ".cache" / "test-logs"
+
+
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    """The whole pipeline, served once for the session."""
-    served = start_pipeline(tmp_path_factory.mktemp("pipeline") / "serve.log")
+def pipeline():
+    """The whole pipeline, served once for the session (its log: .cache/test-logs/)."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    served = start_pipeline(LOGS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     try:
         yield served
     finally:
