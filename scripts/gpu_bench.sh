@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
 # The GPU benchmarks (issue 5) and the tensor-parallel run (issue 6) in one go, on a lent machine
-# with two GPUs: vLLM's own OpenAI server and the pipeline, one after the other on GPU 0, the same
-# model, engine settings and client (scripts/bench.py); then the pipeline with
+# with two GPUs: vLLM's own OpenAI server and the pipeline, measured one after the other, the same
+# model, engine settings and client (scripts/bench.py), each on its own GPU; then the pipeline with
 # tensor_parallel_size=2 over both GPUs (eager mode, see below). Dummy weights of the Llama-2-7B and SmolLM2-135M shapes.
 #
-#   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]    (phases: llama7b smol tp2; default all)
+#   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]    (phases: llama7b smol tp2 costs; default all)
 #
 # Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md) and model
 # folders made by ../shared/gpu/mkmodel.py in $MODELS (default /tmp/models). Each phase writes
 # RESULTS_DIR/<phase>/ (meta.json, runs/*.json, logs/); RESULTS_DIR/progress.log says where it is.
 set -u
 R=${1:?usage: gpu_bench.sh RESULTS_DIR [PHASE ...]}; shift
-phases=${*:-llama7b smol tp2}
+phases=${*:-llama7b smol tp2 costs}
 MODELS=${MODELS:-/tmp/models}
+EXTRA=${BENCH_EXTRA:-}  # appended to every run (a CPU dry run: "--cpu --concurrency 1 --output-len 8 ...")
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 # NVLink multicast stays off (the lent machines' rule: it can take a shared host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# nothing outside the machine can be reached: no hub look-ups, no usage reports
+export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 BENTOML_DO_NOT_TRACK=true
 mkdir -p "$R"
 log() { echo "$(date -u +%T) $*" | tee -a "$R/progress.log"; }
 nvidia-smi >"$R/nvidia-smi.txt" 2>&1
 nvidia-smi dmon -s u -d 2 >"$R/gpu-util.txt" 2>&1 &
 dmon=$!
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 common=(--load-format dummy --max-model-len 4096 --input-len 512 --output-len 256 --prompt-workers 8 --label "$card")
 for phase in $phases; do
   log "phase $phase starts"
   case $phase in
-    llama7b) CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py run --model "$MODELS/llama7b" --served-name llama7b \
-               "${common[@]}" --concurrency 1 4 16 64 --out "$R/llama7b" ;;
-    smol)    CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py run --model "$MODELS/smol" --served-name smol \
-               "${common[@]}" --concurrency 1 16 64 256 --prompts-per-concurrency 2 --warmup-concurrency 256 --out "$R/smol" ;;
+    # vLLM's server on GPU 0 and the pipeline on GPU 1 start together (start-up takes minutes),
+    # then each is measured alone while the other idles
+    llama7b) python3 scripts/bench.py run --devices 0 1 --model "$MODELS/llama7b" --served-name llama7b \
+               "${common[@]}" --concurrency 1 4 16 64 --min-prompts 10 --out "$R/llama7b" $EXTRA ;;
+    smol)    python3 scripts/bench.py run --devices 0 1 --model "$MODELS/smol" --served-name smol \
+               "${common[@]}" --concurrency 1 16 64 256 --prompts-per-concurrency 2 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
     # eager, and vLLM's symmetric-memory all-reduce off: no compile pass that fuses GEMMs with
     # collectives through symmetric memory, so nothing can reach for multicast
     tp2)     CUDA_VISIBLE_DEVICES=0,1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 python3 scripts/bench.py run --enforce-eager --model "$MODELS/llama7b" --served-name llama7b \
-               "${common[@]}" --tensor-parallel-size 2 --targets pipeline --concurrency 1 16 64 --out "$R/tp2" ;;
+               "${common[@]}" --tensor-parallel-size 2 --targets pipeline --concurrency 1 16 64 --out "$R/tp2" $EXTRA ;;
+    # the CPU tier's own costs per core on this (quiet) machine's processor
+    costs)   python3 scripts/bench_pipeline_costs.py --model "$MODELS/smol" --out "$R/costs/pipeline-costs.json" ;;
     *) log "unknown phase $phase"; continue ;;
   esac > "$R/$phase.log" 2>&1
   log "phase $phase ends, rc $?: $(grep -c ' ok, ' "$R/$phase.log") load levels measured"
