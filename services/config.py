@@ -11,10 +11,10 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -59,12 +59,42 @@ class Settings(BaseSettings):
         "services/text/chat_templates/ (llama2, plain), or a path to a Jinja template file.",
     )
     default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none (the seed's MAX_TOKENS).")
-    request_timeout_s: float = Field(300, gt=0, description="Longest a request may take (the seed's traffic timeout).")
+    request_timeout_s: float = Field(
+        300, gt=0, description="Deadline of one request from the moment its prompt goes to the GPU tier; when it passes, "
+        "the engine request is aborted and the client gets a 504 (or an error event in a started stream)."
+    )
+
+    # --- fail-safety: limits, admission, access (docs/operations.md) ----------------------------
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body the front tier reads (413 above).")
+    max_inflight_requests: int | None = Field(
+        256, ge=1, description="Generation requests one PromptService worker holds at once (running or waiting); "
+        "beyond it new ones get 429 with Retry-After. Unset means no cap."
+    )
+    max_engine_requests: int | None = Field(
+        1024, ge=1, description="Requests the engine holds at once (running plus queued); beyond it LLMService "
+        "answers 429 and the front passes it on with Retry-After. Unset means no cap."
+    )
+    retry_after_s: int = Field(1, ge=1, description="The Retry-After (seconds) sent with 429 and 503 refusals.")
+    tier_check_interval_s: float = Field(
+        1.0, gt=0, description="How often PromptService checks the GPU tier's /readyz; while it is not ready, "
+        "generation requests get 503 at once."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="Bearer tokens the front door accepts (comma-separated in the environment); "
+        "empty means no authentication. Health and metrics endpoints are exempt."
+    )
 
     @field_validator("prompt_workers", mode="before")
     @classmethod
     def _workers_from_env(cls, value: object) -> object:
         return int(value) if isinstance(value, str) and value.isdigit() else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_env(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @property
     def model_name(self) -> str:

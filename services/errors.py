@@ -1,10 +1,13 @@
-"""The one exception the front tier raises for a request it refuses.
+"""The exceptions the front tier raises for a request it refuses, and their HTTP shape.
 
-Routes turn it into their API's error shape: BentoML's `{"error": ...}` for /generate, OpenAI's
-`{"error": {"message", "type", "param", "code"}}` for /v1.
+Routes turn them into their API's error body: BentoML's `{"error": ...}` for /generate, OpenAI's
+`{"error": {"message", "type", "param", "code"}}` for /v1. Refusals for load or an unavailable GPU
+tier carry `retry_after_s`, sent as the `Retry-After` header (docs/operations.md lists them all).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RequestError(Exception):
@@ -23,3 +26,32 @@ class TierUnavailable(RequestError):
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message, status=503)
         self.retry_after_s = retry_after_s
+
+
+class Overloaded(RequestError):
+    """More work in flight than the configured cap: try again shortly (429)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, status=429)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RequestError):
+    """The request ran past its deadline; its engine request was aborted (504)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=504)
+
+
+def error_body(path: str, error: RequestError) -> Any:
+    """The error body a route at `path` gives: OpenAI's shape under /v1, BentoML's elsewhere."""
+    if path.startswith("/v1/"):
+        from services.openai.serving import error_response
+
+        return error_response(error).model_dump()
+    return {"error": error.message}
+
+
+def error_headers(error: RequestError) -> dict[str, str]:
+    retry_after = getattr(error, "retry_after_s", None)
+    return {"Retry-After": str(retry_after)} if retry_after is not None else {}

@@ -8,14 +8,17 @@ through it, so templating, limits, detokenization and stop strings behave the sa
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.errors import RequestError
+from services.errors import DeadlineExceeded, RequestError
 from services.llm_client import LLMClient
+from services.metrics import front_metrics
 from services.protocol import FinishReason, GenerateRequest, SamplingParams, TokenLogprobs
 from services.text.detokenizer import IncrementalDetokenizer
 from services.text.templates import ChatFormatter
@@ -70,15 +73,21 @@ class TextGeneration:
     ) -> list[int]:
         """Token ids of a conversation rendered with the chat template (which holds its own
         special tokens, hence no BOS unless asked for, as in vLLM)."""
+        started = time.perf_counter()
         try:
             text = self.formatter.render(messages, **template_options)
         except Exception as error:  # a template may raise on input it does not accept
             raise RequestError(f"the chat template could not render these messages: {error}", param="messages") from error
-        return encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        ids = encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        front_metrics().prompt_processing.labels("chat").observe(time.perf_counter() - started)
+        return ids
 
     def text_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a raw prompt, with the tokenizer's own special tokens (BOS) by default."""
-        return encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        started = time.perf_counter()
+        ids = encode(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        front_metrics().prompt_processing.labels("text").observe(time.perf_counter() - started)
+        return ids
 
     def token_prompt(self, token_ids: list[int], *, param: str = "tokens") -> list[int]:
         check_token_ids(token_ids, self.vocab_size, param=param)
@@ -112,6 +121,44 @@ class TextGeneration:
             for _ in range(params.n)
         ]
         open_choices = set(range(params.n))
+        metrics = front_metrics()
+        metrics.prompt_tokens.inc(len(token_ids))
+        sent = last = time.perf_counter()
+        completion_tokens = 0
+        try:
+            async with aclosing(self._chunks(request, decoders, open_choices, options)) as chunks:
+                async for chunk in chunks:
+                    now = time.perf_counter()
+                    new_tokens = len(chunk.token_ids)
+                    if new_tokens:
+                        if completion_tokens == 0:
+                            metrics.time_to_first_token.observe(now - sent)
+                        else:
+                            metrics.inter_token_latency.observe((now - last) / new_tokens)
+                        last = now
+                        completion_tokens += new_tokens
+                    yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            if open_choices:
+                metrics.aborted.labels("client_left").inc()
+            raise
+        except DeadlineExceeded:
+            metrics.aborted.labels("deadline").inc()
+            raise
+        except RequestError as error:
+            if error.status >= 500:
+                metrics.aborted.labels("gpu_tier").inc()
+            raise
+        finally:
+            metrics.completion_tokens.inc(completion_tokens)
+        if open_choices:
+            metrics.aborted.labels("gpu_tier").inc()
+            raise RequestError("the GPU tier's stream ended before the generation finished", status=503)
+
+    async def _chunks(
+        self, request: GenerateRequest, decoders: list[IncrementalDetokenizer], open_choices: set[int],
+        options: TextOptions,
+    ) -> AsyncIterator[TextChunk]:
         async with aclosing(self.llm.generate(request)) as deltas:
             async for delta in deltas:
                 if delta.index not in open_choices:
@@ -144,5 +191,3 @@ class TextGeneration:
                 yield chunk
                 if not open_choices:
                     break  # leaving the stream aborts whatever the engine still runs
-        if open_choices:
-            raise RequestError("the GPU tier's stream ended before the generation finished", status=503)

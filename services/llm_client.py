@@ -5,6 +5,13 @@ its caller stops reading (measured, see docs/architecture.md), so the engine wou
 for nobody. Here every stream is read under `async with`, so leaving it closes the connection
 (the GPU tier's generator is cancelled and vLLM aborts the request), and an explicit `abort` call
 follows as a second guarantee. Frames are reassembled from bytes with `DeltaDecoder`.
+
+Failing safely: a request is refused at once (503) while the tier monitor says the GPU tier is
+not ready; a connection failure marks the tier down; the GPU tier's 429 (engine at its cap) comes
+back as `Overloaded`; and every generation has a deadline (`PIPELINE_REQUEST_TIMEOUT_S`), after
+which the stream is closed, the engine request aborted and `DeadlineExceeded` raised. The HTTP
+stream is read by a pump task of its own, so that the deadline can stop it cleanly wherever it
+is waiting (for the response to start, or for the next frame).
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from urllib.parse import urlparse
 
 import httpx
 
-from services.errors import RequestError, TierUnavailable
+from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
+from services.health import TierMonitor
 from services.protocol import AbortRequest, DeltaDecoder, GenerateDelta, GenerateRequest, ModelInfo
 
 logger = logging.getLogger("bentoml.service.prompt")
+
+_END = object()  # the GPU tier's stream ended normally
 
 
 def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
@@ -39,31 +49,66 @@ def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
 
 
 class LLMClient:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(self, url: str, *, timeout_s: float, monitor: TierMonitor | None = None) -> None:
         self.url = url
-        self._http = http_client(url, timeout_s)
+        self.timeout_s = timeout_s
+        self.monitor = monitor
+        self._http = http_client(url, timeout_s + 10)  # the deadline below ends a request first
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        """The engine's frames for one request; leaving early aborts it on the GPU tier."""
+        """The engine's frames for one request; leaving early, or the deadline passing, aborts it
+        on the GPU tier."""
+        if self.monitor is not None:
+            self.monitor.require()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        frames: asyncio.Queue = asyncio.Queue(maxsize=256)
+        pump = loop.create_task(self._pump(request, frames))
         complete = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(frames.get(), timeout=max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the request passed its deadline of {self.timeout_s:g} s (PIPELINE_REQUEST_TIMEOUT_S) "
+                        "before the generation finished; it was stopped"
+                    ) from None
+                if item is _END:
+                    complete = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            if not complete:
+                self._abort_in_background(request.request_id)
+
+    async def _pump(self, request: GenerateRequest, frames: asyncio.Queue) -> None:
+        """Read the GPU tier's stream into `frames`: deltas, then _END or the error that ended it."""
         try:
             async with self._http.stream("POST", "/generate", json={"request": request.model_dump()}) as response:
                 if response.status_code != 200:
                     await response.aread()
+                    if response.status_code == 503 and self.monitor is not None:
+                        self.monitor.mark_down("it answered 503")
                     raise _error_from(response)
                 decoder = DeltaDecoder()
                 async for chunk in response.aiter_bytes():
                     for delta in decoder.feed(chunk):
-                        yield delta
+                        await frames.put(delta)
                 if decoder.pending:
                     raise TierUnavailable("the GPU tier's stream ended inside a frame")
-                complete = True
+            await frames.put(_END)
         except httpx.TransportError as error:
-            raise TierUnavailable(f"the GPU tier is unreachable: {error!r}") from error
-        finally:
-            if not complete:
-                self._abort_in_background(request.request_id)
+            if self.monitor is not None:
+                self.monitor.mark_down(f"a call failed: {error!r}")
+            await frames.put(TierUnavailable(f"the GPU tier is unreachable: {error!r}"))
+        except RequestError as error:
+            await frames.put(error)
 
     async def abort(self, request_ids: list[str]) -> None:
         body = {"request": AbortRequest(request_ids=request_ids).model_dump()}
@@ -104,8 +149,17 @@ class LLMClient:
 
 def _error_from(response: httpx.Response) -> RequestError:
     """The GPU tier's refusal as the front tier's error (its 4xx messages are for the user)."""
+    if response.status_code == 503:
+        return TierUnavailable("the GPU tier answered 503: it is not ready")
     if response.status_code >= 500:
-        return TierUnavailable(f"the GPU tier answered {response.status_code}")
+        return RequestError(f"the GPU tier failed on this request (HTTP {response.status_code}); see its log",
+                            status=502)
+    if response.status_code == 429:
+        retry_after = response.headers.get("Retry-After", "1")
+        return Overloaded(
+            "the GPU tier is at its limit of requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
+            retry_after_s=int(retry_after) if retry_after.isdigit() else 1,
+        )
     try:
         body = response.json()
         if isinstance(body, list) and body:  # BentoML wraps a BentoMLException's message in a list

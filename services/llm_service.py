@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from http import HTTPStatus
 from collections.abc import AsyncGenerator
 
 import bentoml
-from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 
 from services.config import Settings, is_cpu_build, settings
+from services.metrics import engine_metrics
 from services.model_store import model_reference
 from services.protocol import (
     AbortRequest,
@@ -103,7 +105,13 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
     name="LLMService",
     resources={"gpu": settings.tensor_parallel_size},
     workers=1,
-    traffic={"timeout": settings.request_timeout_s, "concurrency": 4096},
+    # The front's deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
+    # BentoML's own cap (429) is a backstop above the engine cap checked in `generate`.
+    traffic={
+        "timeout": settings.request_timeout_s + 30,
+        "concurrency": 4096,
+        "max_concurrency": settings.max_engine_requests + 64 if settings.max_engine_requests else None,
+    },
     labels={"tier": "gpu"},
 )
 class LLMService:
@@ -141,6 +149,13 @@ class LLMService:
         self._check(request)
         if self.engine.errored:
             raise ServiceUnavailable("the engine has stopped; the service is restarting")
+        cap = settings.max_engine_requests
+        if cap is not None and self.engine.get_num_unfinished_requests() >= cap:
+            engine_metrics().refused.inc()
+            raise BentoMLException(
+                f"the engine holds its limit of {cap} requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
+                error_code=HTTPStatus.TOO_MANY_REQUESTS,
+            )
         from vllm.inputs import TokensPrompt
 
         stream = self.engine.generate(
@@ -150,12 +165,16 @@ class LLMService:
         )
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
+        finished = False
         try:
             async for output in stream:
+                finished = output.finished
                 yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
         except ValueError as error:  # vLLM's own input checks, raised before the first output
             raise InvalidArgument(str(error)) from error
         finally:
+            if not finished:
+                engine_metrics().aborted.inc()
             # Leaving early (the caller went away, or was cancelled) closes the engine stream,
             # which aborts the request in vLLM; a finished request is unaffected.
             await stream.aclose()

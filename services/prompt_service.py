@@ -15,14 +15,17 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import Field
 
+from services.admission import AdmissionMiddleware, note_refusal
 from services.config import settings
 from services.errors import RequestError
+from services.health import TierMonitor
 from services.generation import TextGeneration, TextOptions
 from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.model_store import model_reference
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
+from services.security import ApiKeyMiddleware
 from services.text.templates import ChatFormatter, load_chat_template
 from services.text.tokenizer import load_tokenizer
 
@@ -42,11 +45,18 @@ StopStrings = Annotated[str | list[str] | None, Field(json_schema_extra=_one_of,
 
 
 def as_bentoml_error(error: RequestError) -> BentoMLException:
-    if error.status < 500:
+    """BentoML's exception with the same status; a 5xx message is noted for the admission
+    middleware, which puts it back into the body BentoML masks."""
+    if error.status == 400:
         return InvalidArgument(error.message)
     from http import HTTPStatus
 
+    note_refusal(error)
     return BentoMLException(error.message, error_code=HTTPStatus(error.status))
+
+
+# Whether the GPU tier is ready, checked in the background (services/health.py); one per worker.
+gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, retry_after_s=settings.retry_after_s)
 
 
 @bentoml.asgi_app(openai_app, path="/")  # /v1/*, /tokenize, /detokenize (services/openai/router.py)
@@ -54,7 +64,9 @@ def as_bentoml_error(error: RequestError) -> BentoMLException:
     name="PromptService",
     workers=settings.prompt_workers,
     resources={"cpu": "1"},
-    traffic={"timeout": settings.request_timeout_s, "concurrency": 4096},
+    # The deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
+    # Admission (services/admission.py) caps requests in flight, with Retry-After.
+    traffic={"timeout": settings.request_timeout_s + 30, "concurrency": 4096},
     labels={"tier": "cpu"},
 )
 class PromptService:
@@ -64,7 +76,7 @@ class PromptService:
     def __init__(self) -> None:
         tokenizer = load_tokenizer(settings.model_path)
         template = load_chat_template(settings.chat_template, tokenizer.chat_template)
-        self.llm_client = LLMClient(self.llm.to_async.url, timeout_s=settings.request_timeout_s)
+        self.llm_client = LLMClient(self.llm.to_async.url, timeout_s=settings.request_timeout_s, monitor=gpu_tier)
         self.generation = TextGeneration(
             tokenizer=tokenizer,
             formatter=ChatFormatter(tokenizer, template),
@@ -75,11 +87,16 @@ class PromptService:
         )
         openai_app.state.serving = OpenAIServing(self.generation, model_name=settings.model_name, model_root=settings.model)
 
+    @bentoml.on_startup
+    async def watch_gpu_tier(self) -> None:
+        gpu_tier.watch(self.llm_client.is_ready)
+
     async def __is_ready__(self) -> bool:
-        return await self.llm_client.is_ready()
+        return gpu_tier.ready
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        await gpu_tier.stop()
         await self.llm_client.close()
 
     @bentoml.api
@@ -138,3 +155,16 @@ class PromptService:
                     yield chunk.text
         except RequestError as error:
             raise as_bentoml_error(error) from error
+
+
+# The front door, outermost first: API keys (when configured), then admission (body size, GPU tier
+# readiness, requests in flight). BentoML's request metrics wrap both, so refusals are counted.
+if settings.api_keys:
+    PromptService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+PromptService.add_asgi_middleware(
+    AdmissionMiddleware,
+    max_body_bytes=settings.max_body_bytes,
+    max_inflight=settings.max_inflight_requests,
+    tier=gpu_tier,
+    retry_after_s=settings.retry_after_s,
+)

@@ -1,0 +1,73 @@
+"""Whether the GPU tier can take work now, known without waiting on it.
+
+PromptService polls LLMService's /readyz in the background (every `tier_check_interval_s`, each
+check bounded by a short timeout) and marks the tier down at once when a call to it fails. While
+it is down, generation requests are refused with 503 and `Retry-After` before any work is done,
+and PromptService's own /readyz says not ready; the next successful check brings it back. So a
+dead, restarting or hung GPU tier costs a client one quick 503, never a long timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from services.errors import TierUnavailable
+
+logger = logging.getLogger("bentoml.service.prompt")
+
+
+class TierMonitor:
+    def __init__(self, name: str, *, interval_s: float = 1.0, retry_after_s: int = 1) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.retry_after_s = retry_after_s
+        self.ready = False
+        self.reason = "not checked yet"
+        self.since = time.monotonic()
+        self._check: Callable[[], Awaitable[bool]] | None = None
+        self._task: asyncio.Task | None = None
+
+    def watch(self, check: Callable[[], Awaitable[bool]]) -> None:
+        """Start polling `check` (a bounded readiness call) in the running event loop."""
+        self._check = check
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def mark_down(self, reason: str) -> None:
+        """A call to the tier failed: refuse work until a check says it is ready again."""
+        self._set(False, reason)
+
+    def require(self) -> None:
+        """Raise TierUnavailable (503) unless the tier is ready."""
+        if not self.ready:
+            down_for = time.monotonic() - self.since
+            raise TierUnavailable(
+                f"the GPU tier ({self.name}) is not available ({self.reason}, for {down_for:.0f} s); "
+                f"try again in {self.retry_after_s} s",
+                retry_after_s=self.retry_after_s,
+            )
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                ready = await self._check() if self._check else False
+                self._set(ready, "ready" if ready else "its /readyz does not answer 200")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a check must never end the loop
+                self._set(False, f"readiness check failed: {error!r}")
+            await asyncio.sleep(self.interval_s)
+
+    def _set(self, ready: bool, reason: str) -> None:
+        if ready != self.ready:
+            logger.warning("GPU tier %s is %s (%s)", self.name, "ready" if ready else "NOT ready", reason)
+            self.since = time.monotonic()
+        self.ready, self.reason = ready, reason

@@ -1,0 +1,71 @@
+"""The pipeline's own Prometheus metrics, served by each tier's BentoML `/metrics`.
+
+BentoML already counts requests by endpoint and HTTP status (`bentoml_service_request_total`),
+their duration and the requests in progress, on both tiers. These add what only the pipeline
+knows, all prefixed `pipeline_`:
+
+- front tier (PromptService): prompt and completion tokens, time spent in templating and
+  tokenization, time to first token and inter-token latency as the client sees them, and
+  requests aborted (by reason: the client left, the deadline passed, the GPU tier failed);
+- GPU tier (LLMService): requests refused by the engine cap, aborted engine requests; vLLM's own
+  engine metrics (`vllm:*`: queue time, TTFT, inter-token latency, running and waiting requests,
+  KV-cache use) are registered by the engine in the same process and appear next to them.
+
+BentoML runs prometheus_client in multiprocess mode and sets its directory only when a worker
+starts, after this module is imported, so metrics are created on first use (`front_metrics()`,
+`engine_metrics()`), never at import time.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class FrontMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.prompt_tokens = Counter("pipeline_prompt_tokens", "Prompt tokens sent to the GPU tier.")
+        self.completion_tokens = Counter("pipeline_completion_tokens", "Completion tokens received from the GPU tier.")
+        self.prompt_processing = Histogram(
+            "pipeline_prompt_processing_seconds", "Time in chat templating and tokenization, per prompt.",
+            ["kind"], buckets=FAST_BUCKETS,
+        )
+        self.time_to_first_token = Histogram(
+            "pipeline_time_to_first_token_seconds",
+            "From handing the tokenized prompt to the GPU tier to its first token (queue time included).",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inter_token_latency = Histogram(
+            "pipeline_inter_token_latency_seconds", "Time between tokens of one stream, as the front tier gets them.",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.aborted = Counter(
+            "pipeline_aborted_requests", "Generations stopped before they finished, by reason.", ["reason"]
+        )
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter
+
+        self.refused = Counter(
+            "pipeline_engine_refused_requests", "Requests refused because the engine held its cap (429).",
+        )
+        self.aborted = Counter(
+            "pipeline_engine_aborted_requests",
+            "Engine requests aborted before they finished (the caller left or asked to abort).",
+        )
+
+
+@cache
+def front_metrics() -> FrontMetrics:
+    return FrontMetrics()
+
+
+@cache
+def engine_metrics() -> EngineMetrics:
+    return EngineMetrics()
