@@ -109,8 +109,21 @@ class Pipeline:
         raise RuntimeError("LLMService's socket not found")
 
 
+def own_bentoml_home(folder: Path) -> str:
+    """A BENTOML_HOME for one server, sharing the model store: BentoML empties
+    $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, which would wipe the metrics
+    of any other server using the same home (docs/operations.md)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models = folder / "models"
+    if not models.exists():
+        default_home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+        models.symlink_to(default_home / "models")
+    return str(folder)
+
+
 def start_pipeline(log: Path, **env: str) -> Pipeline:
     port = free_port()
+    env.setdefault("BENTOML_HOME", own_bentoml_home(log.parent / f"bentoml-home-{port}"))
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "services.prompt_service:PromptService",
          "--port", str(port), "--host", "127.0.0.1"],
