@@ -111,6 +111,17 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return JSONResponse(body.model_dump(), status_code=status.value)
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    """Anything else in OpenAI's body, never a bare text page. As in vLLM's fallback handlers, a
+    ValueError, TypeError or OverflowError (such as a tokenizer refusing a lone surrogate) is the
+    input's fault: 400; the rest is 500."""
+    status = 400 if isinstance(error, (ValueError, TypeError, OverflowError)) else 500
+    kind = "BadRequestError" if status == 400 else "InternalServerError"
+    body = ErrorResponse(error=ErrorInfo(message=str(error) or type(error).__name__, type=kind, code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
 def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Stop the handler when the client disconnects (vLLM's decorator of the same name): for a
     non-streamed request the generation is cancelled, which aborts it on the GPU tier."""

@@ -227,6 +227,8 @@ class OpenAIServing:
         ids = self.generation.chat_prompt(
             messages, add_special_tokens=request.add_special_tokens, **request.template_options()
         )
+        if not ids:
+            raise RequestError("The conversation renders to an empty prompt.", param="messages")
         requested, param = request.requested_max_tokens()
         params = self.generation.sampling_params(
             len(ids),

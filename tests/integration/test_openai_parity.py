@@ -1,0 +1,299 @@
+"""Parity: our OpenAI front door against vLLM's own OpenAI server on the same model folder.
+
+vLLM's server is started once for this module (`python -m vllm.entrypoints.openai.api_server`,
+same engine settings as the pipeline: max_model_len 2048, eager, dtype auto, both cores) and
+stopped in teardown. Each case sends the same request to both servers, one at a time, and compares
+what a client sees: the text of every choice, its finish reason and stop reason, the token counts
+(usage), and for logprobs the tokens and their values.
+
+Greedy requests must be identical. Seeded sampling (n > 1 with a seed) is identical as well:
+both servers hand the same seed to the same engine, which draws the same numbers.
+
+What cannot be identical, and is therefore not compared:
+- `id`, `created` (random and time), and `system_fingerprint` (vLLM stamps its version and
+  configuration hash; we send none).
+- Logprob values are compared to 1e-4, not bit for bit: both run the same kernels on the same
+  prompt, but a sampled position's logprob is computed within the batch the engine happened to
+  form, and CPU matmul kernels may sum in a different order for another batch shape.
+- How text is cut into stream chunks: both send one chunk per engine step, but our front tier
+  holds back text for stop strings and incomplete characters independently of vLLM's
+  detokenizer; the concatenated text is what is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import free_port, stop_process_tree
+
+MODEL_NAME = "smollm2-135m-instruct"
+START_TIMEOUT_S = 300
+
+LONG_TEXT = " ".join(
+    [
+        "The history of the bicycle spans more than two centuries. Early designs had no pedals and were",
+        "pushed along by the rider's feet. Pedals attached to the front wheel came later, and the",
+        "high-wheeler followed, with its huge front wheel that made every ride a balancing act. The",
+        "safety bicycle, with two wheels of equal size and a chain driving the rear one, changed",
+        "everything: it was stable, fast and affordable, and it gave millions of people a new freedom",
+        "to travel.",
+    ]
+    * 8
+)
+
+CHAT_CASES = {
+    "short": {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 48},
+    "system prompt": {
+        "messages": [
+            {"role": "system", "content": "You are a pirate. Answer in one short sentence."},
+            {"role": "user", "content": "Where is the treasure?"},
+        ],
+        "max_tokens": 48,
+    },
+    "several turns": {
+        "messages": [
+            {"role": "user", "content": "My name is Ada. Remember it."},
+            {"role": "assistant", "content": "Nice to meet you, Ada! I will remember your name."},
+            {"role": "user", "content": "What is my name?"},
+        ],
+        "max_tokens": 32,
+    },
+    "unicode and emoji": {
+        "messages": [{"role": "user", "content": "Répète exactement: « Ça va très bien 😀 🍕 ☕ — 世界 »"}],
+        "max_tokens": 48,
+    },
+    "text parts": {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]}],
+        "max_tokens": 16,
+    },
+    "long prompt": {
+        "messages": [{"role": "user", "content": f"Summarize in one sentence:\n\n{LONG_TEXT}"}],
+        "max_tokens": 40,
+    },
+    "stop strings": {
+        "messages": [{"role": "user", "content": "Count from one to ten in words, separated by commas."}],
+        "stop": [",", "six"],
+        "max_tokens": 48,
+    },
+    "stop string kept": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "stop": "Paris",
+        "include_stop_str_in_output": True,
+        "max_tokens": 48,
+    },
+    "max_tokens cut-off": {"messages": [{"role": "user", "content": "Tell me a long story about a dragon."}], "max_completion_tokens": 7},
+    "n=2 with a seed": {
+        "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+        "n": 2,
+        "seed": 1234,
+        "temperature": 0.8,
+        "max_tokens": 24,
+    },
+    "logprobs": {
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+        "logprobs": True,
+        "top_logprobs": 3,
+        "max_tokens": 12,
+    },
+    "streamed with usage": {
+        "messages": [{"role": "user", "content": "Say hello in three languages."}],
+        "max_tokens": 40,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+}
+
+COMPLETION_CASES = {
+    "short": {"prompt": "The capital of France is"},
+    "unicode": {"prompt": "Le café ☕ et les croissants 🥐 sont", "max_tokens": 24},
+    "stop string": {"prompt": "1, 2, 3, 4,", "stop": [" 7"], "max_tokens": 32},
+    "length": {"prompt": "Once upon a time", "max_tokens": 5},
+    "token ids": {"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 10},
+    "two prompts and echo": {"prompt": ["The sky is", "Water boils at"], "echo": True, "max_tokens": 12},
+    "logprobs": {"prompt": "The first three planets are", "logprobs": 2, "max_tokens": 10},
+    "n=3 with a seed": {"prompt": "My favourite animal is", "n": 3, "seed": 7, "temperature": 1.0, "max_tokens": 12},
+    "streamed with usage": {
+        "prompt": "The best way to learn a language is",
+        "max_tokens": 30,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+}
+
+ERROR_CASES = {
+    "unknown model": ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    "max_tokens over the context": ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}),
+    "prompt over the context": ("/v1/completions", {"prompt": LONG_TEXT * 4, "max_tokens": 5}),
+    "top_logprobs without logprobs": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    ),
+}
+
+
+def model_folder() -> str:
+    import bentoml
+
+    return bentoml.models.get(f"{MODEL_NAME}:latest").path
+
+
+@pytest.fixture(scope="module")
+def vllm_url(tmp_path_factory: pytest.TempPathFactory):
+    """vLLM's own OpenAI server on the same model folder, for this module only."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
+         "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", "auto",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=3).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM's server not ready after {START_TIMEOUT_S} s")
+            time.sleep(1)
+        yield url
+    finally:
+        stop_process_tree(process)
+
+
+def call(url: str, path: str, body: dict) -> tuple[int, dict]:
+    """POST and return (status, body); a streamed answer is folded into the shape of a full one."""
+    with httpx.Client(timeout=httpx.Timeout(180, connect=5)) as http:
+        if not body.get("stream"):
+            response = http.post(url + path, json={"model": MODEL_NAME, **body})
+            return response.status_code, response.json()
+        with http.stream("POST", url + path, json={"model": MODEL_NAME, **body}) as response:
+            assert response.status_code == 200, response.read()
+            return 200, fold_stream(response.iter_lines())
+
+
+def fold_stream(lines) -> dict:
+    """Join SSE chunks: text per choice, the last finish/stop reason, the usage chunk."""
+    choices: dict[int, dict] = {}
+    usage, done = None, False
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            done = True
+            continue
+        chunk = json.loads(data)
+        assert "error" not in chunk, chunk
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            folded = choices.setdefault(choice["index"], {"index": choice["index"], "text": "", "finish_reason": None, "stop_reason": None})
+            folded["text"] += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            if choice.get("finish_reason") is not None:
+                folded["finish_reason"] = choice["finish_reason"]
+                folded["stop_reason"] = choice.get("stop_reason")
+    assert done, "the stream did not end with [DONE]"
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def summary(body: dict) -> dict:
+    """What must be identical: per choice text, finish and stop reason; the token counts."""
+    choices = []
+    for choice in body["choices"]:
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        choices.append((choice["index"], text, choice["finish_reason"], choice.get("stop_reason")))
+    usage = body["usage"]
+    return {"choices": choices, "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])}
+
+
+def assert_logprobs_match(ours: dict, theirs: dict) -> None:
+    for mine, ref in zip(ours["choices"], theirs["choices"], strict=True):
+        a, b = mine["logprobs"], ref["logprobs"]
+        if "content" in b:  # chat shape
+            assert [t["token"] for t in a["content"]] == [t["token"] for t in b["content"]]
+            for x, y in zip(a["content"], b["content"]):
+                assert x["bytes"] == y["bytes"]
+                assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+                assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
+                assert [t["logprob"] for t in x["top_logprobs"]] == pytest.approx([t["logprob"] for t in y["top_logprobs"]], abs=1e-4)
+        else:  # completions shape
+            assert a["tokens"] == b["tokens"]
+            assert a["text_offset"] == b["text_offset"]
+            assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+            for x, y in zip(a["top_logprobs"], b["top_logprobs"]):
+                assert list(x) == list(y)
+                assert list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+def test_chat_parity(case: str, pipeline, vllm_url: str):
+    """Chat completions: same text, finish and stop reasons, token counts (and logprobs)."""
+    body = {"temperature": 0, **CHAT_CASES[case]}
+    status, ours = call(pipeline.url, "/v1/chat/completions", body)
+    ref_status, theirs = call(vllm_url, "/v1/chat/completions", body)
+    assert (status, ref_status) == (200, 200), (ours, theirs)
+    assert summary(ours) == summary(theirs)
+    if body.get("logprobs"):
+        assert_logprobs_match(ours, theirs)
+
+
+@pytest.mark.parametrize("case", COMPLETION_CASES)
+def test_completion_parity(case: str, pipeline, vllm_url: str):
+    """Completions: same text, finish and stop reasons, token counts (and logprobs)."""
+    body = {"temperature": 0, **COMPLETION_CASES[case]}
+    status, ours = call(pipeline.url, "/v1/completions", body)
+    ref_status, theirs = call(vllm_url, "/v1/completions", body)
+    assert (status, ref_status) == (200, 200), (ours, theirs)
+    assert summary(ours) == summary(theirs)
+    if body.get("logprobs") is not None:
+        assert_logprobs_match(ours, theirs)
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_error_parity(case: str, pipeline, vllm_url: str):
+    """Refusals: same status, error type and param."""
+    path, body = ERROR_CASES[case]
+    status, ours = call(pipeline.url, path, body)
+    ref_status, theirs = call(vllm_url, path, body)
+    assert status == ref_status
+    assert {k: ours["error"][k] for k in ("type", "param", "code")} == {k: theirs["error"][k] for k in ("type", "param", "code")}
+
+
+def test_tokenize_parity(pipeline, vllm_url: str):
+    """/tokenize and /detokenize: same ids, strings, counts and text, for a prompt and a chat."""
+    requests = [
+        ("/tokenize", {"prompt": "Héllo 世界 🎉 done", "return_token_strs": True}),
+        ("/tokenize", {"messages": CHAT_CASES["several turns"]["messages"], "return_token_strs": True}),
+        ("/tokenize", {"messages": CHAT_CASES["system prompt"]["messages"], "add_generation_prompt": False}),
+        ("/detokenize", {"tokens": [504, 3575, 282, 4649, 314, 7042, 30, 2]}),
+    ]
+    for path, body in requests:
+        status, ours = call(pipeline.url, path, body)
+        ref_status, theirs = call(vllm_url, path, body)
+        assert (status, ref_status) == (200, 200)
+        assert ours == theirs, path
+
+
+def test_models_parity(pipeline, vllm_url: str):
+    """/v1/models lists the same model id and context length."""
+    with httpx.Client(timeout=10) as http:
+        ours = http.get(pipeline.url + "/v1/models").json()
+        theirs = http.get(vllm_url + "/v1/models").json()
+    pick = lambda body: [(m["id"], m["object"], m["owned_by"], m["max_model_len"]) for m in body["data"]]  # noqa: E731
+    assert pick(ours) == pick(theirs)
