@@ -69,7 +69,8 @@ class LLMClient:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(frames.get(), timeout=max(0.0, deadline - loop.time()))
+                    async with asyncio.timeout_at(deadline):  # no task per frame, unlike wait_for
+                        item = await frames.get()
                 except TimeoutError:
                     raise DeadlineExceeded(
                         f"the request passed its deadline of {self.timeout_s:g} s (PIPELINE_REQUEST_TIMEOUT_S) "
@@ -82,10 +83,12 @@ class LLMClient:
                     raise item
                 yield item
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            # Abort first: when the caller was cancelled (its client left), the await below may be
+            # cancelled too, and nothing after it would run.
             if not complete:
                 self._abort_in_background(request.request_id)
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
     async def _pump(self, request: GenerateRequest, frames: asyncio.Queue) -> None:
         """Read the GPU tier's stream into `frames`: deltas, then _END or the error that ended it."""
