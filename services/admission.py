@@ -8,7 +8,9 @@ One ASGI middleware on PromptService, per worker process:
   `max_inflight_requests` generation requests are already held by this worker (a request is held
   until its last byte is sent, so streams count for their whole life);
 - every 429 and 503 leaves with `Retry-After`, and a 5xx refusal that BentoML would mask
-  ("An unexpected error has occurred") leaves with its real message (`note_refusal`).
+  ("An unexpected error has occurred") leaves with its real message (`note_refusal`);
+- when the request's ASGI call ends (its client may have left mid-stream), any engine stream it
+  opened and nobody closed is stopped and its engine request aborted (services/llm_client.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import Overloaded, RequestError, error_body, error_headers
 from services.health import TierMonitor
+from services.llm_client import stop_engine_streams, track_engine_streams
 
 logger = logging.getLogger("bentoml.service.prompt")
 
@@ -85,6 +88,7 @@ class AdmissionMiddleware:
 
         box: list[RequestError] = []
         token = _refusals.set(box)
+        streams = track_engine_streams()
         if generation:
             self.inflight += 1
         try:
@@ -93,6 +97,9 @@ class AdmissionMiddleware:
         finally:
             if generation:
                 self.inflight -= 1
+            left = stop_engine_streams(streams)
+            if left:
+                logger.info("%s ended with %d engine stream(s) still open (client gone): aborted", path, left)
             _refusals.reset(token)
 
     async def _read_body(self, receive: Receive) -> bytes:

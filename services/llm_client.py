@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar, Token
 from urllib.parse import urlparse
 
 import httpx
@@ -30,6 +31,31 @@ from services.protocol import AbortRequest, DeltaDecoder, GenerateDelta, Generat
 logger = logging.getLogger("bentoml.service.prompt")
 
 _END = object()  # the GPU tier's stream ended normally
+
+
+# --- engine streams left open by a request whose client went away ---------------------------------
+# A server does not always close a response's generator when its client disconnects (it is left to
+# the garbage collector), so nothing in the generator's `finally` can be relied on to stop the
+# engine. The admission middleware therefore tracks the streams each HTTP request opens, and stops
+# whatever is still open when the request's ASGI call ends.
+
+_open_streams: ContextVar[dict[str, tuple["LLMClient", asyncio.Task]] | None] = ContextVar("open_streams", default=None)
+
+
+def track_engine_streams() -> Token:
+    """Start tracking the engine streams opened in this context (one HTTP request)."""
+    return _open_streams.set({})
+
+
+def stop_engine_streams(token: Token) -> int:
+    """Stop the engine streams still open in this context and abort their engine requests;
+    returns how many there were."""
+    left = _open_streams.get() or {}
+    _open_streams.reset(token)
+    for request_id, (client, pump) in list(left.items()):
+        client._abort_in_background(request_id)
+        pump.cancel()
+    return len(left)
 
 
 def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
@@ -65,6 +91,9 @@ class LLMClient:
         deadline = loop.time() + self.timeout_s
         frames: asyncio.Queue = asyncio.Queue(maxsize=256)
         pump = loop.create_task(self._pump(request, frames))
+        tracked = _open_streams.get()
+        if tracked is not None:
+            tracked[request.request_id] = (self, pump)
         complete = False
         try:
             while True:
@@ -83,6 +112,8 @@ class LLMClient:
                     raise item
                 yield item
         finally:
+            if tracked is not None:
+                tracked.pop(request.request_id, None)
             # Abort first: when the caller was cancelled (its client left), the await below may be
             # cancelled too, and nothing after it would run.
             if not complete:

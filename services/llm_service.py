@@ -130,6 +130,7 @@ class LLMService:
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
         )
+        engine_metrics()  # created now, so they read 0 rather than being absent until first used
         logger.info("engine ready: %s", self.info)
 
     async def __is_ready__(self) -> bool:

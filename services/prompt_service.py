@@ -22,6 +22,7 @@ from services.health import TierMonitor
 from services.generation import TextGeneration, TextOptions
 from services.llm_client import LLMClient
 from services.llm_service import LLMService
+from services.metrics import front_metrics
 from services.model_store import model_reference
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
@@ -74,6 +75,7 @@ class PromptService:
     model = model_reference(settings.model)
 
     def __init__(self) -> None:
+        front_metrics()  # created now, so they read 0 rather than being absent until first used
         tokenizer = load_tokenizer(settings.model_path)
         template = load_chat_template(settings.chat_template, tokenizer.chat_template)
         self.llm_client = LLMClient(self.llm.to_async.url, timeout_s=settings.request_timeout_s, monitor=gpu_tier)
