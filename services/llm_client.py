@@ -95,6 +95,7 @@ class LLMClient:
         if tracked is not None:
             tracked[request.request_id] = (self, pump)
         complete = False
+        finished: set[int] = set()
         try:
             while True:
                 try:
@@ -110,6 +111,11 @@ class LLMClient:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason is not None:
+                    finished.add(item.index)
+                    # Every choice has ended in the engine: nothing is left to abort, even if the
+                    # caller stops reading before the stream's end.
+                    complete = len(finished) == request.sampling_params.n
                 yield item
         finally:
             if tracked is not None:
