@@ -130,7 +130,10 @@ class LogprobsBuilder:
         return ChatCompletionLogProbs(content=content)
 
     def completion(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], top: int) -> CompletionLogProbs:
-        result = CompletionLogProbs()
+        offsets: list[int] = []
+        values: list[float | None] = []
+        tokens: list[str] = []
+        top_logprobs: list[dict[str, float] | None] = []
         for token_id, position in zip(token_ids, logprobs):
             text = self._token(token_id)
             tops: dict[str, float] = {}
@@ -138,10 +141,11 @@ class LogprobsBuilder:
                 if i > top:  # OpenAI's completions give top + 1 entries
                     break
                 tops[self._token(candidate)] = _floor(logprob)
-            result.tokens.append(text)
-            result.token_logprobs.append(_floor(position.logprob))
-            result.top_logprobs.append(tops)
-            result.text_offset.append(self.next_offset)
+            tokens.append(text)
+            values.append(_floor(position.logprob))
+            top_logprobs.append(tops)
+            offsets.append(self.next_offset)
             self.next_offset += len(text)
             self.context.append(token_id)
-        return result
+        # Fields given explicitly: stream chunks are dumped with exclude_unset, as in vLLM.
+        return CompletionLogProbs(text_offset=offsets, token_logprobs=values, tokens=tokens, top_logprobs=top_logprobs)
