@@ -143,7 +143,12 @@ class Tier:
             return "(no log)"
 
     def stop(self, timeout_s: float = 30) -> None:
-        """SIGTERM the starter and every descendant, then SIGKILL what is left after timeout_s."""
+        """SIGTERM the starter and every descendant; SIGKILL what is left after timeout_s.
+
+        circus, the BentoML worker and vLLM's engine core leave within seconds; vLLM's worker
+        processes wait ~30 s for an engine that is gone, so once only they (and the resource
+        tracker they hold) remain, they get SIGKILL and the tracker is left to clean up and exit.
+        """
         tree = self._tree()
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -154,13 +159,19 @@ class Tier:
                 process.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(tree, timeout=timeout_s)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        deadline = time.monotonic() + timeout_s
+        while (alive := _running(tree)) and time.monotonic() < deadline:
+            leftovers = [p for p in alive if _is_engine_leftover(p)]
+            if len(leftovers) == len(alive):
+                for process in leftovers:
+                    if not _is_resource_tracker(process):
+                        _kill(process)
+                psutil.wait_procs(leftovers, timeout=5)
+                break
+            time.sleep(0.2)
+        for process in _running(tree):
+            _kill(process)
+        psutil.wait_procs(tree, timeout=10)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -177,6 +188,39 @@ class Tier:
             return [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.Error:
+            pass
+    return running
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _is_engine_leftover(process: psutil.Process) -> bool:
+    try:
+        return _is_resource_tracker(process) or process.name().startswith("VLLM::Worker") \
+            or "VLLM::Worker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return True
+
+
+def _kill(process: psutil.Process) -> None:
+    try:
+        process.kill()
+    except psutil.Error:
+        pass
 
 
 def start_tier(service: str, *, log: Path, depends: dict[str, str] | None = None,
