@@ -1,0 +1,93 @@
+"""Fuzz the API from its own OpenAPI document (schemathesis): valid and invalid bodies for every
+generation and tokenizer route. No input may give a 5xx or hang, and the server still answers a
+normal request afterwards. Bounded: FUZZ_EXAMPLES per route, outputs capped at a few tokens."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+from schemathesis.core import NotSet
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
+FUZZED_ROUTES = r"^/(generate|v1/chat/completions|v1/completions|v1/models|tokenize|detokenize)$"
+GENERATION_ROUTES = {"/generate", "/v1/chat/completions", "/v1/completions"}
+OUTPUT_CAP = 8  # tokens: the fuzz is about inputs, not about waiting for long outputs
+seen: Counter = Counter()
+
+
+def cap_output(case) -> None:
+    """Keep generated outputs short: max_tokens above the cap (or unset) becomes the cap, and at
+    most two choices; an absent body (all defaults: 1024 tokens) gets the cap too."""
+    if isinstance(case.body, NotSet) and case.path in GENERATION_ROUTES:
+        case.body = {}
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > OUTPUT_CAP:
+            body[key] = OUTPUT_CAP
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = OUTPUT_CAP
+    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
+        body["n"] = 2
+
+
+def operations(url: str):
+    """The fuzzed routes of the running server's OpenAPI document.
+
+    BentoML labels its document OpenAPI 3.0.2, but writes its schemas as pydantic does, in the
+    JSON Schema of OpenAPI 3.1 (numeric `exclusiveMinimum`, `type: null`, `const`); it is read as
+    the 3.1 document it is."""
+    document = httpx.get(f"{url}/docs.json", timeout=30).json()
+    document["openapi"] = "3.1.0"
+    loaded = schemathesis.openapi.from_dict(document)
+    return [result.ok() for result in loaded.include(path_regex=FUZZED_ROUTES).get_all_operations()]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
+    """Valid inputs (POSITIVE) and inputs that break the schema (NEGATIVE), FUZZ_EXAMPLES per
+    route each, sent as they are except for a cap on output length."""
+    found = operations(pipeline.url)
+    assert {op.path for op in found} >= {"/generate", "/v1/chat/completions", "/v1/completions"}
+    for operation in found:
+        if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
+            continue  # no body or parameters to break (/v1/models)
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        def fuzz(case):
+            cap_output(case)
+            started = time.monotonic()
+            response = case.call(base_url=pipeline.url, timeout=90)
+            elapsed = time.monotonic() - started
+            seen[f"{mode.value} {case.method} {case.path} {response.status_code}"] += 1
+            assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
+            assert elapsed < 60, (case.path, case.body, elapsed)
+            if response.status_code >= 400:
+                assert "error" in response.text.lower() or "detail" in response.text.lower(), response.text[:500]
+
+        fuzz()
+
+
+def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
+    total = sum(seen.values())
+    record_property("fuzzed_requests", total)
+    print(f"\nfuzzed requests: {total}; by route and status: {dict(sorted(seen.items()))}")
+    with httpx.Client(base_url=pipeline.url, timeout=httpx.Timeout(60, connect=5)) as http:
+        response = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 16,
+        })
+        assert response.status_code == 200
+        assert "Paris" in response.json()["choices"][0]["message"]["content"]
+        assert http.get("/readyz").status_code == 200
