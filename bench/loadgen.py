@@ -178,7 +178,8 @@ def merge(parts: list[dict], workload: Workload) -> dict:
         n = len(part["ttfts"])
         requests["start_s"] += part["start_times"]
         requests["ttft_s"] += part["ttfts"]
-        requests["latency_s"] += part["latencies"]
+        # vLLM 0.26 saves no per-request latency: the last chunk's time is the first's plus the gaps
+        requests["latency_s"] += part.get("latencies") or [t + sum(i) for t, i in zip(part["ttfts"], part["itls"])]
         requests["prompt_len"] += part["input_lens"]
         requests["output_len"] += part["output_lens"]
         requests["itl_s"] += [[round(x, 6) for x in itl] for itl in part["itls"]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import socket
 import sys
 import time
@@ -168,6 +169,8 @@ def main() -> int:
     p.add_argument("--title", default="")
     p.set_defaults(func=report)
     args = parser.parse_args()
+    # a SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so every server started is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if getattr(args, "devices", None) and len(args.devices) != len(args.targets):
         parser.error("--devices needs one entry per target")
     return args.func(args)

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,46 +172,26 @@ def llm_socket_of(server_pid: int) -> str:
 
 
 def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path, extra_env: dict[str, str]) -> dict:
-    import httpx
+    from bench.servers import Server
 
     env = {
-        **os.environ,
         "PIPELINE_MODEL": model,
         "PIPELINE_LOAD_FORMAT": load_format,
         "PIPELINE_PROMPT_WORKERS": "1",
         "PIPELINE_MAX_MODEL_LEN": "2048",
-        "PYTHONUNBUFFERED": "1",
         **extra_env,
     }
     argv = [sys.executable, "-m", "bentoml", "serve", "services.prompt_service:PromptService", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as out:
-        server = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server("pipeline", argv, env, port, "/readyz", log)
+    server.start()
     try:
-        started = time.monotonic()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the pipeline exited; see {log}")
-            if time.monotonic() - started > 600:
-                raise SystemExit(f"the pipeline was not ready in 600 s; see {log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        server.wait_ready(600)
         from services.text.tokenizer import encode, load_tokenizer
 
         token_ids = encode(load_tokenizer(model), "What is the capital of France?", add_special_tokens=False)
-        return asyncio.run(round_trips(f"http://127.0.0.1:{port}", llm_socket_of(server.pid), token_ids, n))
+        return asyncio.run(round_trips(server.base_url, llm_socket_of(server.process.pid), token_ids, n))
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        server.stop()  # the whole tree: BentoML's workers run in sessions of their own
 
 
 def main() -> int:
@@ -225,6 +203,7 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=50, help="round trips per kind")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the served tiers get stopped
     from bench.machine import describe_machine
 
     if args.model is None:
