@@ -33,6 +33,7 @@ from services.text.tokenizer import load_tokenizer
 logger = logging.getLogger("bentoml.service.prompt")
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
+GENERATE_ERROR_MARKER = "\n[error "  # starts the last line of a /generate stream stopped by an error
 
 
 def _one_of(schema: dict) -> None:
@@ -125,8 +126,10 @@ class PromptService:
         """Stream the model's answer to `prompt`, rendered with the chat template.
 
         `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
-        their defaults are vLLM's. Errors before the first chunk are HTTP 400 with the reason.
+        their defaults are vLLM's. Errors before the first chunk are HTTP 4xx/5xx with the reason;
+        an error after it ends the text with a line `[error <status>: <reason>]`.
         """
+        started = False
         try:
             if tokens is not None:
                 token_ids = self.generation.token_prompt(tokens)
@@ -154,9 +157,15 @@ class PromptService:
             )
             async for chunk in self.generation.stream(token_ids, params, options):
                 if chunk.text:
+                    started = True
                     yield chunk.text
         except RequestError as error:
-            raise as_bentoml_error(error) from error
+            if not started:
+                raise as_bentoml_error(error) from error
+            # The status line is sent and plain text has no error frame, and BentoML would end the
+            # body as if complete: the last line says why the text stops (docs/operations.md).
+            logger.warning("/generate stopped after it started: %s", error.message)
+            yield f"{GENERATE_ERROR_MARKER}{error.status}: {error.message}]\n"
 
 
 # The front door, outermost first: API keys (when configured), then admission (body size, GPU tier
