@@ -34,8 +34,8 @@ def cap_output(case) -> None:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > OUTPUT_CAP:
             body[key] = OUTPUT_CAP
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = OUTPUT_CAP
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = OUTPUT_CAP  # absent, or null (which means the default)
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
         body["n"] = 2
 
