@@ -19,6 +19,7 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
 FUZZED_ROUTES = r"^/(generate|v1/chat/completions|v1/completions|v1/models|tokenize|detokenize)$"
 GENERATION_ROUTES = {"/generate", "/v1/chat/completions", "/v1/completions"}
 OUTPUT_CAP = 8  # tokens: the fuzz is about inputs, not about waiting for long outputs
+HANG_S = 120  # no answer by then is a hang (a capped request takes seconds; a loaded machine, a minute)
 seen: Counter = Counter()
 
 
@@ -68,11 +69,11 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
         def fuzz(case):
             cap_output(case)
             started = time.monotonic()
-            response = case.call(base_url=pipeline.url, timeout=90)
+            response = case.call(base_url=pipeline.url, timeout=HANG_S)  # raises on a hang
             elapsed = time.monotonic() - started
             seen[f"{mode.value} {case.method} {case.path} {response.status_code}"] += 1
             assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
-            assert elapsed < 60, (case.path, case.body, elapsed)
+            assert elapsed < HANG_S, (case.path, case.body, elapsed)
             if response.status_code >= 400:
                 assert "error" in response.text.lower() or "detail" in response.text.lower(), response.text[:500]
 
