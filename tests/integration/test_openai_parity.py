@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import httpx
 import pytest
-from conftest import free_port, stop_process_tree
+from tiers import free_port, launch
 
 MODEL_NAME = "smollm2-135m-instruct"
 START_TIMEOUT_S = 300
@@ -149,21 +148,16 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
-         "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", "auto",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
+               "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", "auto",
+               "--host", "127.0.0.1", "--port", str(port)]
+    server = launch("vllm", port, command, env, log, wait=False, ready_timeout_s=START_TIMEOUT_S)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            if server.process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({server.process.returncode}):\n{server.log_tail(3000)}")
             try:
                 if httpx.get(f"{url}/health", timeout=3).status_code == 200:
                     break
@@ -174,7 +168,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(1)
         yield url
     finally:
-        stop_process_tree(process)
+        server.stop()
 
 
 def call(url: str, path: str, body: dict) -> tuple[int, dict]:

@@ -100,6 +100,16 @@ class Tier:
                 found.setdefault(args[args.index("--service-name") + 1], []).append(child)
         return found
 
+    def llm_tier(self) -> httpx.Client:
+        """A client straight to this tier's LLMService worker (its Unix socket under `bentoml
+        serve`), to look at the engine itself."""
+        for worker in self.workers().get("LLMService", []):
+            for connection in worker.net_connections(kind="unix"):
+                if connection.laddr and connection.laddr.endswith(".sock"):
+                    transport = httpx.HTTPTransport(uds=connection.laddr)
+                    return httpx.Client(transport=transport, base_url="http://llm-service", timeout=10)
+        raise RuntimeError("no LLMService socket under this tier")
+
     def engine_processes(self) -> list[psutil.Process]:
         """vLLM engine processes (EngineCore, workers) under this tier."""
         engines = []
@@ -180,7 +190,7 @@ class Tier:
     def restart(self, *, wait: bool = True, ready_timeout_s: float = READY_TIMEOUT_S) -> Tier:
         """Stop this tier and start it again with the same command, port and environment."""
         self.stop()
-        return _launch(self.service, self.port, self.command, self.env, self.log, wait, ready_timeout_s, self.cwd)
+        return launch(self.service, self.port, self.command, self.env, self.log, wait, ready_timeout_s, self.cwd)
 
     def _tree(self) -> list[psutil.Process]:
         try:
@@ -241,10 +251,19 @@ def start_tier(service: str, *, log: Path, depends: dict[str, str] | None = None
         cwd = Path(bento)
         environment["BENTO_PATH"] = str(cwd)
         environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    return _launch(service, port, command, environment, log, wait, ready_timeout_s, cwd)
+    return launch(service, port, command, environment, log, wait, ready_timeout_s, cwd)
 
 
-def _launch(service: str, port: int, command: list[str], env: dict[str, str], log: Path,
+def serve_pipeline(*, log: Path, env: dict[str, str] | None = None,
+                   ready_timeout_s: float = READY_TIMEOUT_S) -> Tier:
+    """`bentoml serve` of the whole pipeline (both services, as ./scripts/serve.sh runs it)."""
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "services.prompt_service:PromptService",
+               "--host", "127.0.0.1", "--port", str(port)]
+    return launch("PromptService", port, command, tier_env(**(env or {})), log, True, ready_timeout_s)
+
+
+def launch(service: str, port: int, command: list[str], env: dict[str, str], log: Path,
             wait: bool, ready_timeout_s: float, cwd: Path = ROOT) -> Tier:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
