@@ -123,11 +123,7 @@ class Settings(BaseSettings):
         return int(own)
 
 
-def load_settings() -> Settings:
-    return Settings()
-
-
-settings = load_settings()
+settings = Settings()
 
 
 def is_cpu_build() -> bool:

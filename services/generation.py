@@ -98,7 +98,8 @@ class TextGeneration:
         if max_tokens is None:
             max_tokens = max(1, min(self.default_max_tokens, self.context_length - prompt_tokens))
         check_context_length(prompt_tokens, max_tokens, self.context_length)
-        check_token_ids(fields.get("stop_token_ids") or [0], self.vocab_size, param="stop_token_ids")
+        if fields.get("stop_token_ids"):
+            check_token_ids(fields["stop_token_ids"], self.vocab_size, param="stop_token_ids")
         try:
             return SamplingParams(max_tokens=max_tokens, **fields)
         except ValueError as error:

@@ -26,7 +26,7 @@ import httpx
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.health import TierMonitor
-from services.protocol import AbortRequest, DeltaDecoder, GenerateDelta, GenerateRequest, ModelInfo
+from services.protocol import AbortRequest, DeltaDecoder, GenerateDelta, GenerateRequest
 
 logger = logging.getLogger("bentoml.service.prompt")
 
@@ -154,16 +154,6 @@ class LLMClient:
         body = {"request": AbortRequest(request_ids=request_ids).model_dump()}
         response = await self._http.post("/abort", json=body, timeout=5.0)
         response.raise_for_status()
-
-    async def model_info(self) -> ModelInfo:
-        response = await self._http.post("/model_info", json={}, timeout=5.0)
-        response.raise_for_status()
-        return ModelInfo.model_validate_json(response.content)
-
-    async def load(self) -> dict[str, int]:
-        response = await self._http.post("/load", json={}, timeout=5.0)
-        response.raise_for_status()
-        return response.json()
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:
