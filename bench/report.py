@@ -46,7 +46,7 @@ def compare(runs: dict[str, dict[int, dict]]) -> list[dict]:
     rows = []
     for c in levels:
         figures = {t: summarize(runs[t][c]) for t in TARGETS if c in runs.get(t, {})}
-        row: dict = {"concurrency": c, "figures": {}, "errors": {}, "cpu": {}}
+        row: dict = {"concurrency": c, "figures": {}, "errors": {}, "cpu": {}, "server_metrics": {}}
         for name in next(iter(figures.values())):
             entry = {t: figures[t][name] for t in figures}
             if len(figures) == 2:
@@ -55,6 +55,7 @@ def compare(runs: dict[str, dict[int, dict]]) -> list[dict]:
         for t in figures:
             row["errors"][t] = errors(runs[t][c])
             row["cpu"][t] = runs[t][c]["cpu"]
+            row["server_metrics"][t] = runs[t][c].get("server_metrics", {})
         if len(figures) == 2:
             f = row["figures"]
             row["output_throughput_ratio"] = f["output_throughput"]["ratio"]
@@ -125,6 +126,12 @@ def markdown(rows: list[dict], checks: list[dict], gen: list[dict], title: str) 
     if checks:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['value']:.3f} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    timings = [(r["concurrency"], t, m) for r in rows for t, m in r["server_metrics"].items() if m]
+    if timings:
+        names = sorted({name for _, _, m in timings for name in m})
+        lines += ["", "The servers' own means (ms, from their Prometheus histograms, bench/server_metrics.py):", ""]
+        lines += ["| c | server | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += [f"| {c} | {t} | " + " | ".join(_fmt(m.get(n)) for n in names) + " |" for c, t, m in timings]
     if gen:
         lines += ["", "Load generator CPU (% of one core, busiest process): ", "", "| c | server | processes | mean | peak |", "|---|---|---|---|---|"]
         lines += [f"| {g['concurrency']} | {g['target']} | {g['processes']} | {g['mean_pct_max']:.0f} | {g['peak_pct_max']:.0f} |" for g in gen]

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import json
+
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +136,17 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}")
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Where this server's Prometheus metrics are: vLLM's server has one `/metrics`; the
+        pipeline has the front tier's and LLMService's (engine) on its Unix socket."""
+        urls = {self.name: self.base_url + "/metrics"}
+        if self.name == "pipeline" and self.process is not None:
+            try:
+                urls["LLMService"] = "unix:" + llm_service_socket(self.process.pid)
+            except (RuntimeError, OSError) as error:  # the engine's figures go missing, the run goes on
+                print(f"LLMService's metrics not found: {error}", file=sys.stderr)
+        return urls
+
     def pids(self) -> list[int]:
         """The server's processes (its process group and any descendants)."""
         import psutil
@@ -170,6 +183,23 @@ class Server:
             except psutil.NoSuchProcess:
                 pass
         self.process.wait(timeout=10)
+
+
+def llm_service_socket(server_pid: int) -> str:
+    """LLMService's Unix socket, as BentoML gives it to PromptService's workers (BENTOML_RUNNER_MAP)."""
+    import psutil
+
+    for process in psutil.Process(server_pid).children(recursive=True):
+        try:
+            env = process.environ()
+        except psutil.Error:
+            continue
+        if "BENTOML_RUNNER_MAP" in env:
+            url = json.loads(env["BENTOML_RUNNER_MAP"])["LLMService"]
+            if url.startswith("file://"):
+                return url.removeprefix("file://")
+            raise RuntimeError(f"LLMService is at {url}, not a Unix socket; unset BENTOML_NO_UDS")
+    raise RuntimeError("no PromptService worker with BENTOML_RUNNER_MAP found")
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
+from bench.server_metrics import level_means_ms, scrape  # noqa: E402
 from bench.servers import EngineSettings, make_server  # noqa: E402
 
 
@@ -111,8 +112,11 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
         workload = Workload(
             args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
         )
+        metrics_urls = server.metrics_urls()
+        before = scrape(metrics_urls)
         record = run_load(server.base_url, args.served_name, model, workload, out / "logs" / target, server.pids())
         record["target"] = target
+        record["server_metrics"] = level_means_ms(before, scrape(metrics_urls))
         (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
         f = summarize(record)
         loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]
@@ -120,7 +124,8 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
             f"{target} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
             f"{f['output_throughput']:.1f} out tok/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms, "
             f"ITL p50 {f['itl_p50_ms']:.2f} ms, TPOT p50 {f['tpot_p50_ms']:.2f} ms, "
-            f"{f['tokens_per_chunk']:.2f} tokens/chunk, load generator CPU {loadgen} %, errors {errors(record)}"
+            f"{f['tokens_per_chunk']:.2f} tokens/chunk, load generator CPU {loadgen} %, errors {errors(record)}, "
+            f"server metrics {record['server_metrics']}"
         )
 
 

@@ -154,25 +154,8 @@ async def round_trips(front: str, llm_socket: str, token_ids: list[int], n: int)
         }
 
 
-def llm_socket_of(server_pid: int) -> str:
-    """LLMService's address as BentoML gives it to PromptService's workers (BENTOML_RUNNER_MAP)."""
-    import psutil
-
-    for process in psutil.Process(server_pid).children(recursive=True):
-        try:
-            env = process.environ()
-        except psutil.Error:
-            continue
-        if "BENTOML_RUNNER_MAP" in env:
-            url = json.loads(env["BENTOML_RUNNER_MAP"])["LLMService"]
-            if url.startswith("file://"):
-                return url.removeprefix("file://")
-            raise SystemExit(f"LLMService is at {url}, not a Unix socket; unset BENTOML_NO_UDS")
-    raise SystemExit("no PromptService worker with BENTOML_RUNNER_MAP found")
-
-
 def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path, extra_env: dict[str, str]) -> dict:
-    from bench.servers import Server
+    from bench.servers import Server, llm_service_socket
 
     env = {
         "PIPELINE_MODEL": model,
@@ -189,7 +172,7 @@ def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path
         from services.text.tokenizer import encode, load_tokenizer
 
         token_ids = encode(load_tokenizer(model), "What is the capital of France?", add_special_tokens=False)
-        return asyncio.run(round_trips(server.base_url, llm_socket_of(server.process.pid), token_ids, n))
+        return asyncio.run(round_trips(server.base_url, llm_service_socket(server.process.pid), token_ids, n))
     finally:
         server.stop()  # the whole tree: BentoML's workers run in sessions of their own
 

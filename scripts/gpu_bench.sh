@@ -6,8 +6,9 @@
 #
 #   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]    (phases: llama7b smol tp2 costs; default all)
 #
-# Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md) and model
-# folders made by ../shared/gpu/mkmodel.py in $MODELS (default /tmp/models). Each phase writes
+# Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md), and the model's
+# config + tokenizer in .gpu/model-src (`scripts/gpu_tp_check.py prepare`, carried), from which it
+# makes the dummy-weights folders in $MODELS (default /tmp/models) when they are missing. Each phase writes
 # RESULTS_DIR/<phase>/ (meta.json, runs/*.json, logs/); RESULTS_DIR/progress.log says where it is.
 set -u
 R=${1:?usage: gpu_bench.sh RESULTS_DIR [PHASE ...]}; shift
@@ -20,6 +21,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # nothing outside the machine can be reached: no hub look-ups, no usage reports
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 BENTOML_DO_NOT_TRACK=true
 mkdir -p "$R"
+[ -d "$MODELS/smol" ] && [ -d "$MODELS/llama7b" ] || python3 scripts/gpu_tp_check.py models --dest "$MODELS" || exit 1
 log() { echo "$(date -u +%T) $*" | tee -a "$R/progress.log"; }
 nvidia-smi >"$R/nvidia-smi.txt" 2>&1
 nvidia-smi dmon -s u -d 2 >"$R/gpu-util.txt" 2>&1 &
@@ -35,6 +37,7 @@ for phase in $phases; do
                "${common[@]}" --concurrency 1 4 16 64 --min-prompts 10 --out "$R/llama7b" $EXTRA ;;
     smol)    python3 scripts/bench.py run --devices 0 1 --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 1 16 64 256 --prompts-per-concurrency 2 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
+    # (issue 6's check of tensor parallelism itself, per-tier start and GPU shares: scripts/gpu_tp_check.py)
     # eager, and vLLM's symmetric-memory all-reduce off: no compile pass that fuses GEMMs with
     # collectives through symmetric memory, so nothing can reach for multicast
     tp2)     CUDA_VISIBLE_DEVICES=0,1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 python3 scripts/bench.py run --enforce-eager --model "$MODELS/llama7b" --served-name llama7b \

