@@ -154,7 +154,7 @@ class LLMService:
         if self.engine.errored:
             raise ServiceUnavailable("the engine has stopped; the service is restarting")
         cap = settings.max_engine_requests
-        if cap is not None and self.engine.get_num_unfinished_requests() >= cap:
+        if cap is not None and self._unfinished_requests() >= cap:
             engine_metrics().refused.inc()
             raise BentoMLException(
                 f"the engine holds its limit of {cap} requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
@@ -192,7 +192,11 @@ class LLMService:
     @bentoml.api
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting)."""
-        return {"unfinished_requests": self.engine.get_num_unfinished_requests()}
+        return {"unfinished_requests": self._unfinished_requests()}
+
+    def _unfinished_requests(self) -> int:
+        # through the output processor: AsyncLLM.get_num_unfinished_requests is missing in vLLM 0.26
+        return self.engine.output_processor.get_num_unfinished_requests()
 
     def _check(self, request: GenerateRequest) -> None:
         limit, vocab = self.info.max_model_len, self.info.vocab_size
