@@ -59,18 +59,23 @@ def stop_engine_streams(token: Token) -> int:
 
 
 def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
-    """An HTTP client for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http)."""
+    """An HTTP client for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http).
+
+    One connection per open stream (HTTP/1.1), and no cap on them: a capped pool makes streams
+    beyond the cap, and the tier's readiness checks, queue for a free connection. The limits go
+    to the transport, since httpx ignores a client's `limits` when it is given a transport (its
+    default is 100 connections)."""
     parsed = urlparse(url)
-    transport, base_url = None, url
+    uds, base_url = None, url
     if parsed.scheme == "file":
-        transport, base_url = httpx.AsyncHTTPTransport(uds=parsed.path), "http://llm-service"
+        uds, base_url = parsed.path, "http://llm-service"
     elif parsed.scheme == "tcp":
         base_url = f"http://{parsed.netloc}"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     return httpx.AsyncClient(
         base_url=base_url,
-        transport=transport,
+        transport=httpx.AsyncHTTPTransport(uds=uds, limits=limits),
         timeout=httpx.Timeout(timeout_s, connect=5.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 
 
