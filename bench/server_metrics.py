@@ -18,8 +18,10 @@ HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": "engine_ttft",
     "vllm:request_queue_time_seconds": "engine_queue",
     "vllm:request_prefill_time_seconds": "engine_prefill",
+    "vllm:inter_token_latency_seconds": "engine_itl",
     "pipeline_prompt_processing_seconds": "front_prompt_processing",
     "pipeline_time_to_first_token_seconds": "front_ttft_from_gpu_tier",
+    "pipeline_inter_token_latency_seconds": "front_itl",
 }
 
 
