@@ -10,6 +10,7 @@ it started, and nothing else on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import json
 
 import httpx
 
