@@ -21,7 +21,7 @@ HISTOGRAMS = {
     "vllm:inter_token_latency_seconds": "engine_itl",
     "pipeline_prompt_processing_seconds": "front_prompt_processing",
     "pipeline_time_to_first_token_seconds": "front_ttft_from_gpu_tier",
-    "pipeline_inter_token_latency_seconds": "front_itl",
+    "pipeline_time_per_output_token_seconds": "front_tpot",
 }
 
 

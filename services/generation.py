@@ -124,20 +124,17 @@ class TextGeneration:
         open_choices = set(range(params.n))
         metrics = front_metrics()
         metrics.prompt_tokens.inc(len(token_ids))
-        sent = last = time.perf_counter()
-        completion_tokens = 0
+        sent = first = last = time.perf_counter()
+        completion_tokens = first_tokens = 0
         try:
             async with aclosing(self._chunks(request, decoders, open_choices, options)) as chunks:
                 async for chunk in chunks:
-                    now = time.perf_counter()
-                    new_tokens = len(chunk.token_ids)
-                    if new_tokens:
+                    if chunk.token_ids:
+                        last = time.perf_counter()
                         if completion_tokens == 0:
-                            metrics.time_to_first_token.observe(now - sent)
-                        else:
-                            metrics.inter_token_latency.observe((now - last) / new_tokens)
-                        last = now
-                        completion_tokens += new_tokens
+                            first, first_tokens = last, len(chunk.token_ids)
+                            metrics.time_to_first_token.observe(first - sent)
+                        completion_tokens += len(chunk.token_ids)
                     yield chunk
         except (GeneratorExit, asyncio.CancelledError):
             if open_choices:
@@ -152,6 +149,8 @@ class TextGeneration:
             raise
         finally:
             metrics.completion_tokens.inc(completion_tokens)
+            if completion_tokens > first_tokens:
+                metrics.time_per_output_token.observe((last - first) / (completion_tokens - first_tokens))
         if open_choices:
             metrics.aborted.labels("gpu_tier").inc()
             raise RequestError("the GPU tier's stream ended before the generation finished", status=503)

@@ -81,6 +81,19 @@ class GenerateDelta(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def followed_by(self, later: GenerateDelta) -> GenerateDelta:
+        """This frame and the next one of the same choice as one frame (the counts are cumulative,
+        so the later frame's hold for both; a request's frames all carry logprobs, or none do)."""
+        return GenerateDelta.model_construct(
+            index=self.index,
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=None if self.logprobs is None else self.logprobs + (later.logprobs or []),
+            finish_reason=later.finish_reason,
+            stop_reason=later.stop_reason,
+            prompt_tokens=later.prompt_tokens,
+            completion_tokens=later.completion_tokens,
+        )
+
 
 class ModelInfo(BaseModel):
     """What the front tier needs to know about the engine it talks to."""

@@ -96,7 +96,7 @@ def metric_names(text: str) -> set[str]:
 
 
 def test_metrics_of_both_tiers(pipeline):
-    """Front: requests by endpoint and status, tokens, templating time, TTFT, inter-token latency,
+    """Front: requests by endpoint and status, tokens, templating time, TTFT, time per output token,
     aborts. GPU tier: vLLM's own engine metrics (queue time, running and waiting requests) too."""
     with httpx.Client(base_url=pipeline.url, timeout=60) as http:
         assert http.post("/v1/chat/completions", json=PROBE).status_code == 200
@@ -105,7 +105,7 @@ def test_metrics_of_both_tiers(pipeline):
     names = metric_names(front)
     for name in ("pipeline_prompt_tokens_total", "pipeline_completion_tokens_total",
                  "pipeline_prompt_processing_seconds_count", "pipeline_time_to_first_token_seconds_count",
-                 "pipeline_inter_token_latency_seconds_count", "bentoml_service_request_total",
+                 "pipeline_time_per_output_token_seconds_count", "bentoml_service_request_total",
                  "bentoml_service_request_in_progress"):
         assert name in names, name
     assert 'endpoint="/v1/chat/completions"' in front and 'http_response_code="400"' in front

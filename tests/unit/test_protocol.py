@@ -62,3 +62,28 @@ def test_sampling_params_out_of_range_are_refused(fields):
 def test_request_needs_prompt_tokens():
     with pytest.raises(ValidationError):
         GenerateRequest(request_id="r", token_ids=[], sampling_params=SamplingParams(max_tokens=1))
+
+
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12), with_logprobs=st.booleans(), data=st.data())
+def test_consecutive_frames_of_a_choice_merge_into_one(sizes, with_logprobs, data):
+    """What the front tier does with frames that queued up (services/llm_client.py): however they
+    are grouped, the merged frame holds every token and logprob in order, and the last counts."""
+    frames, produced = [], 0
+    for i, size in enumerate(sizes):
+        produced += size
+        frames.append(GenerateDelta(
+            index=1, token_ids=list(range(produced - size, produced)),
+            logprobs=[TokenLogprobs(logprob=-float(t)) for t in range(produced - size, produced)] if with_logprobs else None,
+            finish_reason="length" if i == len(sizes) - 1 else None, prompt_tokens=7, completion_tokens=produced,
+        ))  # fmt: skip
+    split = data.draw(st.integers(1, len(frames)))
+    head = frames[0]
+    for frame in frames[1:split]:
+        head = head.followed_by(frame)
+    merged = head
+    for frame in frames[split:]:
+        merged = merged.followed_by(frame)
+    assert merged.token_ids == list(range(produced))
+    assert merged.logprobs == ([TokenLogprobs(logprob=-float(t)) for t in range(produced)] if with_logprobs else None)
+    assert (merged.index, merged.finish_reason, merged.prompt_tokens, merged.completion_tokens) == (1, "length", 7, produced)
+    assert head.completion_tokens == sum(sizes[:split]) and head.finish_reason == (None if split < len(frames) else "length")
