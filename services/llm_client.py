@@ -17,12 +17,13 @@ cleanly wherever it is waiting (for the response to start, or for the next frame
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar, Token
 from urllib.parse import urlparse
 
-import httpx
+import aiohttp
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.health import TierMonitor
@@ -66,24 +67,23 @@ def stop_engine_streams(token: Token) -> int:
     return len(left)
 
 
-def http_client(url: str, timeout_s: float) -> httpx.AsyncClient:
-    """An HTTP client for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http).
+def http_session(url: str, timeout_s: float) -> aiohttp.ClientSession:
+    """An HTTP session for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http).
 
-    One connection per open stream (HTTP/1.1), and no cap on them: a capped pool makes streams
-    beyond the cap, and the tier's readiness checks, queue for a free connection. The limits go
-    to the transport, since httpx ignores a client's `limits` when it is given a transport (its
-    default is 100 connections)."""
+    aiohttp, for its C HTTP parser: reading the stream through httpx (pure-Python h11 and a
+    cancel scope per read) was half of a front worker's CPU per token (docs/benchmarks.md). One
+    connection per open stream (HTTP/1.1) and no cap on them (`limit=0`): a capped pool makes
+    streams beyond the cap, and the tier's readiness checks, queue for a free connection."""
     parsed = urlparse(url)
-    uds, base_url = None, url
     if parsed.scheme == "file":
-        uds, base_url = parsed.path, "http://llm-service"
-    elif parsed.scheme == "tcp":
-        base_url = f"http://{parsed.netloc}"
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    return httpx.AsyncClient(
+        connector, base_url = aiohttp.UnixConnector(path=parsed.path, limit=0), "http://llm-service"
+    else:
+        connector = aiohttp.TCPConnector(limit=0)
+        base_url = f"http://{parsed.netloc}" if parsed.scheme == "tcp" else url
+    return aiohttp.ClientSession(
         base_url=base_url,
-        transport=httpx.AsyncHTTPTransport(uds=uds, limits=limits),
-        timeout=httpx.Timeout(timeout_s, connect=5.0),
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s),
     )
 
 
@@ -92,8 +92,14 @@ class LLMClient:
         self.url = url
         self.timeout_s = timeout_s
         self.monitor = monitor
-        self._http = http_client(url, timeout_s + 10)  # the deadline below ends a request first
+        self._session: aiohttp.ClientSession | None = None  # made in the event loop, on first use
         self._background: set[asyncio.Task] = set()
+
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = http_session(self.url, self.timeout_s + 10)  # the deadline ends a request first
+        return self._session
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """The engine's frames for one request; leaving early, or the deadline passing, aborts it
@@ -157,20 +163,20 @@ class LLMClient:
     async def _pump(self, request: GenerateRequest, frames: asyncio.Queue) -> None:
         """Read the GPU tier's stream into `frames`: deltas, then _END or the error that ended it."""
         try:
-            async with self._http.stream("POST", "/generate", json={"request": request.model_dump()}) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    if response.status_code == 503 and self.monitor is not None:
+            async with self._http.post("/generate", json={"request": request.model_dump()}) as response:
+                if response.status != 200:
+                    body = await response.read()
+                    if response.status == 503 and self.monitor is not None:
                         self.monitor.mark_down("it answered 503")
-                    raise _error_from(response)
+                    raise _error_from(response.status, response.headers, body)
                 decoder = DeltaDecoder()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.content.iter_any():
                     for delta in decoder.feed(chunk):
                         await frames.put(delta)
                 if decoder.pending:
                     raise TierUnavailable("the GPU tier's stream ended inside a frame")
             await frames.put(_END)
-        except httpx.TransportError as error:
+        except (aiohttp.ClientError, TimeoutError) as error:  # connection refused, reset, cut, or silent
             if self.monitor is not None:
                 self.monitor.mark_down(f"a call failed: {error!r}")
             await frames.put(TierUnavailable(f"the GPU tier is unreachable: {error!r}"))
@@ -179,18 +185,19 @@ class LLMClient:
 
     async def abort(self, request_ids: list[str]) -> None:
         body = {"request": AbortRequest(request_ids=request_ids).model_dump()}
-        response = await self._http.post("/abort", json=body, timeout=5.0)
-        response.raise_for_status()
+        async with self._http.post("/abort", json=body, timeout=aiohttp.ClientTimeout(total=5.0)) as response:
+            response.raise_for_status()
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:
-            response = await self._http.get("/readyz", timeout=timeout_s)
-        except httpx.HTTPError:
+            async with self._http.get("/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
-        return response.status_code == 200
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _abort_in_background(self, request_id: str) -> None:
         async def abort() -> None:
@@ -204,24 +211,24 @@ class LLMClient:
         task.add_done_callback(self._background.discard)
 
 
-def _error_from(response: httpx.Response) -> RequestError:
+def _error_from(status: int, headers: Mapping[str, str], body: bytes) -> RequestError:
     """The GPU tier's refusal as the front tier's error (its 4xx messages are for the user)."""
-    if response.status_code == 503:
+    if status == 503:
         return TierUnavailable("the GPU tier answered 503: it is not ready")
-    if response.status_code >= 500:
-        return RequestError(f"the GPU tier failed on this request (HTTP {response.status_code}); see its log",
-                            status=502)
-    if response.status_code == 429:
-        retry_after = response.headers.get("Retry-After", "1")
+    if status >= 500:
+        return RequestError(f"the GPU tier failed on this request (HTTP {status}); see its log", status=502)
+    if status == 429:
+        retry_after = headers.get("Retry-After", "1")
         return Overloaded(
             "the GPU tier is at its limit of requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
             retry_after_s=int(retry_after) if retry_after.isdigit() else 1,
         )
+    text = body.decode("utf-8", "replace")
     try:
-        body = response.json()
-        if isinstance(body, list) and body:  # BentoML wraps a BentoMLException's message in a list
-            body = body[0]
-        message = body.get("error") if isinstance(body, dict) else None
+        parsed = json.loads(text)
+        if isinstance(parsed, list) and parsed:  # BentoML wraps a BentoMLException's message in a list
+            parsed = parsed[0]
+        message = parsed.get("error") if isinstance(parsed, dict) else None
     except ValueError:
         message = None
-    return RequestError(message or response.text, status=response.status_code)
+    return RequestError(message or text, status=status)

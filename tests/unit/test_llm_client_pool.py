@@ -1,10 +1,11 @@
-"""The front tier's HTTP client to the GPU tier holds as many streams as it is given.
+"""The front tier's client of the GPU tier holds as many streams as it is given.
 
-A pool capped at httpx's default of 100 connections (what `limits` on a client given its own
-transport silently leaves) made a PromptService worker with more than 100 open streams queue new
-requests and its readiness checks behind them: on the H100 at concurrency 256 the tier was marked
-down and requests waited out their deadline (docs/benchmarks.md). A real server here, on a Unix
-socket as BentoML gives it and on TCP, streams slowly to 150 callers at once.
+A client capped at 100 connections (what httpx's default silently was, beside a transport of our
+own) made a PromptService worker with more than 100 open streams queue new requests and its
+readiness checks behind them: on the H100 at concurrency 256 the tier was marked down and requests
+waited out their deadline (docs/benchmarks.md). A real server here, on a Unix socket as BentoML
+gives it and on TCP, speaks LLMService's contract and streams slowly to 150 callers of the real
+`LLMClient` at once.
 """
 
 from __future__ import annotations
@@ -16,63 +17,72 @@ import time
 import pytest
 import uvicorn
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from services.llm_client import http_client
+from services.llm_client import LLMClient
+from services.protocol import GenerateDelta, GenerateRequest, SamplingParams, encode_frame
 
-STREAMS = 150  # above httpx's default cap of 100 connections
+STREAMS = 150  # above the 100 connections of httpx's and aiohttp's default pools
 
 
-async def _slow_stream(request):
-    async def body():
-        yield b"first\n"
+async def _slow_generate(request):
+    async def frames():
+        yield encode_frame(GenerateDelta(token_ids=[7], prompt_tokens=3, completion_tokens=1))
         await asyncio.sleep(60)
 
-    return StreamingResponse(body())
+    return StreamingResponse(frames(), media_type="application/x-ndjson")
+
+
+async def _abort(request):
+    return JSONResponse(1)
 
 
 async def _ready(request):
     return PlainTextResponse("ok")
 
 
-APP = Starlette(routes=[Route("/generate", _slow_stream, methods=["POST"]), Route("/readyz", _ready)])
+APP = Starlette(routes=[
+    Route("/generate", _slow_generate, methods=["POST"]),
+    Route("/abort", _abort, methods=["POST"]),
+    Route("/readyz", _ready),
+])  # fmt: skip
 
 
-async def _open_streams_then_check(url: str, config: uvicorn.Config) -> tuple[int, float, int]:
+async def _streams_then_readiness(url: str, config: uvicorn.Config) -> tuple[int, float, bool]:
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
-    http = http_client(url, timeout_s=30)
-    started = 0
+    client = LLMClient(url, timeout_s=30)
+    first_frames = 0
 
-    async def stream() -> None:
-        nonlocal started
-        async with http.stream("POST", "/generate") as response:
-            async for _ in response.aiter_bytes():
-                started += 1
-                await asyncio.sleep(60)
+    async def stream(i: int) -> None:
+        nonlocal first_frames
+        request = GenerateRequest(request_id=f"r{i}", token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=8))
+        async for _ in client.generate(request):
+            first_frames += 1
+            await asyncio.sleep(60)
 
-    streams = [asyncio.create_task(stream()) for _ in range(STREAMS)]
+    streams = [asyncio.create_task(stream(i)) for i in range(STREAMS)]
     try:
         deadline = time.monotonic() + 20
-        while started < STREAMS and time.monotonic() < deadline:
+        while first_frames < STREAMS and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         began = time.monotonic()
-        ready = await http.get("/readyz", timeout=2.0)
-        return started, time.monotonic() - began, ready.status_code
+        ready = await client.is_ready(timeout_s=2.0)
+        return first_frames, time.monotonic() - began, ready
     finally:
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-        await http.aclose()
+        await client.close()
         server.should_exit = True
         await serving
 
 
 @pytest.mark.parametrize("scheme", ["file", "tcp"])
-def test_more_streams_than_httpx_default_cap_and_readiness_still_answers(scheme, tmp_path):
+def test_more_streams_than_a_default_pool_and_readiness_still_answers(scheme, tmp_path):
     if scheme == "file":
         path = str(tmp_path / "llm.sock")
         url, config = f"file://{path}", uvicorn.Config(APP, uds=path, log_level="warning")
@@ -81,6 +91,6 @@ def test_more_streams_than_httpx_default_cap_and_readiness_still_answers(scheme,
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         url, config = f"tcp://127.0.0.1:{port}", uvicorn.Config(APP, host="127.0.0.1", port=port, log_level="warning")
-    started, check_s, status = asyncio.run(_open_streams_then_check(url, config))
-    assert started == STREAMS, f"only {started} of {STREAMS} streams got their first frame"
-    assert status == 200 and check_s < 1.0, f"readiness answered {status} after {check_s:.2f} s beside {STREAMS} streams"
+    first_frames, check_s, ready = asyncio.run(_streams_then_readiness(url, config))
+    assert first_frames == STREAMS, f"only {first_frames} of {STREAMS} streams got their first frame"
+    assert ready and check_s < 1.0, f"readiness answered {ready} after {check_s:.2f} s beside {STREAMS} streams"
