@@ -71,7 +71,7 @@ def http_session(url: str, timeout_s: float) -> aiohttp.ClientSession:
     """An HTTP session for a BentoML dependency URL (a Unix socket `file://...`, `tcp://`, or http).
 
     aiohttp, for its C HTTP parser: reading the stream through httpx (pure-Python h11 and a
-    cancel scope per read) was half of a front worker's CPU per token (docs/benchmarks.md). One
+    cancel scope per read) took a quarter to half of a front worker's CPU (docs/benchmarks.md). One
     connection per open stream (HTTP/1.1) and no cap on them (`limit=0`): a capped pool makes
     streams beyond the cap, and the tier's readiness checks, queue for a free connection."""
     parsed = urlparse(url)
