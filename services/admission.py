@@ -57,26 +57,38 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         generation = path in GENERATION_PATHS and scope["method"] == "POST"
+        holds_slot = False
         try:
-            declared = _content_length(scope)
-            if declared is not None and declared > self.max_body_bytes:
-                raise self._too_large(declared)
-            if generation:
-                if self.tier is not None:
-                    self.tier.require()
-                if self.max_inflight is not None and self.inflight >= self.max_inflight:
-                    raise Overloaded(
-                        f"this server is at its limit of {self.max_inflight} requests in flight per worker "
-                        f"(PIPELINE_MAX_INFLIGHT_REQUESTS); try again in {self.retry_after_s} s",
-                        retry_after_s=self.retry_after_s,
-                    )
-            body = await self._read_body(receive) if scope["method"] in ("POST", "PUT", "PATCH") else b""
-        except RequestError as error:
-            await _respond(scope, receive, send, error)
-            return
-        except _Disconnected:
-            return
+            try:
+                declared = _content_length(scope)
+                if declared is not None and declared > self.max_body_bytes:
+                    raise self._too_large(declared)
+                if generation:
+                    if self.tier is not None:
+                        self.tier.require()
+                    if self.max_inflight is not None and self.inflight >= self.max_inflight:
+                        raise Overloaded(
+                            f"this server is at its limit of {self.max_inflight} requests in flight per worker "
+                            f"(PIPELINE_MAX_INFLIGHT_REQUESTS); try again in {self.retry_after_s} s",
+                            retry_after_s=self.retry_after_s,
+                        )
+                    # Taken before the body is read: with the check and the count apart, requests
+                    # whose bodies were still arriving all passed the check together.
+                    self.inflight += 1
+                    holds_slot = True
+                body = await self._read_body(receive) if scope["method"] in ("POST", "PUT", "PATCH") else b""
+            except RequestError as error:
+                await _respond(scope, receive, send, error)
+                return
+            except _Disconnected:
+                return
+            await self._forward(scope, receive, send, body)
+        finally:
+            if holds_slot:
+                self.inflight -= 1
 
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Run the app with the body already read, tracking the engine streams the request opens."""
         replayed = False
 
         async def replay() -> Message:
@@ -89,17 +101,13 @@ class AdmissionMiddleware:
         box: list[RequestError] = []
         token = _refusals.set(box)
         streams = track_engine_streams()
-        if generation:
-            self.inflight += 1
         try:
             await self.app(scope, replay if scope["method"] in ("POST", "PUT", "PATCH") else receive,
                            self._restoring_send(scope, send, box))
         finally:
-            if generation:
-                self.inflight -= 1
             left = stop_engine_streams(streams)
             if left:
-                logger.info("%s ended with %d engine stream(s) still open (client gone): aborted", path, left)
+                logger.info("%s ended with %d engine stream(s) still open (client gone): aborted", scope["path"], left)
             _refusals.reset(token)
 
     async def _read_body(self, receive: Receive) -> bytes:
