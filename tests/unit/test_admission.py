@@ -1,0 +1,56 @@
+"""The front door's cap on requests in flight holds when many arrive at once.
+
+The slot used to be counted only after the body was read, so requests whose bodies were still
+arriving all passed the check together (a CI run saw the engine hold 5 requests against a front
+cap of 4). Here the real middleware gets 10 requests whose bodies arrive late, against a cap of 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.admission import AdmissionMiddleware
+
+CAP = 4
+
+
+def test_requests_whose_bodies_are_still_arriving_cannot_pass_the_cap_together():
+    running = {"now": 0, "peak": 0}
+    release = asyncio.Event()
+
+    async def generation_app(scope, receive, send):
+        await receive()
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        await release.wait()  # a stream that lasts until the test ends it
+        running["now"] -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    admission = AdmissionMiddleware(generation_app, max_body_bytes=4096, max_inflight=CAP, tier=None)
+
+    async def one_request() -> int:
+        async def receive():
+            await asyncio.sleep(0.05)  # the body comes in a later packet
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        status = []
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": []}
+        await admission(scope, receive, send)
+        return status[0]
+
+    async def main() -> list[int]:
+        requests = [asyncio.create_task(one_request()) for _ in range(10)]
+        await asyncio.sleep(0.5)
+        release.set()
+        return await asyncio.gather(*requests)
+
+    statuses = asyncio.run(main())
+    assert sorted(statuses) == [200] * CAP + [429] * (10 - CAP)
+    assert running["peak"] == CAP
+    assert admission.inflight == 0
