@@ -10,7 +10,6 @@ sent. CPU time, not wall time, so a busy machine distorts it little.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 from pathlib import Path
@@ -18,15 +17,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.servers import Server
+from bench.servers import Server, free_port
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def drive(base_url: str, worker: psutil.Process, lines: int, streams: int) -> dict:

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
-
-REPO = Path(__file__).resolve().parent.parent
-FRONT_PORT, GPU_TIER_PORT = 3100, 3101
+from bench.servers import Server, free_port
 
 
 def main() -> None:
@@ -36,32 +31,37 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--interval-ms", type=float, default=2.0, help="the stand-in GPU tier's time between tokens")
     parser.add_argument("--profile", help="write a py-spy profile (raw format) of the worker here")
-    parser.add_argument("--out", default="/tmp/front-cost", help="load generator logs")
+    parser.add_argument("--out", default="/tmp/front-cost", help="servers' and load generator's logs")
     args = parser.parse_args()
     model = str(Path(args.model).resolve())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "PIPELINE_MODEL": model,
-           "PIPELINE_SERVED_MODEL_NAME": "m", "PIPELINE_PROMPT_WORKERS": "1", "PIPELINE_MAX_MODEL_LEN": "4096"}  # fmt: skip
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu_tier = subprocess.Popen(
-        [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(GPU_TIER_PORT), "--interval-ms", str(args.interval_ms)],
-        cwd=REPO, env=env, start_new_session=True,
+    gpu_port, front_port = free_port(), free_port()
+    gpu_tier = Server(
+        "paced-gpu-tier",
+        [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(gpu_port), "--interval-ms", str(args.interval_ms)],
+        {}, gpu_port, "/readyz", out / "gpu-tier.log",
     )  # fmt: skip
-    front = subprocess.Popen(
+    front = Server(
+        "PromptService",
         [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", ".", "--service-name", "PromptService",
-         "--host", "127.0.0.1", "--port", str(FRONT_PORT), "--depends", f"LLMService=http://127.0.0.1:{GPU_TIER_PORT}"],
-        cwd=REPO, env=env, stdout=(out / "front.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+         "--host", "127.0.0.1", "--port", str(front_port), "--depends", f"LLMService=http://127.0.0.1:{gpu_port}"],
+        {"PIPELINE_MODEL": model, "PIPELINE_SERVED_MODEL_NAME": "m", "PIPELINE_PROMPT_WORKERS": "1",
+         "PIPELINE_MAX_MODEL_LEN": "4096"},
+        front_port, "/readyz", out / "front.log",
     )  # fmt: skip
     try:
-        wait_ready(f"http://127.0.0.1:{FRONT_PORT}/readyz", front, timeout_s=180)
-        worker = next(p for p in psutil.Process(front.pid).children(recursive=True) if "_bentoml_impl.worker" in " ".join(p.cmdline()))
+        gpu_tier.start()
+        gpu_tier.wait_ready(60)
+        front.start()
+        front.wait_ready(180)
+        worker = next(psutil.Process(pid) for pid in front.pids() if "_bentoml_impl.worker" in " ".join(psutil.Process(pid).cmdline()))
         profiler = None
         if args.profile:
             profiler = subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "-d", "25", "-r", "200", "-f", "raw",
                                          "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         before = worker.cpu_times()
         workload = Workload(512, 256, args.concurrency, 4 * args.concurrency)
-        record = run_load(f"http://127.0.0.1:{FRONT_PORT}", "m", model, workload, out / "load", [front.pid, worker.pid])
+        record = run_load(front.base_url, "m", model, workload, out / "load", front.pids())
         after = worker.cpu_times()
         figures = summarize(record)
         tokens = sum(n for n, e in zip(record["requests"]["output_len"], record["requests"]["error"]) if not e)
@@ -76,30 +76,8 @@ def main() -> None:
         if profiler:
             profiler.wait()
     finally:
-        for process in (front, gpu_tier):
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for process in (front, gpu_tier):
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"PromptService exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"PromptService not ready after {timeout_s} s")
+        front.stop()
+        gpu_tier.stop()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,14 +21,12 @@ import psutil
 
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
-from bench.servers import EngineSettings, make_server
+from bench.servers import EngineSettings, free_port, make_server
 
 
 def main() -> None:
     model, config = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = EngineSettings(model=str(Path(model).resolve()), served_name="m", max_model_len=2048,
                               load_format="dummy", enforce_eager=True, cpu=True, cpu_kvcache_gib=1)  # fmt: skip
     out = Path(f"/tmp/tier-cost-{'config' if config else 'default'}")

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -27,13 +26,7 @@ from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
 from bench.server_metrics import level_means_ms, scrape  # noqa: E402
-from bench.servers import EngineSettings, make_server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.servers import EngineSettings, free_port, make_server  # noqa: E402
 
 
 def clients_for(concurrency: int, per_client: int) -> int:
