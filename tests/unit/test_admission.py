@@ -46,7 +46,11 @@ def test_requests_whose_bodies_are_still_arriving_cannot_pass_the_cap_together()
 
     async def main() -> list[int]:
         requests = [asyncio.create_task(one_request()) for _ in range(10)]
-        await asyncio.sleep(0.5)
+        # every request either runs or was refused before the running ones are let finish
+        deadline = asyncio.get_running_loop().time() + 10
+        while running["now"] + sum(task.done() for task in requests) < 10:
+            assert asyncio.get_running_loop().time() < deadline, "requests neither ran nor were refused"
+            await asyncio.sleep(0.01)
         release.set()
         return await asyncio.gather(*requests)
 
