@@ -14,6 +14,7 @@ set -u
 R=${1:?usage: gpu_bench.sh RESULTS_DIR [PHASE ...]}; shift
 phases=${*:-llama7b smol tp2 costs}
 MODELS=${MODELS:-/tmp/models}
+DEVICES=${DEVICES:-0 1}  # GPUs of the first and the second server (bench.py run --devices)
 EXTRA=${BENCH_EXTRA:-}  # appended to every run (a CPU dry run: "--cpu --concurrency 1 --output-len 8 ...")
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 # NVLink multicast stays off (the lent machines' rule: it can take a shared host's GPUs down).
@@ -31,12 +32,12 @@ common=(--load-format dummy --max-model-len 4096 --input-len 512 --output-len 25
 for phase in $phases; do
   log "phase $phase starts"
   case $phase in
-    # vLLM's server on GPU 0 and the pipeline on GPU 1 start together (start-up takes minutes),
-    # then each is measured alone while the other idles
-    llama7b) python3 scripts/bench.py run --devices 0 1 --model "$MODELS/llama7b" --served-name llama7b \
+    # The pipeline first, on GPU 0; vLLM's server on GPU 1 (run 2 had them the other way round:
+    # DEVICES="1 0" restores that, to tell the GPUs' placement from the servers).
+    llama7b) python3 scripts/bench.py run --targets pipeline vllm --devices $DEVICES --model "$MODELS/llama7b" --served-name llama7b \
                "${common[@]}" --concurrency 1 4 16 64 --min-prompts 10 --out "$R/llama7b" $EXTRA ;;
-    smol)    python3 scripts/bench.py run --devices 0 1 --model "$MODELS/smol" --served-name smol \
-               "${common[@]}" --concurrency 1 16 64 256 --prompts-per-concurrency 2 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
+    smol)    python3 scripts/bench.py run --targets pipeline vllm --devices $DEVICES --model "$MODELS/smol" --served-name smol \
+               "${common[@]}" --concurrency 1 4 16 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
     # (issue 6's check of tensor parallelism itself, per-tier start and GPU shares: scripts/gpu_tp_check.py)
     # eager, and vLLM's symmetric-memory all-reduce off: no compile pass that fuses GEMMs with
     # collectives through symmetric memory, so nothing can reach for multicast

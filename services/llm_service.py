@@ -160,10 +160,13 @@ class LLMService:
                 f"the engine holds its limit of {cap} requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
                 error_code=HTTPStatus.TOO_MANY_REQUESTS,
             )
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs.engine import tokens_input
 
+        # An engine input (what vLLM's own server hands over after its renderer), not a raw
+        # TokensPrompt: newer vLLM sends raw prompts through a thread pool for preprocessing, a
+        # thread hop on every request's way to its first token.
         stream = self.engine.generate(
-            TokensPrompt(prompt_token_ids=request.token_ids),
+            tokens_input(request.token_ids),
             vllm_sampling_params(request),
             request_id=request.request_id,
         )
