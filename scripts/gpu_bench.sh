@@ -14,7 +14,10 @@ set -u
 R=${1:?usage: gpu_bench.sh RESULTS_DIR [PHASE ...]}; shift
 phases=${*:-llama7b smol tp2 costs}
 MODELS=${MODELS:-/tmp/models}
-DEVICES=${DEVICES:-0 1}  # GPUs of the first and the second server (bench.py run --devices)
+# With two GPUs the two servers start together, each on its own GPU (bench.py run --devices), and
+# are measured one at a time; with one GPU (DEVICES="") each starts, is measured and stops in turn.
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+DEVICES=${DEVICES-$([ "$gpus" -ge 2 ] && echo "0 1")}
 EXTRA=${BENCH_EXTRA:-}  # appended to every run (a CPU dry run: "--cpu --concurrency 1 --output-len 8 ...")
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 # NVLink multicast stays off (the lent machines' rule: it can take a shared host's GPUs down).
@@ -24,7 +27,7 @@ export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 BENTOML_DO_NOT_TRAC
 mkdir -p "$R"
 [ -d "$MODELS/smol" ] && [ -d "$MODELS/llama7b" ] || python3 scripts/gpu_tp_check.py models --dest "$MODELS" || exit 1
 log() { echo "$(date -u +%T) $*" | tee -a "$R/progress.log"; }
-nvidia-smi >"$R/nvidia-smi.txt" 2>&1
+nvidia-smi >"$R/nvidia-smi.txt" 2>&1; lscpu >"$R/lscpu.txt" 2>&1
 nvidia-smi dmon -s u -d 2 >"$R/gpu-util.txt" 2>&1 &
 dmon=$!
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -32,11 +35,10 @@ common=(--load-format dummy --max-model-len 4096 --input-len 512 --output-len 25
 for phase in $phases; do
   log "phase $phase starts"
   case $phase in
-    # The pipeline first, on GPU 0; vLLM's server on GPU 1 (run 2 had them the other way round:
-    # DEVICES="1 0" restores that, to tell the GPUs' placement from the servers).
-    llama7b) python3 scripts/bench.py run --targets pipeline vllm --devices $DEVICES --model "$MODELS/llama7b" --served-name llama7b \
+    # The pipeline first (on GPU 0 with two GPUs; run 2 had it on GPU 1: DEVICES="1 0").
+    llama7b) python3 scripts/bench.py run --targets pipeline vllm ${DEVICES:+--devices $DEVICES} --model "$MODELS/llama7b" --served-name llama7b \
                "${common[@]}" --concurrency 1 4 16 64 --min-prompts 10 --out "$R/llama7b" $EXTRA ;;
-    smol)    python3 scripts/bench.py run --targets pipeline vllm --devices $DEVICES --model "$MODELS/smol" --served-name smol \
+    smol)    python3 scripts/bench.py run --targets pipeline vllm ${DEVICES:+--devices $DEVICES} --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 1 4 16 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
     # (issue 6's check of tensor parallelism itself, per-tier start and GPU shares: scripts/gpu_tp_check.py)
     # eager, and vLLM's symmetric-memory all-reduce off: no compile pass that fuses GEMMs with
