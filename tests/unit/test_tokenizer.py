@@ -1,8 +1,6 @@
 """Tokenization and the limits the front tier enforces."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from services.errors import RequestError
 from services.text.tokenizer import check_context_length, check_token_ids, encode
@@ -14,24 +12,6 @@ def test_fast_tokenizer_matches_the_tokenizers_library(tokenizer, model_path):
     raw = Tokenizer.from_file(f"{model_path}/tokenizer.json")
     text = "Héllo 世界 🎉 done"
     assert encode(tokenizer, text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
-
-
-PIECES = ["a", "b", " ", "é", "世界", "🎉", "\n", "\t", "<|", "|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    pieces=st.lists(st.sampled_from(PIECES), max_size=40),
-    random_ids=st.lists(st.integers(0, 49151), max_size=60),
-    add_special_tokens=st.booleans(),
-)
-def test_encode_gives_the_ids_of_transformers_encode(tokenizer, pieces, random_ids, add_special_tokens):
-    """The Rust tokenizer straight (what `encode` calls) and transformers' own `encode` agree:
-    on text with special tokens written in it, and on the text of random ids (the benchmarks' prompts)."""
-    for text in ("".join(pieces), tokenizer.decode(random_ids)):
-        assert encode(tokenizer, text, add_special_tokens=add_special_tokens) == tokenizer.encode(
-            text, add_special_tokens=add_special_tokens
-        )
 
 
 def test_rendered_chat_prompt_keeps_its_special_tokens(tokenizer):
