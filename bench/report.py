@@ -75,10 +75,11 @@ def check_targets(rows: list[dict], gpu: bool, small_model: bool) -> list[dict]:
         c = r["concurrency"]
         checks.append({"target": f"output throughput >= 98% of vLLM at c={c}", "value": r["output_throughput_ratio"],
                        "met": r["output_throughput_ratio"] >= 0.98})  # fmt: skip
-        checks.append({"target": f"ITL p50 within 3% of vLLM at c={c}", "value": r["itl_p50_ratio"],
-                       "met": abs(r["itl_p50_ratio"] - 1) <= 0.03})  # fmt: skip
+        # a lower ITL than vLLM's is no cost: the target bounds the pipeline's excess
+        checks.append({"target": f"ITL p50 at most 3% above vLLM at c={c} (ratio)", "value": r["itl_p50_ratio"],
+                       "met": r["itl_p50_ratio"] <= 1.03})  # fmt: skip
         if gpu and c == 1:
-            checks.append({"target": "TTFT p50 at most 5 ms above vLLM at c=1", "value": r["ttft_p50_delta_ms"],
+            checks.append({"target": "TTFT p50 at most 5 ms above vLLM at c=1 (ms above)", "value": r["ttft_p50_delta_ms"],
                            "met": r["ttft_p50_delta_ms"] <= 5})  # fmt: skip
         if gpu and small_model and c == 256:
             checks.append({"target": "output throughput > 1.2x vLLM at c=256 (small model)",
