@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU benchmarks (issue 5) and the tensor-parallel run (issue 6) in one go, on a lent machine
-# with two GPUs: vLLM's own OpenAI server and the pipeline, measured one after the other, the same
-# model, engine settings and client (scripts/bench.py), each on its own GPU; then the pipeline with
-# tensor_parallel_size=2 over both GPUs (eager mode, see below). Dummy weights of the Llama-2-7B and SmolLM2-135M shapes.
+# The GPU benchmarks (issue 5) and the tensor-parallel run (issue 6) in one go, on a lent GPU
+# machine: the pipeline and vLLM's own OpenAI server, measured one after the other, with the same
+# model, engine settings and client (scripts/bench.py). With two GPUs each server gets its own
+# (both start together; start-up takes minutes); with one they take turns on it. Then the pipeline
+# with tensor_parallel_size=2 over two GPUs (eager mode, see below). Dummy weights of the
+# Llama-2-7B and SmolLM2-135M shapes.
 #
 #   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]    (phases: llama7b smol tp2 costs; default all)
 #
