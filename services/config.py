@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         "services/text/chat_templates/ (llama2, plain), or a path to a Jinja template file.",
     )
     default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none (the seed's MAX_TOKENS).")
+    generation_config: Literal["auto", "vllm"] = Field(
+        "auto",
+        description="`auto`: sampling fields an OpenAI request leaves unset take the model's generation_config.json "
+        "values (temperature, top_p, top_k, min_p, repetition_penalty), as `vllm serve` does; `vllm`: vLLM's defaults.",
+    )
     request_timeout_s: float = Field(
         300, gt=0, description="Deadline of one request from the moment its prompt goes to the GPU tier; when it passes, "
         "the engine request is aborted and the client gets a 504 (or an error event in a started stream)."

@@ -67,6 +67,7 @@ def vllm_sampling_params(request: GenerateRequest):
         **request.sampling_params.model_dump(),
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        skip_clone=True,  # made fresh for each request, as vLLM's server marks its own: no deep copy (~40 us)
     )
 
 

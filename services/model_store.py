@@ -32,3 +32,20 @@ def resolve_model_path(model: str) -> str:
         )
     resolved = reference.resolve()
     return resolved if isinstance(resolved, str) else resolved.path
+
+
+# The sampling fields `vllm serve` takes from a model's generation_config.json as request defaults
+# (ModelConfig.get_diff_sampling_param, `--generation-config auto`).
+GENERATION_SAMPLING_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+
+
+def sampling_defaults(model_path: str) -> dict[str, float | int]:
+    """The model's own sampling defaults: the fields above that its generation_config.json sets to
+    something other than transformers' defaults, as vLLM reads them. Empty without the file."""
+    from transformers import GenerationConfig
+
+    try:
+        values = GenerationConfig.from_pretrained(model_path).to_diff_dict()
+    except OSError:  # no generation_config.json
+        return {}
+    return {name: values[name] for name in GENERATION_SAMPLING_DEFAULTS if values.get(name) is not None}

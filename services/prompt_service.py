@@ -23,7 +23,7 @@ from services.generation import TextGeneration, TextOptions
 from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.metrics import front_metrics
-from services.model_store import model_reference
+from services.model_store import model_reference, sampling_defaults
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
 from services.security import ApiKeyMiddleware
@@ -90,7 +90,13 @@ class PromptService:
             vocab_size=int(settings.hf_config["vocab_size"]),
             default_max_tokens=settings.default_max_tokens,
         )
-        openai_app.state.serving = OpenAIServing(self.generation, model_name=settings.model_name, model_root=settings.model)
+        model_defaults = sampling_defaults(settings.model_path) if settings.generation_config == "auto" else {}
+        if model_defaults:
+            logger.info("OpenAI requests default to the model's generation_config.json: %s "
+                        "(PIPELINE_GENERATION_CONFIG=vllm for vLLM's defaults)", model_defaults)  # fmt: skip
+        openai_app.state.serving = OpenAIServing(
+            self.generation, model_name=settings.model_name, model_root=settings.model, sampling_defaults=model_defaults
+        )
 
     @bentoml.on_startup
     async def watch_gpu_tier(self) -> None:

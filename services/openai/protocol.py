@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
@@ -212,18 +213,24 @@ class SamplingFields(RequestModel):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def sampling_fields(self) -> dict[str, Any]:
-        """Sampling parameters for the GPU tier, with vLLM's defaults for what is unset."""
+    def sampling_fields(self, model_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Sampling parameters for the GPU tier. What the request leaves unset takes the model's
+        default (its generation_config.json, as `vllm serve` applies it), else vLLM's."""
+        defaults = model_defaults or {}
+
+        def chosen(value: Any, name: str, default: Any) -> Any:
+            return defaults.get(name, default) if value is None else value
+
         return {
             "n": self.n if self.n is not None else 1,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": 0 if self.top_k is None else self.top_k,
-            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "temperature": chosen(self.temperature, "temperature", 1.0),
+            "top_p": chosen(self.top_p, "top_p", 1.0),
+            "top_k": chosen(self.top_k, "top_k", 0),
+            "min_p": chosen(self.min_p, "min_p", 0.0),
             "seed": self.seed,
             "presence_penalty": 0.0 if self.presence_penalty is None else self.presence_penalty,
             "frequency_penalty": 0.0 if self.frequency_penalty is None else self.frequency_penalty,
-            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "repetition_penalty": chosen(self.repetition_penalty, "repetition_penalty", 1.0),
             "stop_token_ids": list(self.stop_token_ids or []),
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,

@@ -131,10 +131,19 @@ async def merged(sources: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int
 class OpenAIServing:
     """One per PromptService worker, around that worker's `TextGeneration`."""
 
-    def __init__(self, generation: TextGeneration, *, model_name: str, model_root: str | None = None) -> None:
+    def __init__(
+        self,
+        generation: TextGeneration,
+        *,
+        model_name: str,
+        model_root: str | None = None,
+        sampling_defaults: dict[str, Any] | None = None,
+    ) -> None:
         self.generation = generation
         self.model_name = model_name
         self.model_root = model_root
+        # what a request leaves unset: the model's generation_config.json first (services/model_store.py)
+        self.sampling_defaults = sampling_defaults or {}
         self.strings = TokenStrings(generation.tokenizer)
 
     # --- shared checks -----------------------------------------------------------------------
@@ -233,7 +242,7 @@ class OpenAIServing:
         params = self.generation.sampling_params(
             len(ids),
             self.max_tokens(len(ids), requested, param),
-            **request.sampling_fields(),
+            **request.sampling_fields(self.sampling_defaults),
             logprobs=request.top_logprobs if request.logprobs else None,
         )
         role = "assistant" if request.add_generation_prompt else (messages[-1]["role"] if messages else "assistant")
@@ -384,7 +393,7 @@ class OpenAIServing:
         for ids, _ in prompts:
             max_tokens = 1 if echo_only else self.max_tokens(len(ids), request.max_tokens, "max_tokens")
             params = self.generation.sampling_params(
-                len(ids), max_tokens, **request.sampling_fields(), logprobs=request.logprobs
+                len(ids), max_tokens, **request.sampling_fields(self.sampling_defaults), logprobs=request.logprobs
             )
             sources.append(self.generation.stream(ids, params, self.options(request)))
         response_id = f"cmpl-{request_id or request.request_id}"
