@@ -11,7 +11,6 @@ gives it and on TCP, speaks LLMService's contract and streams slowly to 150 call
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from bench.servers import free_port
 from services.llm_client import LLMClient
 from services.protocol import GenerateDelta, GenerateRequest, SamplingParams, encode_frame
 
@@ -87,9 +87,7 @@ def test_more_streams_than_a_default_pool_and_readiness_still_answers(scheme, tm
         path = str(tmp_path / "llm.sock")
         url, config = f"file://{path}", uvicorn.Config(APP, uds=path, log_level="warning")
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url, config = f"tcp://127.0.0.1:{port}", uvicorn.Config(APP, host="127.0.0.1", port=port, log_level="warning")
     first_frames, check_s, ready = asyncio.run(_streams_then_readiness(url, config))
     assert first_frames == STREAMS, f"only {first_frames} of {STREAMS} streams got their first frame"
