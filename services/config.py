@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -71,9 +72,17 @@ class Settings(BaseSettings):
 
     # --- fail-safety: limits, admission, access (docs/operations.md) ----------------------------
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body the front tier reads (413 above).")
-    max_inflight_requests: int | None = Field(
-        256, ge=1, description="Generation requests one PromptService worker holds at once (running or waiting); "
-        "beyond it new ones get 429 with Retry-After. Unset means no cap."
+    max_inflight_sequences: int | None = Field(
+        256, ge=1, description="Engine sequences one PromptService worker holds at once (each request charges its "
+        "prompts x n until its last byte is sent); beyond it new requests get 429 with Retry-After. Unset means no cap."
+    )
+    max_sequences_per_request: int = Field(
+        256, ge=1, description="Most engine sequences (prompts x n) one request may start; a request asking for more "
+        "is refused with 400."
+    )
+    max_streams_per_request: int = Field(
+        32, ge=1, description="GPU-tier streams one request keeps open at once (one per prompt of a batched "
+        "/v1/completions request); further prompts wait for a stream to end."
     )
     max_engine_requests: int | None = Field(
         1024, ge=1, description="Requests the engine holds at once (running plus queued); beyond it LLMService "
@@ -93,6 +102,29 @@ class Settings(BaseSettings):
         default_factory=list, repr=False, description="Bearer tokens the front door accepts (comma-separated in the environment); "
         "empty means no authentication. Health and metrics endpoints are exempt."
     )
+
+    internal_token: SecretStr = Field(
+        repr=False, description="The shared secret the front tier sends LLMService (`Authorization: Bearer ...`); "
+        "LLMService refuses every call without it (401) except health and metrics. Unset: `bentoml serve` makes "
+        "one for its run; tiers started separately (one container per tier) must be given the same value.",
+    )
+
+    @field_validator("internal_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("PIPELINE_INTERNAL_TOKEN must be at least 16 characters long")
+        return value
+
+    @model_validator(mode="after")
+    def _request_fits_budget(self) -> Settings:
+        budget = self.max_inflight_sequences
+        if budget is not None and self.max_sequences_per_request > budget:
+            raise ValueError(
+                f"PIPELINE_MAX_SEQUENCES_PER_REQUEST ({self.max_sequences_per_request}) exceeds "
+                f"PIPELINE_MAX_INFLIGHT_SEQUENCES ({budget}): such a request could never be admitted"
+            )
+        return self
 
     @field_validator("prompt_workers", mode="before")
     @classmethod
@@ -133,6 +165,15 @@ class Settings(BaseSettings):
         return int(own)
 
 
+def _share_internal_token() -> None:
+    """Make a token for this run when none is configured. Set in the environment, so that the
+    worker processes `bentoml serve` starts from this one (it copies its environment to them)
+    all hold the same token."""
+    if not os.environ.get("PIPELINE_INTERNAL_TOKEN"):
+        os.environ["PIPELINE_INTERNAL_TOKEN"] = secrets.token_urlsafe(32)
+
+
+_share_internal_token()
 settings = Settings()
 
 

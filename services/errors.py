@@ -7,6 +7,7 @@ tier carry `retry_after_s`, sent as the `Retry-After` header (docs/operations.md
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 
@@ -43,12 +44,21 @@ class DeadlineExceeded(RequestError):
         super().__init__(message, status=504)
 
 
-def error_body(path: str, error: RequestError) -> Any:
-    """The error body a route at `path` gives: OpenAI's shape under /v1, BentoML's elsewhere."""
-    if path.startswith("/v1/"):
-        from services.openai.serving import error_response
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize")
+OPENAI_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
-        return error_response(error).model_dump()
+
+def openai_error(error: RequestError) -> dict[str, Any]:
+    """OpenAI's (and vLLM's) error body."""
+    kind = OPENAI_ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.status}}
+
+
+def error_body(path: str, error: RequestError) -> Any:
+    """The error body a route at `path` gives: OpenAI's shape on the OpenAI app's routes, BentoML's
+    elsewhere, so a refusal from a middleware (401, 413, 429, 503) looks like the route's own 400."""
+    if path.startswith(OPENAI_PATHS):
+        return openai_error(error)
     return {"error": error.message}
 
 

@@ -8,7 +8,6 @@ through it, so templating, limits, detokenization and stop strings behave the sa
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -16,10 +15,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.errors import DeadlineExceeded, RequestError
+from services.errors import RequestError
+from services.inflight import InflightRequest
 from services.llm_client import LLMClient
 from services.metrics import front_metrics
-from services.protocol import FinishReason, GenerateRequest, SamplingParams, TokenLogprobs
+from services.protocol import FinishReason, GenerateRequest, ModelInfo, SamplingParams, TokenLogprobs
 from services.text.detokenizer import IncrementalDetokenizer
 from services.text.templates import ChatFormatter
 from services.text.tokenizer import check_context_length, check_token_ids, encode
@@ -65,6 +65,21 @@ class TextGeneration:
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.default_max_tokens = default_max_tokens
+        self.eos_stop_token_ids: list[int] = []  # EOS ids the engine would not stop on by itself
+
+    def use_engine(self, info: ModelInfo) -> None:
+        """Take the engine's own limits (it derives its context length from the setting, rope
+        scaling and sliding windows) once the GPU tier is ready, so the tiers cannot disagree; and
+        when the engine, which has no tokenizer, does not know the tokenizer's EOS (it reads only
+        generation_config.json), ask it to stop there too."""
+        self.context_length = info.max_model_len
+        self.vocab_size = info.vocab_size
+        eos = self.tokenizer.eos_token_id
+        self.eos_stop_token_ids = [eos] if eos is not None and eos not in info.eos_token_ids else []
+
+    def admit(self, sequences: int) -> None:
+        """Charge the current request the engine sequences it is about to start (services/inflight.py)."""
+        InflightRequest.current().admit(sequences)
 
     # --- prompts -> token ids ----------------------------------------------------------------
 
@@ -100,6 +115,9 @@ class TextGeneration:
         check_context_length(prompt_tokens, max_tokens, self.context_length)
         if fields.get("stop_token_ids"):
             check_token_ids(fields["stop_token_ids"], self.vocab_size, param="stop_token_ids")
+        if self.eos_stop_token_ids and not fields.get("ignore_eos"):
+            given = fields.get("stop_token_ids") or []
+            fields["stop_token_ids"] = [*given, *(eos for eos in self.eos_stop_token_ids if eos not in given)]
         try:
             return SamplingParams(max_tokens=max_tokens, **fields)
         except ValueError as error:
@@ -118,6 +136,7 @@ class TextGeneration:
                 stop=options.stop,
                 include_stop_str_in_output=options.include_stop_str_in_output,
                 skip_special_tokens=options.skip_special_tokens,
+                min_tokens=params.min_tokens,
             )
             for _ in range(params.n)
         ]
@@ -136,30 +155,16 @@ class TextGeneration:
                             metrics.time_to_first_token.observe(first - sent)
                         completion_tokens += len(chunk.token_ids)
                     yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            if open_choices:
-                metrics.aborted.labels("client_left").inc()
-            raise
-        except DeadlineExceeded:
-            metrics.aborted.labels("deadline").inc()
-            raise
-        except RequestError as error:
-            if error.status >= 500:
-                metrics.aborted.labels("gpu_tier").inc()
-            raise
         finally:
             metrics.completion_tokens.inc(completion_tokens)
             if completion_tokens > first_tokens:
                 metrics.time_per_output_token.observe((last - first) / (completion_tokens - first_tokens))
-        if open_choices:
-            metrics.aborted.labels("gpu_tier").inc()
-            raise RequestError("the GPU tier's stream ended before the generation finished", status=503)
 
     async def _chunks(
         self, request: GenerateRequest, decoders: list[IncrementalDetokenizer], open_choices: set[int],
         options: TextOptions,
     ) -> AsyncIterator[TextChunk]:
-        async with aclosing(self.llm.generate(request)) as deltas:
+        async with aclosing(InflightRequest.current().stream(self.llm, request)) as deltas:
             async for delta in deltas:
                 if delta.index not in open_choices:
                     continue  # a choice already ended by a stop string

@@ -5,18 +5,37 @@ check bounded by a short timeout) and marks the tier down at once when a call to
 it is down, generation requests are refused with 503 and `Retry-After` before any work is done,
 and PromptService's own /readyz says not ready; the next successful check brings it back. So a
 dead, restarting or hung GPU tier costs a client one quick 503, never a long timeout.
+
+Each time the tier becomes ready, `on_ready` runs first (PromptService learns the engine's limits
+there, over an authenticated call); if it fails, the tier stays down with its reason. A check that
+fails because this process is out of sockets or memory says nothing about the tier: the state is
+kept as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from services.errors import TierUnavailable
+from services.errors import RequestError, TierUnavailable
 
 logger = logging.getLogger("bentoml.service.prompt")
+
+# errnos that say this process ran out of something, not that the GPU tier is unwell
+LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+
+
+def is_local_exhaustion(error: BaseException | None) -> bool:
+    """True when a failed call failed on this side (out of file descriptors, buffers, ports)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in LOCAL_EXHAUSTION:
+            return True
+        error, seen = getattr(error, "os_error", None) or error.__cause__, seen + 1
+    return False
 
 
 class TierMonitor:
@@ -28,11 +47,13 @@ class TierMonitor:
         self.reason = "not checked yet"
         self.since = time.monotonic()
         self._check: Callable[[], Awaitable[bool]] | None = None
+        self._on_ready: Callable[[], Awaitable[None]] | None = None
         self._task: asyncio.Task | None = None
 
-    def watch(self, check: Callable[[], Awaitable[bool]]) -> None:
-        """Start polling `check` (a bounded readiness call) in the running event loop."""
-        self._check = check
+    def watch(self, check: Callable[[], Awaitable[bool]], on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start polling `check` (a bounded readiness call) in the running event loop; `on_ready`
+        runs each time the tier comes up, before it is marked ready."""
+        self._check, self._on_ready = check, on_ready
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
@@ -55,15 +76,26 @@ class TierMonitor:
                 retry_after_s=self.retry_after_s,
             )
 
+    async def check_now(self) -> None:
+        """One readiness check (the poll loop runs this every `interval_s`)."""
+        try:
+            ready = await self._check() if self._check else False
+            if ready and not self.ready and self._on_ready is not None:
+                await self._on_ready()
+            self._set(ready, "ready" if ready else "its /readyz does not answer 200")
+        except asyncio.CancelledError:
+            raise
+        except RequestError as error:
+            self._set(False, error.message)
+        except Exception as error:  # a check must never end the loop
+            if is_local_exhaustion(error):
+                logger.error("GPU tier check failed on this worker's side, state kept: %r", error)
+            else:
+                self._set(False, f"readiness check failed: {error!r}")
+
     async def _poll(self) -> None:
         while True:
-            try:
-                ready = await self._check() if self._check else False
-                self._set(ready, "ready" if ready else "its /readyz does not answer 200")
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # a check must never end the loop
-                self._set(False, f"readiness check failed: {error!r}")
+            await self.check_now()
             await asyncio.sleep(self.interval_s)
 
     def _set(self, ready: bool, reason: str) -> None:

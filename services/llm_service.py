@@ -2,32 +2,94 @@
 
 No tokenizer and no text: the engine is built with `skip_tokenizer_init=True`, takes a
 `GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames. It checks what it receives
-even though the front tier checked first, because anything that can reach it may call it.
+even though the front tier checked first.
+
+Who may call it: only holders of the internal token, with JSON bodies (services/security.py);
+health and metrics are open. Each HTTP call owns the engine requests it started: when the call
+ends before they finish (the front tier closed the connection: its client left, a stop string
+matched, a deadline passed), they are aborted here, on the replica that runs them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextvars import ContextVar
 from http import HTTPStatus
-from collections.abc import AsyncGenerator
 
 import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from services.config import Settings, is_cpu_build, settings, stream_tracing
+from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
+from services.errors import RequestError
 from services.metrics import engine_metrics
 from services.model_store import model_reference
 from services.protocol import (
-    AbortRequest,
     GenerateDelta,
     GenerateRequest,
     ModelInfo,
     TokenLogprobs,
     encode_frame,
 )
+from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
 
 logger = logging.getLogger("bentoml.service.llm")
+
+# The largest body a call may carry: a prompt of a million token ids is about 7 MB of JSON.
+MAX_BODY_BYTES = 64 * 2**20
+
+# The engine requests the current HTTP call started and that have not finished, with how to abort them.
+_call_requests: ContextVar[dict[str, Callable[[list[str]], Awaitable[None]]] | None] = ContextVar(
+    "call_requests", default=None
+)
+
+
+def own_engine_request(request_id: str, abort: Callable[[list[str]], Awaitable[None]]) -> None:
+    """The current call started this engine request: abort it if the call ends first."""
+    started = _call_requests.get()
+    if started is not None:
+        started[request_id] = abort
+
+
+def release_engine_request(request_id: str) -> None:
+    """The engine request finished (or never started): nothing to abort."""
+    started = _call_requests.get()
+    if started is not None:
+        started.pop(request_id, None)
+
+
+class EngineRequestsPerCall:
+    """ASGI middleware: the engine requests an HTTP call started live no longer than the call.
+
+    The call runs until its client leaves (services/connection.py); when it ends, whatever engine
+    request it started and that has not finished is aborted: no second call is needed, and the
+    abort happens on the replica that runs the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            body = await read_body(scope, receive, MAX_BODY_BYTES)
+        except ClientLeft:
+            return
+        except BodyTooLarge:
+            return await refuse(scope, receive, send, RequestError(f"the body is over {MAX_BODY_BYTES} bytes", status=413))
+        started: dict[str, Callable[[list[str]], Awaitable[None]]] = {}
+        token = _call_requests.set(started)
+        try:
+            await run_until_client_leaves(self.app, scope, body, receive, send)
+        finally:
+            _call_requests.reset(token)
+            for request_id, abort in list(started.items()):
+                engine_metrics().aborted.inc()
+                await abort([request_id])
 
 
 def engine_args(config: Settings):
@@ -129,10 +191,12 @@ class LLMService:
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=UsageContext.OPENAI_API_SERVER)
         model_config = self.engine.model_config
+        eos = model_config.try_get_generation_config().get("eos_token_id")
         self.info = ModelInfo(
             model=settings.model_name,
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
+            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         )
         engine_metrics()  # created now, so they read 0 rather than being absent until first used
         logger.info("engine ready: %s", self.info)
@@ -145,7 +209,7 @@ class LLMService:
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:
-        """The served model's name, context length and vocabulary size."""
+        """The served model's name, context length, vocabulary size and EOS ids."""
         return self.info
 
     @bentoml.api
@@ -173,25 +237,15 @@ class LLMService:
         )
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
-        finished = False
+        own_engine_request(request.request_id, self.engine.abort)
         try:
             async for output in stream:
-                finished = output.finished
+                if output.finished:
+                    release_engine_request(request.request_id)
                 yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
         except ValueError as error:  # vLLM's own input checks, raised before the first output
+            release_engine_request(request.request_id)
             raise InvalidArgument(str(error)) from error
-        finally:
-            if not finished:
-                engine_metrics().aborted.inc()
-            # Leaving early (the caller went away, or was cancelled) closes the engine stream,
-            # which aborts the request in vLLM; a finished request is unaffected.
-            await stream.aclose()
-
-    @bentoml.api
-    async def abort(self, request: AbortRequest) -> int:
-        """Abort engine requests by id; returns how many ids were given."""
-        await self.engine.abort(request.request_ids)
-        return len(request.request_ids)
 
     @bentoml.api
     async def load(self) -> dict[str, int]:
@@ -216,3 +270,10 @@ class LLMService:
         bad_stop = [token for token in request.sampling_params.stop_token_ids if not 0 <= token < vocab]
         if bad_stop:
             raise InvalidArgument(f"stop_token_ids must be in [0, {vocab}); got {bad_stop[:5]}")
+
+
+# Outermost first: who is calling (401), what they send (415), then the call's engine requests.
+LLMService.add_asgi_middleware(BearerAuthMiddleware, keys=[settings.internal_token.get_secret_value()],
+                               what="the internal token (PIPELINE_INTERNAL_TOKEN)")
+LLMService.add_asgi_middleware(JsonOnlyMiddleware)
+LLMService.add_asgi_middleware(EngineRequestsPerCall)

@@ -15,25 +15,25 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import Field
 
-from services.admission import AdmissionMiddleware, note_refusal
+from services.admission import AdmissionMiddleware
 from services.config import settings, stream_tracing
 from services.errors import RequestError
-from services.health import TierMonitor
 from services.generation import TextGeneration, TextOptions
+from services.health import TierMonitor
+from services.inflight import InflightRequest, SequenceBudget
 from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.metrics import front_metrics
 from services.model_store import model_reference, sampling_defaults
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
-from services.security import ApiKeyMiddleware
+from services.security import BearerAuthMiddleware
 from services.text.templates import ChatFormatter, load_chat_template
 from services.text.tokenizer import load_tokenizer
 
 logger = logging.getLogger("bentoml.service.prompt")
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
-GENERATE_ERROR_MARKER = "\n[error "  # starts the last line of a /generate stream stopped by an error
 
 
 def _one_of(schema: dict) -> None:
@@ -53,7 +53,7 @@ def as_bentoml_error(error: RequestError) -> BentoMLException:
         return InvalidArgument(error.message)
     from http import HTTPStatus
 
-    note_refusal(error)
+    InflightRequest.current().note_refusal(error)
     return BentoMLException(error.message, error_code=HTTPStatus(error.status))
 
 
@@ -79,9 +79,13 @@ class PromptService:
 
     def __init__(self) -> None:
         front_metrics()  # created now, so they read 0 rather than being absent until first used
+        self.engine_info = None
         tokenizer = load_tokenizer(settings.model_path)
         template = load_chat_template(settings.chat_template, tokenizer.chat_template)
-        self.llm_client = LLMClient(self.llm.to_async.url, timeout_s=settings.request_timeout_s, monitor=gpu_tier)
+        self.llm_client = LLMClient(
+            self.llm.to_async.url, token=settings.internal_token.get_secret_value(),
+            timeout_s=settings.request_timeout_s, monitor=gpu_tier,
+        )
         self.generation = TextGeneration(
             tokenizer=tokenizer,
             formatter=ChatFormatter(tokenizer, template),
@@ -100,7 +104,15 @@ class PromptService:
 
     @bentoml.on_startup
     async def watch_gpu_tier(self) -> None:
-        gpu_tier.watch(self.llm_client.is_ready)
+        gpu_tier.watch(self.llm_client.is_ready, on_ready=self.learn_engine)
+
+    async def learn_engine(self) -> None:
+        """Each time the GPU tier comes up: its engine's limits and EOS ids (services/generation.py)."""
+        info = await self.llm_client.model_info()
+        if info != self.engine_info:
+            logger.info("GPU tier serves %s", info)
+            self.engine_info = info
+        self.generation.use_engine(info)
 
     async def __is_ready__(self) -> bool:
         return gpu_tier.ready
@@ -135,7 +147,8 @@ class PromptService:
 
         `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
         their defaults are vLLM's. Errors before the first chunk are HTTP 4xx/5xx with the reason;
-        an error after it ends the text with a line `[error <status>: <reason>]`.
+        an error after it cuts the stream short (no final chunk), so clients raise instead of taking
+        the text as complete.
         """
         started = False
         try:
@@ -158,6 +171,7 @@ class PromptService:
                 min_tokens=min_tokens,
                 ignore_eos=ignore_eos,
             )
+            self.generation.admit(params.n)
             options = TextOptions(
                 stop=[stop] if isinstance(stop, str) else (stop or []),
                 include_stop_str_in_output=include_stop_str_in_output,
@@ -170,20 +184,22 @@ class PromptService:
         except RequestError as error:
             if not started:
                 raise as_bentoml_error(error) from error
-            # The status line is sent and plain text has no error frame, and BentoML would end the
-            # body as if complete: the last line says why the text stops (docs/operations.md).
-            logger.warning("/generate stopped after it started: %s", error.message)
-            yield f"{GENERATE_ERROR_MARKER}{error.status}: {error.message}]\n"
+            # The status line is sent and plain text has no error frame: the admission middleware
+            # ends the response without its last chunk (docs/operations.md).
+            InflightRequest.current().break_response(error)
 
 
 # The front door, outermost first: API keys (when configured), then admission (body size, GPU tier
-# readiness, requests in flight). BentoML's request metrics wrap both, so refusals are counted.
+# readiness, each request's life). BentoML's request metrics wrap both, so refusals are counted.
 if settings.api_keys:
-    PromptService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    PromptService.add_asgi_middleware(BearerAuthMiddleware, keys=settings.api_keys)
 PromptService.add_asgi_middleware(
     AdmissionMiddleware,
     max_body_bytes=settings.max_body_bytes,
-    max_inflight=settings.max_inflight_requests,
+    budget=SequenceBudget(settings.max_inflight_sequences, per_request=settings.max_sequences_per_request,
+                          retry_after_s=settings.retry_after_s),
     tier=gpu_tier,
+    timeout_s=settings.request_timeout_s,
+    max_streams_per_request=settings.max_streams_per_request,
     retry_after_s=settings.retry_after_s,
 )

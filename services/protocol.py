@@ -96,15 +96,14 @@ class GenerateDelta(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """What the front tier needs to know about the engine it talks to."""
+    """What the front tier needs to know about the engine it talks to: its limits as the engine
+    derived them (the setting, rope scaling, sliding windows), and the token ids it ends a
+    generation on by itself (generation_config.json's EOS ids)."""
 
     model: str
     max_model_len: int
     vocab_size: int
-
-
-class AbortRequest(BaseModel):
-    request_ids: list[str] = Field(min_length=1, max_length=1024)
+    eos_token_ids: list[int] = Field(default_factory=list)
 
 
 # --- framing -----------------------------------------------------------------------------------

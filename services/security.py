@@ -1,8 +1,14 @@
-"""Optional API keys on the front door: `Authorization: Bearer <key>`, compared in constant time.
+"""Who may call each tier, decided before anything of the request is read.
 
-With no keys configured (`PIPELINE_API_KEYS` empty, the default) the middleware is not installed.
-Health and metrics endpoints stay open, so probes and Prometheus need no key. LLMService has no
-keys of its own: it must only be reachable inside the deployment (docs/operations.md).
+- The front door (PromptService) takes optional API keys: `Authorization: Bearer <key>`
+  (`PIPELINE_API_KEYS`; with none configured the check is not installed).
+- The GPU tier (LLMService) takes calls only from the front tier: every call carries the shared
+  secret `PIPELINE_INTERNAL_TOKEN` as its Bearer token, and every request body must be JSON.
+  BentoML would otherwise accept a pickled body on any service but the entry one and unpickle it
+  (run code) before any route sees it (docs/operations.md, "Threat model").
+
+Keys are compared in constant time. Health and metrics paths stay open on both tiers, so probes
+and Prometheus need no secret; they read nothing from the request.
 """
 
 from __future__ import annotations
@@ -27,27 +33,62 @@ def key_matches(given: str, keys: Sequence[bytes]) -> bool:
     return matched
 
 
-class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: Sequence[str]) -> None:
+def bearer_token(scope: Scope) -> str:
+    scheme, _, token = header(scope, b"authorization").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class BearerAuthMiddleware:
+    """401 unless the request carries one of `keys` as its Bearer token (open paths exempt)."""
+
+    def __init__(self, app: ASGIApp, *, keys: Sequence[str], what: str = "a valid API key") -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.what = what
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        scheme, _, token = _header(scope, b"authorization").partition(" ")
-        if scheme.lower() == "bearer" and token and key_matches(token.strip(), self.keys):
+        token = bearer_token(scope)
+        if token and key_matches(token, self.keys):
             return await self.app(scope, receive, send)
-        error = RequestError(
-            "a valid API key is required: send it as `Authorization: Bearer <key>`", status=401
-        )
-        response = JSONResponse(error_body(scope["path"], error), status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+        error = RequestError(f"{self.what} is required: send it as `Authorization: Bearer <key>`", status=401)
+        await refuse(scope, receive, send, error, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _header(scope: Scope, name: bytes) -> str:
+class JsonOnlyMiddleware:
+    """415 for a request body that is not `application/json`, before BentoML reads it (its
+    serializers include pickle, which runs code while loading)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            media_type = header(scope, b"content-type").split(";")[0].strip().lower()
+            if media_type != "application/json":
+                error = RequestError(
+                    f"this service takes only `Content-Type: application/json` bodies; got {media_type or 'none'!r}",
+                    status=415,
+                )
+                return await refuse(scope, receive, send, error)
+        await self.app(scope, receive, send)
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, error: RequestError,
+                 headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse(error_body(scope["path"], error), status_code=error.status, headers=headers)
+    await response(scope, receive, send)
+
+
+def header(scope: Scope, name: bytes) -> str:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return value.decode("latin-1")
     return ""
+
+
+def internal_auth_header(token: str) -> dict[str, str]:
+    """The header the front tier sends with every call to the GPU tier."""
+    return {"Authorization": f"Bearer {token}"}
+

@@ -12,9 +12,7 @@ The app reaches the worker's handler through `app.state.serving`, set by PromptS
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Annotated, Any, Union
 
@@ -122,33 +120,6 @@ async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def with_cancellation(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Stop the handler when the client disconnects (vLLM's decorator of the same name): for a
-    non-streamed request the generation is cancelled, which aborts it on the GPU tier."""
-
-    @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        raw_request: Request = kwargs["raw_request"]
-        work = asyncio.create_task(handler(*args, **kwargs))
-        watch = asyncio.create_task(_disconnected(raw_request))
-        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            return JSONResponse({}, status_code=499)  # nobody is there to read it
-        watch.cancel()
-        return work.result()
-
-    return wrapper
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 def respond(result: Any) -> Any:
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream")
@@ -165,7 +136,6 @@ def respond(result: Any) -> Any:
     summary="Chat completion (OpenAI / vLLM compatible)",
     tags=["OpenAI"],
 )
-@with_cancellation
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
     result = await serving(raw_request).chat(request, raw_request.headers.get("X-Request-Id"))
     return respond(result)
@@ -178,7 +148,6 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     summary="Text completion (OpenAI / vLLM compatible)",
     tags=["OpenAI"],
 )
-@with_cancellation
 async def create_completion(request: CompletionRequest, raw_request: Request):
     result = await serving(raw_request).completion(request, raw_request.headers.get("X-Request-Id"))
     return respond(result)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
-from services.errors import RequestError
+from services.errors import RequestError, openai_error
 from services.generation import TextChunk, TextGeneration, TextOptions
 from services.openai.logprobs import LogprobsBuilder, TokenStrings
 from services.openai.protocol import (
@@ -40,7 +39,6 @@ from services.openai.protocol import (
     DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -53,18 +51,8 @@ from services.openai.protocol import (
 
 T = TypeVar("T")
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
-
-
 def error_response(error: RequestError) -> ErrorResponse:
-    return ErrorResponse(
-        error=ErrorInfo(
-            message=error.message,
-            type=ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase,
-            param=error.param,
-            code=error.status,
-        )
-    )
+    return ErrorResponse.model_validate(openai_error(error))
 
 
 def sse(data: str) -> str:
@@ -245,6 +233,7 @@ class OpenAIServing:
             **request.sampling_fields(self.sampling_defaults),
             logprobs=request.top_logprobs if request.logprobs else None,
         )
+        self.generation.admit(params.n)
         role = "assistant" if request.add_generation_prompt else (messages[-1]["role"] if messages else "assistant")
         echo = ""
         if request.echo and messages and messages[-1]["role"] == role:
@@ -389,6 +378,7 @@ class OpenAIServing:
                 ids = self.generation.token_prompt(prompt, param="prompt")
                 prompts.append((ids, self.generation.tokenizer.decode(ids) if request.echo else ""))
         echo_only = bool(request.echo) and request.max_tokens == 0
+        self.generation.admit(len(prompts) * (request.n or 1))
         sources = []
         for ids, _ in prompts:
             max_tokens = 1 if echo_only else self.max_tokens(len(ids), request.max_tokens, "max_tokens")

@@ -3,7 +3,9 @@
 `tokenizers`' DecodeStream does the incremental decoding: it returns nothing until a character
 that spans several tokens (a multi-byte UTF-8 sequence, byte-fallback tokens) is complete. On top
 of it this module holds back just enough text to recognise a stop string that may still be
-forming, and cuts the output before it (or after it, with `include_stop_str_in_output`).
+forming, and cuts the output before it (or after it, with `include_stop_str_in_output`). As in
+vLLM, a stop string counts only once more than `min_tokens` tokens are out, and only where it
+ends in the text of the tokens after the first `min_tokens`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
@@ -38,6 +41,10 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._text = ""  # everything decoded so far
         self._sent = 0  # how much of it has been returned
+        self._min_tokens = min_tokens
+        # A stop string must end past this much text: the text of the first `min_tokens` tokens
+        # (unknown, so no stop string counts, until then).
+        self._stop_after: int | None = 0 if min_tokens == 0 else None
         self.stop_reason: str | None = None  # the stop string that ended the text, if one did
 
     @property
@@ -70,6 +77,8 @@ class IncrementalDetokenizer:
         chunk = self._stream.step(self._tokenizer, list(token_ids))
         if chunk:
             self._text += chunk
+        if self._stop_after is None and len(self._ids) >= self._min_tokens:
+            self._stop_after = len(self._text)
         return self._release(final=False)
 
     def finish(self) -> str:
@@ -85,9 +94,12 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, *, final: bool) -> str:
-        if self._stop:
+        if self._stop and self._stop_after is not None and len(self._ids) > self._min_tokens:
             # Text already returned cannot hold a stop string: it was checked with the hold-back.
-            found = [(i, s) for s in self._stop if (i := self._text.find(s, self._sent)) != -1]
+            found = [
+                (i, s) for s in self._stop
+                if (i := self._text.find(s, max(self._sent, self._stop_after - len(s) + 1))) != -1
+            ]
             if found:
                 position, stop = min(found)
                 self.stop_reason = stop

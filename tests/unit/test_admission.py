@@ -1,8 +1,9 @@
-"""The front door's cap on requests in flight holds when many arrive at once.
+"""The front door's budget of sequences in flight holds when many requests arrive at once.
 
 The slot used to be counted only after the body was read, so requests whose bodies were still
 arriving all passed the check together (a CI run saw the engine hold 5 requests against a front
-cap of 4). Here the real middleware gets 10 requests whose bodies arrive late, against a cap of 4.
+cap of 4). Now the route charges its sequences in one step (check and take, no await between):
+here the real middleware gets 10 requests whose bodies arrive late, against a budget of 4.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from services.admission import AdmissionMiddleware
+from services.errors import RequestError
+from services.inflight import InflightRequest, SequenceBudget
 
 CAP = 4
 
@@ -20,6 +23,12 @@ def test_requests_whose_bodies_are_still_arriving_cannot_pass_the_cap_together()
 
     async def generation_app(scope, receive, send):
         await receive()
+        try:
+            InflightRequest.current().admit(1)
+        except RequestError as error:
+            await send({"type": "http.response.start", "status": error.status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         running["now"] += 1
         running["peak"] = max(running["peak"], running["now"])
         await release.wait()  # a stream that lasts until the test ends it
@@ -27,10 +36,18 @@ def test_requests_whose_bodies_are_still_arriving_cannot_pass_the_cap_together()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
 
-    admission = AdmissionMiddleware(generation_app, max_body_bytes=4096, max_inflight=CAP, tier=None)
+    budget = SequenceBudget(CAP, per_request=CAP)
+    admission = AdmissionMiddleware(generation_app, max_body_bytes=4096, budget=budget, tier=None,
+                                    timeout_s=30, max_streams_per_request=1)
 
     async def one_request() -> int:
+        body_sent = False
+
         async def receive():
+            nonlocal body_sent
+            if body_sent:
+                await asyncio.sleep(3600)  # the client stays until the response is complete
+            body_sent = True
             await asyncio.sleep(0.05)  # the body comes in a later packet
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
@@ -57,4 +74,4 @@ def test_requests_whose_bodies_are_still_arriving_cannot_pass_the_cap_together()
     statuses = asyncio.run(main())
     assert sorted(statuses) == [200] * CAP + [429] * (10 - CAP)
     assert running["peak"] == CAP
-    assert admission.inflight == 0
+    assert budget.in_use == 0

@@ -16,7 +16,7 @@ import time
 import pytest
 import uvicorn
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from bench.servers import free_port
@@ -34,17 +34,12 @@ async def _slow_generate(request):
     return StreamingResponse(frames(), media_type="application/x-ndjson")
 
 
-async def _abort(request):
-    return JSONResponse(1)
-
-
 async def _ready(request):
     return PlainTextResponse("ok")
 
 
 APP = Starlette(routes=[
     Route("/generate", _slow_generate, methods=["POST"]),
-    Route("/abort", _abort, methods=["POST"]),
     Route("/readyz", _ready),
 ])  # fmt: skip
 
@@ -54,13 +49,14 @@ async def _streams_then_readiness(url: str, config: uvicorn.Config) -> tuple[int
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
-    client = LLMClient(url, timeout_s=30)
+    client = LLMClient(url, token="test-token-0123456789", timeout_s=30)
     first_frames = 0
 
     async def stream(i: int) -> None:
         nonlocal first_frames
         request = GenerateRequest(request_id=f"r{i}", token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=8))
-        async for _ in client.generate(request):
+        deadline = asyncio.get_running_loop().time() + 30
+        async for _ in client.generate(request, deadline=deadline, timeout_s=30):
             first_frames += 1
             await asyncio.sleep(60)
 

@@ -1,0 +1,133 @@
+"""A stand-in GPU tier for hermetic tests: LLMService's contract and its real door, no engine.
+
+It wears LLMService's own middlewares (internal token, JSON only, engine requests owned by their
+call), so what the front tier meets here is what it meets in production, except the engine. What
+a `/generate` call does is chosen by the prompt's first token id (`Behaviour`); the fake records
+which requests ran, which it saw aborted, and how many streams were open at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from services.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
+from services.protocol import GenerateDelta, GenerateRequest, ModelInfo, encode_frame
+from services.security import BearerAuthMiddleware, JsonOnlyMiddleware
+
+TOKEN = "fake-internal-token-0123456789"
+VOCAB = 49152
+CONTEXT = 2048
+
+
+class Behaviour(IntEnum):
+    """The first prompt token id picks what the fake does."""
+
+    PACED = 1  # one token every 10 ms until max_tokens, then finish "length"
+    SLOW = 2  # one token a second
+    FAIL = 3  # HTTP 500
+    CUT = 4  # two tokens, then the stream ends without a finish
+    BUSY = 5  # HTTP 429 (the engine at its cap)
+    INVALID = 6  # HTTP 400 with a message
+
+
+@dataclass
+class FakeGpuTier:
+    ready: bool = True
+    eos_token_ids: list[int] = field(default_factory=lambda: [2])  # SmolLM2's <|im_end|>
+    started: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    open_streams: int = 0
+    peak_streams: int = 0
+
+    def app(self) -> Starlette:
+        async def readyz(_: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok" if self.ready else "no", status_code=200 if self.ready else 503)
+
+        async def model_info(_: Request) -> JSONResponse:
+            info = ModelInfo(model="fake", max_model_len=CONTEXT, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
+            return JSONResponse(info.model_dump())
+
+        async def load(_: Request) -> JSONResponse:
+            return JSONResponse({"unfinished_requests": self.open_streams})
+
+        async def generate(request: Request):
+            generation = GenerateRequest.model_validate((await request.json())["request"])
+            behaviour = generation.token_ids[0]
+            if behaviour == Behaviour.FAIL:
+                return JSONResponse({"error": "boom"}, status_code=500)
+            if behaviour == Behaviour.BUSY:
+                return JSONResponse({"error": "busy"}, status_code=429, headers={"Retry-After": "3"})
+            if behaviour == Behaviour.INVALID:
+                return JSONResponse(["the engine refused this"], status_code=400)
+            self.started.append(generation.request_id)
+            own_engine_request(generation.request_id, self._abort)
+            return StreamingResponse(self._frames(generation, behaviour), media_type="application/x-ndjson")
+
+        app = Starlette(routes=[
+            Route("/readyz", readyz), Route("/model_info", model_info, methods=["POST"]),
+            Route("/load", load, methods=["POST"]), Route("/generate", generate, methods=["POST"]),
+        ])
+        app.add_middleware(EngineRequestsPerCall)
+        app.add_middleware(JsonOnlyMiddleware)
+        app.add_middleware(BearerAuthMiddleware, keys=[TOKEN], what="the internal token")
+        return app
+
+    async def _abort(self, request_ids: list[str]) -> None:
+        self.aborted.extend(request_ids)
+
+    async def _frames(self, generation: GenerateRequest, behaviour: int):
+        n, max_tokens = generation.sampling_params.n, generation.sampling_params.max_tokens
+        self.open_streams += 1
+        self.peak_streams = max(self.peak_streams, self.open_streams)
+        try:
+            for step in range(1, max_tokens + 1):
+                await asyncio.sleep(1.0 if behaviour == Behaviour.SLOW else 0.01)
+                if behaviour == Behaviour.CUT and step > 2:
+                    return
+                last = step == max_tokens
+                for index in range(n):
+                    yield encode_frame(GenerateDelta(
+                        index=index, token_ids=[100 + step], finish_reason="length" if last else None,
+                        prompt_tokens=len(generation.token_ids), completion_tokens=step,
+                    ))
+            release_engine_request(generation.request_id)
+        finally:
+            self.open_streams -= 1
+
+
+class Server:
+    """A uvicorn server for an ASGI app on a free loopback port, in a thread of its own."""
+
+    def __init__(self, app) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            threading.Event().wait(0.01)
+        raise TimeoutError("the test server did not start in 5 s")
+
+    def __exit__(self, *_) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
