@@ -2,7 +2,7 @@
 
 On a machine without a GPU the CPU engine makes tens of tokens a second, far too few to load
 PromptService the way an H100 does. This server speaks LLMService's contract
-(services/protocol.py: `/generate` streams `GenerateDelta` frames, `/abort`, `/readyz`) and emits
+(services/protocol.py: `/generate` streams `GenerateDelta` frames, `/model_info`, `/readyz`) and emits
 one token per choice every `--interval-ms`, so PromptService, started on its own with
 `--depends LLMService=http://127.0.0.1:PORT`, sees the token rates of a GPU. For profiling only;
 the tests and the benchmarks against vLLM use the real engine.
@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from services.protocol import GenerateDelta, GenerateRequest, encode_frame
+from services.protocol import GenerateDelta, GenerateRequest, ModelInfo, encode_frame
 
 
-def make_app(interval_s: float, vocab_size: int) -> Starlette:
+def make_app(interval_s: float, vocab_size: int, max_model_len: int = 8192) -> Starlette:
     async def generate(request: Request) -> StreamingResponse:
         generation = GenerateRequest.model_validate((await request.json())["request"])
         prompt_tokens, max_tokens = len(generation.token_ids), generation.sampling_params.max_tokens
@@ -45,8 +45,8 @@ def make_app(interval_s: float, vocab_size: int) -> Starlette:
 
         return StreamingResponse(frames(), media_type="application/x-ndjson")
 
-    async def abort(request: Request) -> JSONResponse:
-        return JSONResponse(len((await request.json())["request"]["request_ids"]))
+    async def model_info(request: Request) -> JSONResponse:
+        return JSONResponse(ModelInfo(model="paced", max_model_len=max_model_len, vocab_size=vocab_size).model_dump())
 
     async def ready(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
@@ -54,7 +54,7 @@ def make_app(interval_s: float, vocab_size: int) -> Starlette:
     return Starlette(
         routes=[
             Route("/generate", generate, methods=["POST"]),
-            Route("/abort", abort, methods=["POST"]),
+            Route("/model_info", model_info, methods=["POST"]),
             Route("/readyz", ready),
             Route("/livez", ready),
         ]

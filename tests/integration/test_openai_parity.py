@@ -112,6 +112,7 @@ COMPLETION_CASES = {
     "short": {"prompt": "The capital of France is"},
     "unicode": {"prompt": "Le café ☕ et les croissants 🥐 sont", "max_tokens": 24},
     "stop string": {"prompt": "1, 2, 3, 4,", "stop": [" 7"], "max_tokens": 32},
+    "stop string after min_tokens": {"prompt": "1, 2, 3, 4,", "stop": [","], "min_tokens": 4, "max_tokens": 32},
     "length": {"prompt": "Once upon a time", "max_tokens": 5},
     "token ids": {"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 10},
     "two prompts and echo": {"prompt": ["The sky is", "Water boils at"], "echo": True, "max_tokens": 12},

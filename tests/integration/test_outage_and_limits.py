@@ -21,7 +21,7 @@ from tiers import Tier, start_tier
 
 KEY = "test-key-2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-FRONT_CAP = 4       # PIPELINE_MAX_INFLIGHT_REQUESTS (one front worker)
+FRONT_CAP = 4       # PIPELINE_MAX_INFLIGHT_SEQUENCES (one front worker; these requests start one each)
 ENGINE_CAP = 6      # PIPELINE_MAX_ENGINE_REQUESTS
 DEADLINE_S = 30     # PIPELINE_REQUEST_TIMEOUT_S
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -48,7 +48,8 @@ def tiers(tmp_path_factory):
     try:
         front = start_tier("PromptService", log=logs / "prompt.log", depends={"LLMService": llm.url},
                            env={**common, "PIPELINE_API_KEYS": f"test-key-1,{KEY}",
-                                "PIPELINE_MAX_INFLIGHT_REQUESTS": str(FRONT_CAP),
+                                "PIPELINE_MAX_INFLIGHT_SEQUENCES": str(FRONT_CAP),
+                                "PIPELINE_MAX_SEQUENCES_PER_REQUEST": str(FRONT_CAP),
                                 "BENTOML_HOME": own_home(tmp_path_factory)})
     except BaseException:
         llm.stop()
@@ -66,7 +67,7 @@ def front_client(tiers, timeout_s: float = 60, headers=AUTH) -> httpx.Client:
 
 
 def engine_load(tiers) -> int:
-    with tiers["llm"].client(timeout_s=10) as llm:
+    with tiers["llm"].client(timeout_s=10, internal=True) as llm:
         return llm.post("/load", json={}).json()["unfinished_requests"]
 
 
@@ -104,8 +105,8 @@ def test_api_keys_guard_the_front_door_but_not_health_or_metrics(tiers):
 def test_requests_past_their_deadline_end_with_a_clear_error_and_free_the_engine(tiers):
     """Three long generations at once, each stopped at the deadline: an OpenAI stream ends with an
     error event (code 504) and [DONE]; a non-streamed request is a 504 naming the deadline; a
-    /generate stream (plain text, no error frame) ends with a line `[error 504: ...]`. Then the
-    engine holds nothing."""
+    /generate stream (plain text, no error frame) is cut short, so the client raises instead of
+    taking the text as complete. Then the engine holds nothing."""
 
     def chat_stream():
         events = []
@@ -125,13 +126,15 @@ def test_requests_past_their_deadline_end_with_a_clear_error_and_free_the_engine
         assert "deadline" in response.json()["error"]["message"]
 
     def generate():
+        text = []
         with front_client(tiers) as http, http.stream(
             "POST", "/generate", json={"prompt": "Count to a thousand.", **LONG}
         ) as streamed:
             assert streamed.status_code == 200
-            text = "".join(streamed.iter_text())
-        last_line = text.rstrip("\n").rsplit("\n", 1)[-1]
-        assert last_line.startswith("[error 504:") and "deadline" in last_line, text[-300:]
+            with pytest.raises(httpx.RemoteProtocolError):
+                text.extend(streamed.iter_text())
+        assert "".join(text), "text streamed before the deadline cut the stream"
+        assert "[error" not in "".join(text)
 
     def timed(check):
         started = time.monotonic()
@@ -152,7 +155,7 @@ def test_engine_cap_refuses_with_429_when_called_directly(tiers):
     """LLMService itself holds at most ENGINE_CAP requests; the next is 429 at once."""
     body = {"request": {"token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 1500, "ignore_eos": True}}}
     readers, contexts = [], []  # a dropped reader would close its stream (and abort it)
-    with tiers["llm"].client(timeout_s=60) as llm:
+    with tiers["llm"].client(timeout_s=60, internal=True) as llm:
         try:
             for i in range(ENGINE_CAP):
                 context = llm.stream("POST", "/generate", json={"request": {**body["request"], "request_id": f"cap{i}"}})
@@ -185,7 +188,7 @@ def test_overload_is_refused_with_retry_after_and_nothing_accepted_is_lost(tiers
     stop = threading.Event()
 
     def watch_engine():
-        with tiers["llm"].client(timeout_s=10) as llm:
+        with tiers["llm"].client(timeout_s=10, internal=True) as llm:
             while not stop.is_set():
                 peak["engine"] = max(peak["engine"], llm.post("/load", json={}).json()["unfinished_requests"])
                 time.sleep(0.02)
@@ -197,7 +200,7 @@ def test_overload_is_refused_with_retry_after_and_nothing_accepted_is_lost(tiers
             response = http.post("/v1/chat/completions", json=body)
         if response.status_code == 429:
             assert int(response.headers["Retry-After"]) >= 1
-            assert "PIPELINE_MAX_INFLIGHT_REQUESTS" in response.json()["error"]["message"]
+            assert "PIPELINE_MAX_INFLIGHT_SEQUENCES" in response.json()["error"]["message"]
             return "rejected", 0.0
         if response.status_code != 200:
             return f"failed {response.status_code}: {response.text[:200]}", 0.0

@@ -3,6 +3,10 @@ LLMService alone with the engine, then PromptService alone reaching it through `
 
 from __future__ import annotations
 
+import pickle
+import time
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -34,7 +38,7 @@ def test_llm_tier_alone_runs_only_llmservice_with_the_engine(llm_tier, record_pr
     record_property("llm_ready_after_s", round(llm_tier.ready_after_s, 1))
     assert set(llm_tier.workers()) == {"LLMService"}
     assert llm_tier.engine_processes(), "the LLM tier holds the vLLM engine"
-    with llm_tier.client(timeout_s=10) as http:
+    with llm_tier.client(timeout_s=10, internal=True) as http:
         info = http.post("/model_info", json={})
         assert info.status_code == 200
         assert info.json()["vocab_size"] == 49152
@@ -85,3 +89,70 @@ def _poll_until(check, tier: Tier, timeout_s: float) -> bool:
             pass
         time.sleep(0.5)
     return False
+
+
+# --- the GPU tier's door: only the front tier, only JSON ----------------------------------------
+
+
+class _CreatesAFile:
+    """A pickle that, if anything loaded it, would create `path` (code run in the GPU tier)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_llm_tier_answers_401_to_callers_without_the_internal_token(llm_tier):
+    body = {"request": {"request_id": "stranger", "token_ids": [1, 2], "sampling_params": {"max_tokens": 4}}}
+    with llm_tier.client(timeout_s=10) as stranger:
+        for path in ("/generate", "/abort", "/model_info", "/load"):
+            response = stranger.post(path, json=body)
+            assert response.status_code == 401, (path, response.text)
+            assert "PIPELINE_INTERNAL_TOKEN" in response.json()["error"]
+        forged = stranger.post("/generate", json=body, headers={"Authorization": "Bearer not-the-token-at-all"})
+        assert forged.status_code == 401
+        for open_path in ("/livez", "/readyz", "/metrics"):  # probes and Prometheus need no secret
+            assert stranger.get(open_path).status_code == 200, open_path
+    with llm_tier.client(timeout_s=10, internal=True) as front:
+        assert front.post("/abort", json={"request": {"request_ids": ["x"]}}).status_code == 404  # no abort route
+
+
+def test_llm_tier_never_loads_a_pickled_body(llm_tier, tmp_path: Path):
+    """BentoML unpickles `application/vnd.bentoml+pickle` bodies on any service but the entry one;
+    LLMService refuses them before anything reads the body: 401 without the token, 415 with it."""
+    marker = tmp_path / "code-ran-in-the-gpu-tier"
+    payload = pickle.dumps(_CreatesAFile(marker))
+    headers = {"Content-Type": "application/vnd.bentoml+pickle"}
+    with llm_tier.client(timeout_s=10) as stranger:
+        assert stranger.post("/generate", content=payload, headers=headers).status_code == 401
+    with llm_tier.client(timeout_s=10, internal=True) as front:
+        refused = front.post("/generate", content=payload, headers=headers)
+        assert refused.status_code == 415, refused.text
+        assert "application/json" in refused.json()["error"]
+        assert front.post("/model_info", content=payload, headers=headers).status_code == 415
+    assert not marker.exists(), "the pickle was loaded"
+
+
+def test_a_prompt_tier_with_another_token_is_not_ready_and_says_why(llm_tier, tmp_path_factory):
+    front = start_tier("PromptService", log=tmp_path_factory.mktemp("tiers") / "prompt-wrong-token.log",
+                       depends={"LLMService": llm_tier.url}, wait=False,
+                       env={"PIPELINE_INTERNAL_TOKEN": "a-different-token-0123456789"})
+    try:
+        with front.client(timeout_s=10) as http:
+            deadline = time.monotonic() + 240
+            refusal = None
+            while time.monotonic() < deadline:
+                try:
+                    refusal = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+                    if refusal.status_code == 503 and "PIPELINE_INTERNAL_TOKEN" in refusal.text:
+                        break
+                except httpx.HTTPError:
+                    pass  # not up yet
+                time.sleep(0.5)
+            assert refusal is not None and refusal.status_code == 503, refusal and refusal.text
+            assert "PIPELINE_INTERNAL_TOKEN differs between the tiers" in refusal.json()["error"]["message"]
+            assert http.get("/readyz").status_code == 503
+    finally:
+        front.stop()

@@ -18,6 +18,7 @@ own process group, so killing the starter's group alone is not enough).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,6 +31,9 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+# The tiers' shared secret (PIPELINE_INTERNAL_TOKEN), one per test session: tiers started apart
+# must hold the same one, and the tests that call LLMService directly send it.
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
 START_MODULE = "bentoml_cli._internal.start"
 READY_TIMEOUT_S = 480.0
 WORKER_MODULE = "_bentoml_impl.worker.service"
@@ -63,6 +67,7 @@ def tier_env(**overrides: str) -> dict[str, str]:
     env.setdefault("PIPELINE_PROMPT_WORKERS", "1")
     env.setdefault("PIPELINE_MAX_MODEL_LEN", "2048")  # as tests/integration/conftest.py
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("PIPELINE_INTERNAL_TOKEN", INTERNAL_TOKEN)
     env.update(overrides)
     return env
 
@@ -85,8 +90,10 @@ class Tier:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self, timeout_s: float = 60) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5))
+    def client(self, timeout_s: float = 60, *, internal: bool = False) -> httpx.Client:
+        """A client of this tier; `internal` sends the tiers' shared secret (for LLMService)."""
+        headers = {"Authorization": f"Bearer {self.env['PIPELINE_INTERNAL_TOKEN']}"} if internal else None
+        return httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5), headers=headers)
 
     def workers(self) -> dict[str, list[psutil.Process]]:
         """BentoML worker processes under this tier, by the service name they serve."""
@@ -107,7 +114,8 @@ class Tier:
             for connection in worker.net_connections(kind="unix"):
                 if connection.laddr and connection.laddr.endswith(".sock"):
                     transport = httpx.HTTPTransport(uds=connection.laddr)
-                    return httpx.Client(transport=transport, base_url="http://llm-service", timeout=10)
+                    return httpx.Client(transport=transport, base_url="http://llm-service", timeout=10,
+                                        headers={"Authorization": f"Bearer {self.env['PIPELINE_INTERNAL_TOKEN']}"})
         raise RuntimeError("no LLMService socket under this tier")
 
     def engine_processes(self) -> list[psutil.Process]:

@@ -84,3 +84,16 @@ def test_special_tokens_are_skipped_unless_asked(tokenizer):
     ids = tokenizer.encode("Hi", add_special_tokens=False) + [2]  # 2 is <|im_end|>
     assert "".join(stream(tokenizer, ids)[0]) == "Hi"
     assert "".join(stream(tokenizer, ids, skip_special_tokens=False)[0]) == "Hi<|im_end|>"
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """As vLLM: no stop string ends the text before `min_tokens` tokens are out, and one counts
+    only where it ends in the text of the tokens after them."""
+    ids = tokenizer.encode("one, two, three, four, five", add_special_tokens=False)
+    first_comma = next(i for i in range(len(ids)) if "," in tokenizer.decode(ids[: i + 1]))
+    pieces, early = stream(tokenizer, ids, stop=[","])
+    assert "".join(pieces) == "one" and early.token_count == first_comma + 1
+    pieces, held = stream(tokenizer, ids, chunks=3, stop=[","], min_tokens=first_comma + 1)
+    assert "".join(pieces) == "one, two" and held.stop_reason == ","
+    pieces, never = stream(tokenizer, ids, stop=[","], min_tokens=len(ids))
+    assert "".join(pieces) == "one, two, three, four, five" and never.stop_reason is None

@@ -321,3 +321,26 @@ def test_a_failure_after_the_response_started_cuts_the_stream():
             assert response.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 list(response.iter_bytes())
+
+
+# --- the front door's refusals on the OpenAI routes --------------------------------------------
+
+
+def test_front_door_refusals_on_tokenize_have_the_shape_of_its_400s(front):
+    """401 and 413 come from middlewares, before the route: on /tokenize and /detokenize they
+    carry OpenAI's error body, like the routes' own 400s."""
+    from services.security import BearerAuthMiddleware
+
+    guarded = BearerAuthMiddleware(front.admission, keys=["key-0123456789abcdef"])
+    with Server(guarded) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        for path in ("/tokenize", "/detokenize"):
+            unauthorized = client.post(path, json={"prompt": "hi"})
+            assert unauthorized.status_code == 401
+            assert unauthorized.json()["error"]["code"] == 401
+        key = {"Authorization": "Bearer key-0123456789abcdef"}
+        too_large = client.post("/tokenize", content=b"x" * (2 << 20), headers=key)
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["code"] == 413
+        bad = client.post("/tokenize", json={"prompt": 5}, headers=key)
+        assert bad.status_code == 400
+        assert set(bad.json()["error"]) == set(too_large.json()["error"]) == {"message", "type", "param", "code"}
