@@ -239,3 +239,21 @@ def test_the_hugging_face_token_comes_from_a_secret_not_the_file(cloud):
     named = [env["name"] for env in cloud.get("envs", [])]
     named += [env["name"] for service in cloud["services"].values() for env in service.get("envs", [])]
     assert "HF_TOKEN" not in named
+
+
+def test_both_tiers_take_the_internal_token_from_one_required_secret(cloud):
+    """Tiers started apart must hold the same PIPELINE_INTERNAL_TOKEN, or LLMService refuses the
+    front (401): one Secret key for both Deployments, not optional (a missing Secret stops the pod
+    from starting instead of starting a tier that can never be called); on BentoCloud a secret
+    shared by the whole deployment, never a value in the file."""
+    sources = []
+    for name in ("llm-service", "prompt-service"):
+        env = {item["name"]: item for item in container(find("Deployment", name))["env"]}
+        reference = env["PIPELINE_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert not reference.get("optional", False), name
+        sources.append((reference["name"], reference["key"]))
+    assert sources[0] == sources[1]
+    assert "llm-pipeline-internal" in cloud["secrets"]
+    named = [env["name"] for env in cloud.get("envs", [])]
+    named += [env["name"] for service in cloud["services"].values() for env in service.get("envs", [])]
+    assert "PIPELINE_INTERNAL_TOKEN" not in named
