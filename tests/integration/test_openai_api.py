@@ -180,7 +180,8 @@ def wait_engine_idle(pipeline, timeout_s: float = 30) -> int:
 
 def test_leaving_a_plain_request_aborts_the_engine_request(pipeline):
     """A client that gives up on a non-streamed request stops its generation on the GPU tier
-    (router.with_cancellation; dropped streams are covered by test_disconnects_and_metrics.py)."""
+    (the admission middleware's watch on the connection; dropped streams are covered by
+    test_disconnects_and_metrics.py)."""
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{pipeline.url}/v1/completions", json=body, timeout=httpx.Timeout(3, connect=5))

@@ -1,7 +1,7 @@
 """Parity: our OpenAI front door against vLLM's own OpenAI server on the same model folder.
 
 vLLM's server is started once for this module (`python -m vllm.entrypoints.openai.api_server`,
-same engine settings as the pipeline: max_model_len 2048, eager, dtype auto, both cores) and
+same engine settings as the pipeline: max_model_len 2048, eager, float32 on CPU, both cores) and
 stopped in teardown. Each case sends the same request to both servers, one at a time, and compares
 what a client sees: the text of every choice, its finish reason and stop reason, the token counts
 (usage), and for logprobs the tokens and their values.
@@ -31,7 +31,7 @@ import httpx
 import pytest
 from tiers import free_port, launch
 
-from services.llm_service import cpu_engine_environment
+from services.llm_service import CPU_DTYPE, cpu_engine_environment
 
 MODEL_NAME = "smollm2-135m-instruct"
 START_TIMEOUT_S = 300
@@ -152,7 +152,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, **cpu_engine_environment(1)}  # as the pipeline's engine
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
-               "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", "auto",
+               "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", CPU_DTYPE,
                "--host", "127.0.0.1", "--port", str(port)]
     server = launch("vllm", port, command, env, log, wait=False, ready_timeout_s=START_TIMEOUT_S)
     url = f"http://127.0.0.1:{port}"
