@@ -153,7 +153,7 @@ def test_refusals_reach_the_client_as_openai_errors(client):
     assert too_long.value.body["param"] == "max_tokens"
 
 
-def test_async_clients_concurrently(async_client, greedy):
+def test_async_clients_concurrently(async_client):
     """Async client: plain and streamed requests at once get the same greedy answer."""
     async def plain():
         response = await async_client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
@@ -169,7 +169,10 @@ def test_async_clients_concurrently(async_client, greedy):
         async with async_client:
             return await asyncio.wait_for(asyncio.gather(plain(), streamed(), plain(), streamed()), timeout=180)
 
-    assert set(asyncio.run(main())) == {greedy.choices[0].message.content}
+    answers = asyncio.run(main())
+    # one batch: the same answer for all four, though not always the answer alone (greedy on a CPU
+    # is not batch-invariant in bf16: its kernels sum in another order for another batch shape)
+    assert len(set(answers)) == 1 and answers[0], answers
 
 
 def test_tokenize_round_trip(pipeline):
@@ -192,30 +195,31 @@ def test_openapi_document_lists_every_endpoint(pipeline):
     assert "requestBody" in chat and "400" in chat["responses"]
 
 
-def aborts(pipeline) -> tuple[float, float]:
-    """Generations stopped because the client left (front tier), and engine requests aborted
-    before they finished (GPU tier), as their /metrics count them."""
+def counts(pipeline) -> tuple[float, float]:
+    """Generations the front tier stopped because their client left, and tokens the engine made."""
     with httpx.Client(base_url=pipeline.url, timeout=10) as front, pipeline.llm_tier() as llm:
         left = samples(front.get("/metrics").text).get('pipeline_aborted_requests_total{reason="client_left"}', 0.0)
-        aborted = samples(llm.get("/metrics").text).get("pipeline_engine_aborted_requests_total", 0.0)
-    return left, aborted
+        made = sum(v for k, v in samples(llm.get("/metrics").text).items() if k.split("{")[0] == "vllm:generation_tokens_total")
+    return left, made
 
 
 def test_leaving_a_plain_request_aborts_the_engine_request(pipeline):
     """A client that gives up on a non-streamed request stops its generation on the GPU tier
     (router.with_cancellation; dropped streams are covered by test_disconnects_and_metrics.py).
 
-    The client leaves once the engine holds its request, 1,500 tokens from its end (most of a
-    minute on a CPU), and proof that it was stopped rather than left to finish is in both tiers'
-    abort counters, which count only generations that did not finish, and in the engine being
-    idle again within seconds."""
-    before = aborts(pipeline)
-    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}).encode()
+    The client leaves as soon as the engine holds its request. Proof that the generation was
+    stopped rather than left to finish, on a machine of any speed: the front counts one more
+    client that left, the engine is idle again within seconds, and it made fewer tokens than
+    the request's max_tokens (it makes exactly that many when it runs to the end)."""
+    max_tokens = 1500
+    before = counts(pipeline)
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True})
     with socket.create_connection(("127.0.0.1", pipeline.port), timeout=10) as connection:
         connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                           + f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         assert poll(pipeline.engine_load, lambda load: load == 1, within_s=30) == 1, "the engine never got it"
     load, waited = pipeline.wait_engine_idle(within_s=10)
     assert load == 0, f"the engine still holds {load} requests {waited:.1f} s after the client left"
-    after = poll(lambda: aborts(pipeline), lambda counts: min(counts[0] - before[0], counts[1] - before[1]) >= 1, within_s=10)
-    assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (before, after)
+    after = poll(lambda: counts(pipeline), lambda now: now[0] > before[0], within_s=10)
+    assert after[0] - before[0] == 1, (before, after)
+    assert after[1] - before[1] < max_tokens, f"the engine made all {max_tokens} tokens: the request was not aborted"
