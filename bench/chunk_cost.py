@@ -45,14 +45,11 @@ def measure(variant: str, lines: int = 3000, streams: int = 16) -> dict:
         sys.executable, "-m", "bentoml", "serve", "chunk_stream_service:ChunkStream",
         "--working-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    server = Server("chunks", argv, {"CHUNK_VARIANT": variant}, port, "/readyz", Path(f"/tmp/chunk-cost-{variant}.log"))
-    server.start()
+    server = Server("chunks", argv, {"CHUNK_VARIANT": variant}, port, Path(f"/tmp/chunk-cost-{variant}.log"))
+    server.start_and_wait(300)
     try:
-        server.wait_ready(300)
-        worker = next(
-            psutil.Process(pid) for pid in server.pids() if "_bentoml_impl.worker" in " ".join(psutil.Process(pid).cmdline())
-        )
-        return asyncio.run(drive(server.base_url, worker, lines, streams))
+        (worker,) = server.workers()["ChunkStream"]
+        return asyncio.run(drive(server.url, worker, lines, streams))
     finally:
         server.stop()
 

@@ -18,11 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
-from bench.servers import Server, free_port
+from bench.servers import Server, free_port, start_tier
 
 
 def main() -> None:
@@ -35,33 +33,26 @@ def main() -> None:
     args = parser.parse_args()
     model = str(Path(args.model).resolve())
     out = Path(args.out)
-    gpu_port, front_port = free_port(), free_port()
+    gpu_port = free_port()
     gpu_tier = Server(
         "paced-gpu-tier",
         [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(gpu_port), "--interval-ms", str(args.interval_ms)],
-        {}, gpu_port, "/readyz", out / "gpu-tier.log",
+        {}, gpu_port, out / "gpu-tier.log",
     )  # fmt: skip
-    front = Server(
-        "PromptService",
-        [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", ".", "--service-name", "PromptService",
-         "--host", "127.0.0.1", "--port", str(front_port), "--depends", f"LLMService=http://127.0.0.1:{gpu_port}"],
-        {"PIPELINE_MODEL": model, "PIPELINE_SERVED_MODEL_NAME": "m", "PIPELINE_PROMPT_WORKERS": "1",
-         "PIPELINE_MAX_MODEL_LEN": "4096"},
-        front_port, "/readyz", out / "front.log",
-    )  # fmt: skip
+    front = None
     try:
-        gpu_tier.start()
-        gpu_tier.wait_ready(60)
-        front.start()
-        front.wait_ready(180)
-        worker = next(psutil.Process(pid) for pid in front.pids() if "_bentoml_impl.worker" in " ".join(psutil.Process(pid).cmdline()))
+        gpu_tier.start_and_wait(60)
+        front = start_tier("PromptService", log=out / "front.log", depends={"LLMService": gpu_tier.url}, ready_timeout_s=180,
+                           env={"PIPELINE_MODEL": model, "PIPELINE_SERVED_MODEL_NAME": "m", "PIPELINE_PROMPT_WORKERS": "1",
+                                "PIPELINE_MAX_MODEL_LEN": "4096"})  # fmt: skip
+        (worker,) = front.workers()["PromptService"]
         profiler = None
         if args.profile:
             profiler = subprocess.Popen(["py-spy", "record", "-p", str(worker.pid), "-d", "25", "-r", "200", "-f", "raw",
                                          "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         before = worker.cpu_times()
         workload = Workload(512, 256, args.concurrency, 4 * args.concurrency)
-        record = run_load(front.base_url, "m", model, workload, out / "load", front.pids())
+        record = run_load(front.url, "m", model, workload, out / "load", front.pids())
         after = worker.cpu_times()
         figures = summarize(record)
         tokens = sum(n for n, e in zip(record["requests"]["output_len"], record["requests"]["error"]) if not e)
@@ -76,7 +67,8 @@ def main() -> None:
         if profiler:
             profiler.wait()
     finally:
-        front.stop()
+        if front is not None:
+            front.stop()
         gpu_tier.stop()
 
 

@@ -10,8 +10,12 @@ each histogram's sum and count gives that level's mean.
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.servers import Server
 
 # histogram -> the name it gets in the record
 HISTOGRAMS = {
@@ -23,6 +27,18 @@ HISTOGRAMS = {
     "pipeline_time_to_first_token_seconds": "front_ttft_from_gpu_tier",
     "pipeline_time_per_output_token_seconds": "front_tpot",
 }
+
+
+def metrics_urls(server: Server) -> dict[str, str]:
+    """Where a server's Prometheus metrics are: vLLM's server has one `/metrics`; the pipeline has
+    the front tier's and LLMService's (the engine's), on LLMService's Unix socket."""
+    urls = {server.name: server.url + "/metrics"}
+    if server.name == "pipeline":
+        try:
+            urls["LLMService"] = "unix:" + server.llm_socket()
+        except (RuntimeError, OSError) as error:  # the engine's figures go missing, the run goes on
+            print(f"LLMService's metrics not found: {error}", file=sys.stderr)
+    return urls
 
 
 def scrape(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
@@ -45,6 +61,17 @@ def scrape(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
                     count += sample.value
             totals[family.name] = (total, count)
     return totals
+
+
+def samples(text: str) -> dict[str, float]:
+    """Every sample of a `/metrics` page by its name and labels, as the page writes them:
+    `name{label="value",...}` (labels sorted), or `name` alone."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
 
 
 def level_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:

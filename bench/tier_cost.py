@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
 from bench.servers import EngineSettings, free_port, make_server
@@ -33,10 +31,9 @@ def main() -> None:
     server = make_server("pipeline", settings, port, out, prompt_workers=2)
     if config:
         server.env["BENTOML_CONFIG"] = str(Path(config).resolve())
-    server.start()
+    server.start_and_wait(900)
     try:
-        server.wait_ready(900)
-        llm = next(psutil.Process(p) for p in server.pids() if "LLMService" in " ".join(psutil.Process(p).cmdline()))
+        (llm,) = server.workers()["LLMService"]
         workload = Workload(input_len=64, output_len=64, concurrency=16, num_prompts=48)
         # the process's CPU while idle (event loop, engine polling): subtracted below, since on a
         # slow engine it is most of the total
@@ -45,7 +42,7 @@ def main() -> None:
         idle1, t1 = llm.cpu_times(), time.monotonic()
         idle_rate = ((idle1.user + idle1.system) - (idle0.user + idle0.system)) / (t1 - t0)
         before, start = llm.cpu_times(), time.monotonic()
-        record = run_load(server.base_url, "m", settings.model, workload, out / "load", server.pids())
+        record = run_load(server.url, "m", settings.model, workload, out / "load", server.pids())
         after, seconds = llm.cpu_times(), time.monotonic() - start
         figures = summarize(record)
         tokens = sum(n for n, e in zip(record["requests"]["output_len"], record["requests"]["error"]) if not e)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
-from bench.server_metrics import level_means_ms, scrape  # noqa: E402
+from bench.server_metrics import level_means_ms, metrics_urls, scrape  # noqa: E402
 from bench.servers import EngineSettings, free_port, make_server  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 ready = server.wait_ready(args.ready_timeout)
                 log(f"{target} ready after {ready:.0f} s")
-                meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": server.env}
+                env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
+                meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
                 sweep(args, target, server, settings.model, out)
             except Exception:
                 traceback.print_exc()
@@ -99,17 +100,17 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
     """A warm-up at the highest concurrency, then every load level; one record per level."""
     warm = min(max(args.concurrency), args.warmup_concurrency)
     warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
-    run_load(server.base_url, args.served_name, model, warmup, out / "logs" / f"{target}-warmup", server.pids())
+    run_load(server.url, args.served_name, model, warmup, out / "logs" / f"{target}-warmup", server.pids())
     for concurrency in args.concurrency:
         prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
         workload = Workload(
             args.input_len, args.output_len, concurrency, prompts, args.seed, clients_for(concurrency, args.per_client)
         )
-        metrics_urls = server.metrics_urls()
-        before = scrape(metrics_urls)
-        record = run_load(server.base_url, args.served_name, model, workload, out / "logs" / target, server.pids())
+        urls = metrics_urls(server)
+        before = scrape(urls)
+        record = run_load(server.url, args.served_name, model, workload, out / "logs" / target, server.pids())
         record["target"] = target
-        record["server_metrics"] = level_means_ms(before, scrape(metrics_urls))
+        record["server_metrics"] = level_means_ms(before, scrape(urls))
         (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
         f = summarize(record)
         loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]

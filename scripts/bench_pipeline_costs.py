@@ -108,12 +108,13 @@ def _stats(samples_s: list[float]) -> dict:
     }
 
 
-async def round_trips(front: str, llm_socket: str, token_ids: list[int], n: int) -> dict:
+async def round_trips(server, token_ids: list[int], n: int) -> dict:
     import httpx
 
     body = {"request": {"request_id": "x", "token_ids": token_ids, "sampling_params": {"max_tokens": 1, "ignore_eos": True}}}
-    async with httpx.AsyncClient(base_url=front, timeout=30) as client, httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=llm_socket), base_url="http://llm", timeout=30
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client, httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=server.llm_socket()), base_url="http://llm",
+        headers=server.internal_headers, timeout=30,
     ) as llm:
 
         async def timed(call) -> list[float]:
@@ -155,7 +156,7 @@ async def round_trips(front: str, llm_socket: str, token_ids: list[int], n: int)
 
 
 def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path, extra_env: dict[str, str]) -> dict:
-    from bench.servers import Server, llm_service_socket
+    from bench.servers import serve_pipeline
 
     env = {
         "PIPELINE_MODEL": model,
@@ -164,15 +165,12 @@ def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path
         "PIPELINE_MAX_MODEL_LEN": "2048",
         **extra_env,
     }
-    argv = [sys.executable, "-m", "bentoml", "serve", "services.prompt_service:PromptService", "--host", "127.0.0.1", "--port", str(port)]
-    server = Server("pipeline", argv, env, port, "/readyz", log)
-    server.start()
+    server = serve_pipeline(log=log, env=env, port=port, ready_timeout_s=600)
     try:
-        server.wait_ready(600)
         from services.text.tokenizer import encode, load_tokenizer
 
         token_ids = encode(load_tokenizer(model), "What is the capital of France?", add_special_tokens=False)
-        return asyncio.run(round_trips(server.base_url, llm_service_socket(server.process.pid), token_ids, n))
+        return asyncio.run(round_trips(server, token_ids, n))
     finally:
         server.stop()  # the whole tree: BentoML's workers run in sessions of their own
 

@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.servers import start_tier  # noqa: E402
 SHAPES = {  # as ../shared/gpu/mkmodel.py; head counts divisible by 2, 4 and 8
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
@@ -60,7 +62,6 @@ def log(message: str) -> None:
 # --- prepare (here) ------------------------------------------------------------------------------
 
 def prepare(dest: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from services.config import settings
 
     source = Path(settings.model_path)
@@ -83,83 +84,6 @@ def make_model(src: Path, dest: Path, shape: str) -> Path:
     config.update(SHAPES[shape])
     (dest / "config.json").write_text(json.dumps(config, indent=1))
     return dest
-
-
-# --- the tiers -------------------------------------------------------------------------------------
-
-class Tier:
-    def __init__(self, service: str, port: int, log_path: Path, env: dict[str, str], depends: str | None = None):
-        self.service, self.port, self.log_path = service, port, log_path
-        command = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", ".",
-                   "--service-name", service, "--host", "127.0.0.1", "--port", str(port)]
-        if depends:
-            command += ["--depends", depends]
-        self.command = command
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"),
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.ready_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float) -> float:
-        import httpx
-
-        with httpx.Client(timeout=httpx.Timeout(3, connect=2)) as http:
-            while time.monotonic() - self.started < timeout_s:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.service} exited with {self.process.returncode} before ready")
-                try:
-                    if http.get(f"{self.url}/readyz").status_code == 200:
-                        self.ready_s = round(time.monotonic() - self.started, 1)
-                        return self.ready_s
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-        raise TimeoutError(f"{self.service} not ready after {timeout_s} s")
-
-    def tree(self):
-        import psutil
-
-        try:
-            root = psutil.Process(self.process.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def worker_env(self, name: str) -> str | None:
-        """An environment variable of this tier's BentoML worker process (the one serving the service)."""
-        for process in self.tree()[1:]:
-            try:
-                args = process.cmdline()
-                if "_bentoml_impl.worker.service" in args and self.service in args:
-                    return process.environ().get(name)
-            except Exception:
-                continue
-        return None
-
-    def stop(self) -> None:
-        import psutil
-
-        tree = self.tree()
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for process in tree:
-            try:
-                process.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=30)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=10)
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -267,11 +191,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     model = make_model(Path(args.src), Path(args.models) / f"{args.shape}-tp", args.shape)
-    env = dict(os.environ)
-    env.pop("CUDA_VISIBLE_DEVICES", None)  # BentoML assigns the GPUs from resources={"gpu": N}
-    env.update({
-        "PYTHONPATH": os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)])),
-        "PYTHONUNBUFFERED": "1",
+    env = {
+        "CUDA_VISIBLE_DEVICES": None,  # unset: BentoML assigns the GPUs from resources={"gpu": N}
         "PIPELINE_MODEL": str(model),
         "PIPELINE_LOAD_FORMAT": "dummy",
         "PIPELINE_TENSOR_PARALLEL_SIZE": str(args.tp),
@@ -283,11 +204,9 @@ def run(args: argparse.Namespace) -> int:
         # NVLink multicast stays off on the lent machines (their rule), as scripts/gpu_bench.sh
         "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
         "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
-    })
+    }
     if args.eager:
         env["PIPELINE_ENFORCE_EAGER"] = "true"
-    if args.cpu:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     result["settings"] = {k: v for k, v in env.items() if k.startswith("PIPELINE_")}
     save()
 
@@ -298,15 +217,17 @@ def run(args: argparse.Namespace) -> int:
             monitor = subprocess.Popen(["nvidia-smi", "dmon", "-s", "um", "-d", "2"],
                                        stdout=(out / "gpu-dmon.txt").open("w"), stderr=subprocess.STDOUT)
         log(f"starting LLMService (tensor_parallel_size={args.tp}, {args.shape}, dummy weights)")
-        llm = Tier("LLMService", args.port + 1, out / "llm.log", env)
-        result["ready_s"] = {"llm": llm.wait_ready(args.ready_timeout)}
-        log(f"LLMService ready after {llm.ready_s} s; starting PromptService")
-        prompt = Tier("PromptService", args.port, out / "prompt.log", env, depends=f"LLMService={llm.url}")
-        result["ready_s"]["prompt"] = prompt.wait_ready(args.ready_timeout)
-        log(f"PromptService ready after {prompt.ready_s} s")
+        llm = start_tier("LLMService", log=out / "llm.log", port=args.port + 1, env=env, wait=False)
+        result["ready_s"] = {"llm": round(llm.wait_ready(args.ready_timeout), 1)}
+        log(f"LLMService ready after {result['ready_s']['llm']} s; starting PromptService")
+        prompt = start_tier("PromptService", log=out / "prompt.log", port=args.port, env=env, wait=False,
+                            depends={"LLMService": llm.url})
+        result["ready_s"]["prompt"] = round(prompt.wait_ready(args.ready_timeout), 1)
+        log(f"PromptService ready after {result['ready_s']['prompt']} s")
         save()
 
-        visible = llm.worker_env("CUDA_VISIBLE_DEVICES")
+        (worker,) = llm.workers()["LLMService"]
+        visible = worker.environ().get("CUDA_VISIBLE_DEVICES")
         result["llm_worker_cuda_visible_devices"] = visible
         expected = ",".join(str(i) for i in range(args.tp))
         checks["bentoml_assigned_n_gpus"] = args.cpu or visible == expected
@@ -319,10 +240,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.cpu:
             used = [gpu["used_mib"] for gpu in gpus[: args.tp]]
             checks["every_gpu_holds_a_share"] = all(u > 2000 for u in used)
-        import httpx
-
-        with httpx.Client(timeout=10) as http:
-            result["model_info"] = http.post(f"{llm.url}/model_info", json={}).json()
+        with llm.llm_tier() as http:
+            result["model_info"] = http.post("/model_info", json={}).json()
         log("measuring one request")
         result["single"] = asyncio.run(asyncio.wait_for(measure_single(prompt.url, args.max_tokens), args.measure_timeout))
         checks["single_request_ok"] = result["single"].get("status") == 200

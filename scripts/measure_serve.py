@@ -10,10 +10,8 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,40 +19,17 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.servers import Server, free_port  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 900) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve.sh exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=3).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("not ready")
-
-
-def service_memory(root_pid: int) -> dict[str, float]:
+def service_memory(server: Server) -> dict[str, float]:
     """Resident memory (MiB) of each service: its worker process and everything under it."""
     memory: dict[str, float] = {}
-    for process in psutil.Process(root_pid).children(recursive=True):
-        try:
-            args = process.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "--service-name" in args and "_bentoml_impl.worker.service" in " ".join(args):
-            name = args[args.index("--service-name") + 1]
-            tree = [process, *process.children(recursive=True)]
-            memory[name] = round(sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
+    for name, workers in server.workers().items():
+        tree = [p for worker in workers for p in (worker, *worker.children(recursive=True))]
+        memory[name] = round(sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
     return memory
 
 
@@ -78,33 +53,22 @@ def first_token_ms(url: str, runs: int = 5) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--log", type=Path, default=ROOT / ".cache" / "measure-serve.log", help="serve.sh's output")
     args = parser.parse_args()
     port = free_port()
+    server = Server("serve.sh", [str(ROOT / "scripts" / "serve.sh"), "--host", "127.0.0.1"], {"PORT": str(port)}, port, args.log)
     started = time.monotonic()
-    process = subprocess.Popen(
-        [str(ROOT / "scripts" / "serve.sh")],
-        cwd=ROOT,
-        env={**os.environ, "PORT": str(port)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        ready_s = wait_ready(url, process)
+        server.start_and_wait(900)
         result = {
             "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
             "load_average_1m_at_start": os.getloadavg()[0],
-            "serve_sh_to_ready_s": round(ready_s, 1),
-            "memory_mib": service_memory(process.pid),
-            **first_token_ms(url),
+            "serve_sh_to_ready_s": round(server.ready_after_s, 1),
+            "memory_mib": service_memory(server),
+            **first_token_ms(server.url),
         }
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        server.stop()
     result["wall_s"] = round(time.monotonic() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,32 +1,19 @@
 """The real pipeline, started once per test session: `bentoml serve` of both services with the
-real vLLM engine and the default model (tiers.py starts and stops it). Every call has a timeout;
-every process started is stopped.
+real vLLM engine and the default model (bench/servers.py starts and stops it). Every call has a
+timeout; every process started is stopped.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tiers import ROOT, Tier, serve_pipeline
+from bench.servers import ROOT, Server, own_bentoml_home, serve_pipeline
 
 LOGS = ROOT / ".cache" / "test-logs"
-
-
-def own_bentoml_home(folder: Path) -> str:
-    """A BENTOML_HOME for one server, sharing the model store: BentoML empties
-    $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, which would wipe the metrics
-    of any other server using the same home (docs/operations.md)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    models = folder / "models"
-    if not models.exists():
-        default_home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-        models.symlink_to(default_home / "models")
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +28,6 @@ def pipeline():
 
 
 @pytest.fixture
-def client(pipeline: Tier):
+def client(pipeline: Server):
     with httpx.Client(base_url=pipeline.url, timeout=httpx.Timeout(60, connect=5)) as http:
         yield http

@@ -13,6 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from bench.server_metrics import samples
+from bench.servers import poll
+
 DROPS = 50
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}
 STREAMS = [
@@ -21,23 +24,6 @@ STREAMS = [
     ("/v1/completions", {"prompt": "1, 2, 3, 4,", "stream": True, **LONG}),
 ]
 PROBE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 16}
-
-
-def engine_load(pipeline) -> int:
-    with pipeline.llm_tier() as llm:
-        return llm.post("/load", json={}).json()["unfinished_requests"]
-
-
-def wait_engine_idle(pipeline, within_s: float) -> tuple[int, float]:
-    """The engine's unfinished requests once it reaches 0 or `within_s` passes, and the time taken."""
-    started = time.monotonic()
-    with pipeline.llm_tier() as llm:
-        while True:
-            load = llm.post("/load", json={}).json()["unfinished_requests"]
-            waited = time.monotonic() - started
-            if load == 0 or waited > within_s:
-                return load, waited
-            time.sleep(0.02)
 
 
 def probe_latencies(url: str, count: int = 5) -> list[float]:
@@ -64,7 +50,7 @@ def test_fifty_dropped_streams_leave_the_engine_idle_and_fast(pipeline, record_p
     before = probe_latencies(pipeline.url)
     with ThreadPoolExecutor(max_workers=10) as pool:
         list(pool.map(lambda i: drop_one(pipeline.url, *STREAMS[i % len(STREAMS)]), range(DROPS)))
-    load, waited = wait_engine_idle(pipeline, within_s=1.0)
+    load, waited = pipeline.wait_engine_idle(within_s=1.0)
     assert load == 0, f"{load} engine requests still unfinished {waited:.2f} s after the last drop"
     # Loose, and re-measured on a miss: the machine may be shared, so a burst of someone else's
     # load must not fail the test; work left running in the engine would (it shows in `load` too).
@@ -91,29 +77,61 @@ def test_both_tiers_are_live_and_ready(pipeline):
             assert tier.get("/readyz").status_code == 200
 
 
-def metric_names(text: str) -> set[str]:
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+def metrics(pipeline) -> tuple[dict[str, float], dict[str, float]]:
+    """Every sample of the front tier's and the GPU tier's /metrics."""
+    with httpx.Client(base_url=pipeline.url, timeout=10) as front, pipeline.llm_tier() as llm:
+        return samples(front.get("/metrics").text), samples(llm.get("/metrics").text)
 
 
-def test_metrics_of_both_tiers(pipeline):
-    """Front: requests by endpoint and status, tokens, templating time, TTFT, time per output token,
-    aborts. GPU tier: vLLM's own engine metrics (queue time, running and waiting requests) too."""
+def total(found: dict[str, float], name: str, *labels: str) -> float:
+    """The sum of the samples of `name` whose labels include each of `labels` (`key="value"`)."""
+    return sum(value for key, value in found.items() if key.split("{")[0] == name and all(f in key for f in labels))
+
+
+def test_metrics_of_both_tiers_count_what_happened(pipeline):
+    """Read both tiers' metrics, act, read again: each counter moved by what was done.
+
+    Front: requests by endpoint and status, prompt and completion tokens (as usage counts them),
+    templating time, TTFT, time per output token, aborts by reason. GPU tier: vLLM's own engine
+    metrics (tokens, queue time, TTFT, inter-token latency; running and waiting requests are
+    there) and the pipeline's aborted engine requests."""
+    front0, engine0 = metrics(pipeline)
     with httpx.Client(base_url=pipeline.url, timeout=60) as http:
-        assert http.post("/v1/chat/completions", json=PROBE).status_code == 200
+        answer = http.post("/v1/chat/completions", json=PROBE)
+        assert answer.status_code == 200
         assert http.post("/v1/chat/completions", json={"messages": []}).status_code == 400
-        front = http.get("/metrics").text
-    names = metric_names(front)
-    for name in ("pipeline_prompt_tokens_total", "pipeline_completion_tokens_total",
-                 "pipeline_prompt_processing_seconds_count", "pipeline_time_to_first_token_seconds_count",
-                 "pipeline_time_per_output_token_seconds_count", "bentoml_service_request_total",
-                 "bentoml_service_request_in_progress"):
-        assert name in names, name
-    assert 'endpoint="/v1/chat/completions"' in front and 'http_response_code="400"' in front
-    assert 'pipeline_aborted_requests_total{reason="client_left"}' in front
-    with pipeline.llm_tier() as llm:
-        engine = llm.get("/metrics").text
-    engine_names = metric_names(engine)
-    for name in ("vllm:request_queue_time_seconds_count", "vllm:time_to_first_token_seconds_count",
-                 "vllm:inter_token_latency_seconds_count", "vllm:num_requests_running",
-                 "vllm:num_requests_waiting", "pipeline_engine_aborted_requests_total"):
-        assert name in engine_names, name
+    usage = answer.json()["usage"]
+    assert usage["completion_tokens"] >= 2, usage  # so that there is a time per output token
+
+    def delta(before, after, name, *labels):
+        return total(after, name, *labels) - total(before, name, *labels)
+
+    # vLLM records an engine step's figures after handing out its outputs: wait for the last one
+    front1, engine1 = poll(lambda: metrics(pipeline),
+                           lambda now: delta(engine0, now[1], "vllm:generation_tokens_total") >= usage["completion_tokens"],
+                           within_s=10)
+    chat = 'endpoint="/v1/chat/completions"'
+    assert delta(front0, front1, "bentoml_service_request_total", chat, 'http_response_code="200"') == 1
+    assert delta(front0, front1, "bentoml_service_request_total", chat, 'http_response_code="400"') == 1
+    assert delta(front0, front1, "pipeline_prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta(front0, front1, "pipeline_completion_tokens_total") == usage["completion_tokens"]
+    assert delta(front0, front1, "pipeline_prompt_processing_seconds_count") >= 1
+    assert delta(front0, front1, "pipeline_time_to_first_token_seconds_count") == 1
+    assert delta(front0, front1, "pipeline_time_per_output_token_seconds_count") == 1
+    assert delta(engine0, engine1, "vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta(engine0, engine1, "vllm:generation_tokens_total") == usage["completion_tokens"]
+    assert delta(engine0, engine1, "vllm:request_queue_time_seconds_count") == 1
+    assert delta(engine0, engine1, "vllm:time_to_first_token_seconds_count") == 1
+    assert delta(engine0, engine1, "vllm:inter_token_latency_seconds_count") == usage["completion_tokens"] - 1
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+        assert any(key.split("{")[0] == gauge for key in engine1), gauge
+
+    # A client that leaves a stream: one abort on each tier.
+    left = 'reason="client_left"'
+    drop_one(pipeline.url, *STREAMS[0])
+    front2, engine2 = poll(lambda: metrics(pipeline),
+                           lambda now: delta(front1, now[0], "pipeline_aborted_requests_total", left) >= 1
+                           and delta(engine1, now[1], "pipeline_engine_aborted_requests_total") >= 1,
+                           within_s=10)
+    assert delta(front1, front2, "pipeline_aborted_requests_total", left) == 1
+    assert delta(engine1, engine2, "pipeline_engine_aborted_requests_total") == 1

@@ -56,9 +56,12 @@ def operations(url: str):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
     """Valid inputs (POSITIVE) and inputs that break the schema (NEGATIVE), FUZZ_EXAMPLES per
-    route each, sent as they are except for a cap on output length."""
+    route each, sent as they are except for a cap on output length. Every route fuzzed must
+    really have been sent requests: most of its examples (GET /v1/models, with no parameters,
+    has a single one)."""
     found = operations(pipeline.url)
     assert {op.path for op in found} >= {"/generate", "/v1/chat/completions", "/v1/completions"}
+    sent: Counter = Counter()
     for operation in found:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
             continue  # no body or parameters to break (/v1/models)
@@ -72,12 +75,17 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
             response = case.call(base_url=pipeline.url, timeout=HANG_S)  # raises on a hang
             elapsed = time.monotonic() - started
             seen[f"{mode.value} {case.method} {case.path} {response.status_code}"] += 1
+            sent[f"{case.method.upper()} {case.path}"] += 1
             assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
             assert elapsed < HANG_S, (case.path, case.body, elapsed)
             if response.status_code >= 400:
                 assert "error" in response.text.lower() or "detail" in response.text.lower(), response.text[:500]
 
         fuzz()
+
+    floors = {f"{op.method.upper()} {op.path}": 1 if op.method.upper() == "GET" else FUZZ_EXAMPLES // 2
+              for op in found if mode is GenerationMode.POSITIVE or op.method.upper() != "GET"}
+    assert all(sent[route] >= floor for route, floor in floors.items()), (dict(sent), floors)
 
 
 def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):

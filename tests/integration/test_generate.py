@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import bentoml
 import httpx
 import pytest
@@ -122,8 +120,5 @@ def test_a_client_that_leaves_aborts_its_engine_request(pipeline):
         with http.stream("POST", "/generate", json=body) as response:
             assert response.status_code == 200
             next(response.iter_text())  # generation is under way
-    with pipeline.llm_tier() as llm:
-        deadline = time.monotonic() + 2
-        while (load := llm.post("/load", json={}).json())["unfinished_requests"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert load["unfinished_requests"] == 0
+    load, waited = pipeline.wait_engine_idle(within_s=2)
+    assert load == 0, f"{load} engine requests still unfinished {waited:.2f} s after the client left"

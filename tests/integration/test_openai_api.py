@@ -1,14 +1,23 @@
 """The OpenAI front door through the official `openai` client, sync and async, streamed and not,
-against the real pipeline (the session's `pipeline` fixture)."""
+against the real pipeline (the session's `pipeline` fixture).
+
+What the model says is not asserted here (test_openai_parity.py compares it with vLLM's own
+server); these tests check what holds for any model: the shapes, that the ways of asking for one
+greedy answer agree with each other, the token counts, stops and cut-offs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import json
+import socket
 
 import httpx
 import openai
 import pytest
+
+from bench.server_metrics import samples
+from bench.servers import poll
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -32,20 +41,28 @@ def test_models(client):
     assert models[0].model_extra["max_model_len"] == 2048
 
 
-def test_chat(client):
-    """A greedy chat completion: the known answer, usage and finish reason."""
-    response = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
-    choice = response.choices[0]
+@pytest.fixture(scope="module")
+def greedy(client):
+    """The greedy answer to QUESTION (at most 32 tokens), which the other ways of asking must match."""
+    return client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+
+
+def test_chat(greedy, pipeline):
+    """A greedy chat completion: its shape, and usage that counts the templated prompt."""
+    choice = greedy.choices[0]
     assert choice.message.role == "assistant"
-    assert choice.message.content == "The capital of France is Paris."
-    assert choice.finish_reason == "stop"
-    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
-    assert response.usage.completion_tokens == 8  # 7 text tokens and <|im_end|>, as vLLM counts
-    assert response.usage.total_tokens == response.usage.prompt_tokens + 8
+    assert choice.message.content and choice.finish_reason in ("stop", "length")
+    assert greedy.object == "chat.completion" and greedy.id.startswith("chatcmpl-")
+    with httpx.Client(base_url=pipeline.url, timeout=30) as http:
+        prompt = http.post("/tokenize", json={"model": MODEL, "messages": QUESTION}).json()
+    assert greedy.usage.prompt_tokens == prompt["count"]
+    assert 1 <= greedy.usage.completion_tokens <= 32
+    assert greedy.usage.total_tokens == greedy.usage.prompt_tokens + greedy.usage.completion_tokens
 
 
-def test_chat_stream_with_usage(client):
-    """Streamed: a role chunk, content deltas that join to the full answer, a usage chunk."""
+def test_chat_stream_with_usage(client, greedy):
+    """Streamed: a role chunk, content deltas that join to the same answer, a usage chunk with
+    the same counts."""
     stream = client.chat.completions.create(
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
         stream_options={"include_usage": True},
@@ -53,18 +70,26 @@ def test_chat_stream_with_usage(client):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "The capital of France is Paris."
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert text == greedy.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == greedy.choices[0].finish_reason
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        greedy.usage.prompt_tokens, greedy.usage.completion_tokens, greedy.usage.total_tokens)
 
 
-def test_chat_stop_and_length(client):
-    """A stop string ends the text before it; max_tokens ends it with finish_reason 'length'."""
-    stopped = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, stop=[" is"], max_tokens=32)
-    assert stopped.choices[0].message.content == "The capital of France"
+def test_chat_stop_and_length(client, greedy):
+    """A stop string (a word of the greedy answer) ends the text before it; max_tokens ends it
+    with finish_reason 'length'."""
+    whole = greedy.choices[0].message.content
+    words = whole.split()
+    assert len(words) >= 2, whole
+    stop = " " + words[1]
+    stopped = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, stop=[stop], max_tokens=32)
+    assert stopped.choices[0].message.content == whole[: whole.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].model_extra["stop_reason"] == " is"
-    cut = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_completion_tokens=3)
+    assert stopped.choices[0].model_extra["stop_reason"] == stop
+    cut = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_completion_tokens=3,
+                                         extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
 
 
@@ -86,7 +111,8 @@ def test_chat_n_and_logprobs(client):
 
 def test_completion(client):
     """/v1/completions with two prompts and echo: prompt-major choice order, the prompt echoed."""
-    response = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0, echo=True)
+    response = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0, echo=True,
+                                         extra_body={"ignore_eos": True})
     assert [c.index for c in response.choices] == [0, 1]
     assert response.choices[0].text.startswith("The sky is") and response.choices[1].text.startswith("Water is")
     assert response.usage.completion_tokens == 8
@@ -128,22 +154,33 @@ def test_refusals_reach_the_client_as_openai_errors(client):
 
 
 def test_async_clients_concurrently(async_client):
-    """Async client: plain and streamed requests at once get the same greedy answer."""
+    """Async client: plain and streamed requests at once each get a whole greedy answer, its
+    finish reason and its token count.
+
+    Not compared with each other: greedy decoding is not batch-invariant (in bf16 on a CPU the
+    kernels sum in another order for another batch shape), and where two tokens are close the
+    four answers of one batch were seen to part ways."""
     async def plain():
         response = await async_client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
-        return response.choices[0].message.content
+        return response.choices[0].message.content, response.choices[0].finish_reason, response.usage.completion_tokens
 
     async def streamed():
         stream = await async_client.chat.completions.create(
-            model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True
+            model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
+            stream_options={"include_usage": True},
         )
-        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        return text, finish, chunks[-1].usage.completion_tokens
 
     async def main():
         async with async_client:
             return await asyncio.wait_for(asyncio.gather(plain(), streamed(), plain(), streamed()), timeout=180)
 
-    assert set(asyncio.run(main())) == {"The capital of France is Paris."}
+    for text, finish, tokens in asyncio.run(main()):
+        assert text and finish in ("stop", "length") and 1 <= tokens <= 32, (text, finish, tokens)
+        assert finish != "length" or tokens == 32, (text, finish, tokens)
 
 
 def test_tokenize_round_trip(pipeline):
@@ -166,23 +203,36 @@ def test_openapi_document_lists_every_endpoint(pipeline):
     assert "requestBody" in chat and "400" in chat["responses"]
 
 
-def unfinished_on_engine(pipeline) -> int:
-    with pipeline.llm_tier() as llm:
-        return llm.post("/load", json={}).json()["unfinished_requests"]
-
-
-def wait_engine_idle(pipeline, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (count := unfinished_on_engine(pipeline)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return count
+def counts(pipeline) -> tuple[float, float, float]:
+    """Generations the front tier stopped because their client left, tokens the engine made, and
+    engine requests LLMService aborted because the call that started them ended."""
+    with httpx.Client(base_url=pipeline.url, timeout=10) as front, pipeline.llm_tier() as llm:
+        left = samples(front.get("/metrics").text).get('pipeline_aborted_requests_total{reason="client_left"}', 0.0)
+        gpu = samples(llm.get("/metrics").text)
+        made = sum(v for k, v in gpu.items() if k.split("{")[0] == "vllm:generation_tokens_total")
+        aborted = sum(v for k, v in gpu.items() if k.split("{")[0] == "pipeline_engine_aborted_requests_total")
+    return left, made, aborted
 
 
 def test_leaving_a_plain_request_aborts_the_engine_request(pipeline):
     """A client that gives up on a non-streamed request stops its generation on the GPU tier
-    (the admission middleware's watch on the connection; dropped streams are covered by
-    test_disconnects_and_metrics.py)."""
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{pipeline.url}/v1/completions", json=body, timeout=httpx.Timeout(3, connect=5))
-    assert wait_engine_idle(pipeline) == 0
+    (the admission middleware watches the connection; dropped streams are covered by
+    test_disconnects_and_metrics.py).
+
+    The client leaves as soon as the engine holds its request. Proof that the generation was
+    stopped rather than left to finish, on a machine of any speed: the front counts one more
+    client that left, the engine is idle again within seconds, and it made fewer tokens than
+    the request's max_tokens (it makes exactly that many when it runs to the end)."""
+    max_tokens = 1500
+    before = counts(pipeline)
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", pipeline.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        assert poll(pipeline.engine_load, lambda load: load == 1, within_s=30) == 1, "the engine never got it"
+    load, waited = pipeline.wait_engine_idle(within_s=10)
+    assert load == 0, f"the engine still holds {load} requests {waited:.1f} s after the client left"
+    after = poll(lambda: counts(pipeline), lambda now: now[0] > before[0], within_s=10)
+    assert after[0] - before[0] == 1, (before, after)
+    assert after[1] - before[1] < max_tokens, f"the engine made all {max_tokens} tokens: the request was not aborted"
+    assert after[2] - before[2] == 1, "LLMService aborted the engine request of the closed call"

@@ -23,15 +23,13 @@ What cannot be identical, and is therefore not compared:
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 
 import httpx
 import pytest
-from tiers import free_port, launch
 
-from services.llm_service import CPU_DTYPE, cpu_engine_environment
+from bench.servers import EngineSettings, free_port, make_server
+
+from services.llm_service import CPU_DTYPE
 
 MODEL_NAME = "smollm2-135m-instruct"
 START_TIMEOUT_S = 300
@@ -81,6 +79,11 @@ CHAT_CASES = {
         "messages": [{"role": "user", "content": "Count from one to ten in words, separated by commas."}],
         "stop": [",", "six"],
         "max_tokens": 48,
+    },
+    "stop string inside the answer": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "stop": [" is"],
+        "max_tokens": 32,
     },
     "stop string kept": {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -148,28 +151,12 @@ def model_folder() -> str:
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory: pytest.TempPathFactory):
     """vLLM's own OpenAI server on the same model folder, for this module only."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, **cpu_engine_environment(1)}  # as the pipeline's engine
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
-               "--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--enforce-eager", "--dtype", CPU_DTYPE,
-               "--host", "127.0.0.1", "--port", str(port)]
-    server = launch("vllm", port, command, env, log, wait=False, ready_timeout_s=START_TIMEOUT_S)
-    url = f"http://127.0.0.1:{port}"
+    settings = EngineSettings(model=model_folder(), served_name=MODEL_NAME, max_model_len=2048, dtype=CPU_DTYPE,
+                              enforce_eager=True, cpu=True, cpu_kvcache_gib=1)
+    server = make_server("vllm", settings, free_port(), tmp_path_factory.mktemp("vllm"))
+    server.start_and_wait(START_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({server.process.returncode}):\n{server.log_tail(3000)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=3).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM's server not ready after {START_TIMEOUT_S} s")
-            time.sleep(1)
-        yield url
+        yield server.url
     finally:
         server.stop()
 

@@ -1,5 +1,8 @@
 """Each tier started on its own, as the Kubernetes manifests start them (one container per tier):
-LLMService alone with the engine, then PromptService alone reaching it through `--depends`."""
+LLMService alone with the engine, then PromptService alone reaching it through `--depends`.
+
+Order matters: the last test stops and restarts the LLM tier.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tiers import Tier, start_tier
+from bench.servers import READY_TIMEOUT_S, Server, start_tier
 
 QUESTION = "What is the capital of France?"
 
@@ -25,7 +28,7 @@ def llm_tier(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def prompt_tier(llm_tier: Tier, tmp_path_factory: pytest.TempPathFactory):
+def prompt_tier(llm_tier: Server, tmp_path_factory: pytest.TempPathFactory):
     tier = start_tier("PromptService", log=tmp_path_factory.mktemp("tiers") / "prompt.log",
                       depends={"LLMService": llm_tier.url})
     try:
@@ -38,7 +41,7 @@ def test_llm_tier_alone_runs_only_llmservice_with_the_engine(llm_tier, record_pr
     record_property("llm_ready_after_s", round(llm_tier.ready_after_s, 1))
     assert set(llm_tier.workers()) == {"LLMService"}
     assert llm_tier.engine_processes(), "the LLM tier holds the vLLM engine"
-    with llm_tier.client(timeout_s=10, internal=True) as http:
+    with llm_tier.llm_tier() as http:
         info = http.post("/model_info", json={})
         assert info.status_code == 200
         assert info.json()["vocab_size"] == 49152
@@ -58,37 +61,6 @@ def test_greedy_generate_streams_through_the_separately_started_llm_tier(prompt_
         chunks = [chunk for chunk in response.iter_text() if chunk]
     assert len(chunks) > 1, "the answer streams in several chunks"
     assert "Paris" in "".join(chunks)
-
-
-def test_prompt_tier_is_alive_but_not_ready_while_the_llm_tier_is_unreachable(llm_tier, tmp_path_factory):
-    """Readiness follows the dependency (so Kubernetes sends no traffic); liveness does not (so the
-    front is not restarted for the back's outage)."""
-    dead_url = "http://127.0.0.1:9"  # discard port: nothing answers
-    tier = start_tier("PromptService", log=tmp_path_factory.mktemp("tiers") / "prompt-dead.log",
-                      depends={"LLMService": dead_url}, wait=False)
-    try:
-        with httpx.Client(base_url=tier.url, timeout=httpx.Timeout(5, connect=2)) as http:
-            live = _poll_until(lambda: http.get("/livez").status_code == 200, tier, timeout_s=300)
-            assert live, f"PromptService never answered /livez:\n{tier.log_tail()}"
-            assert http.get("/readyz").status_code != 200
-    finally:
-        tier.stop()
-
-
-def _poll_until(check, tier: Tier, timeout_s: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if tier.process.poll() is not None:
-            return False
-        try:
-            if check():
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 # --- the GPU tier's door: only the front tier, only JSON ----------------------------------------
@@ -115,7 +87,7 @@ def test_llm_tier_answers_401_to_callers_without_the_internal_token(llm_tier):
         assert forged.status_code == 401
         for open_path in ("/livez", "/readyz", "/metrics"):  # probes and Prometheus need no secret
             assert stranger.get(open_path).status_code == 200, open_path
-    with llm_tier.client(timeout_s=10, internal=True) as front:
+    with llm_tier.llm_tier() as front:
         assert front.post("/abort", json={"request": {"request_ids": ["x"]}}).status_code == 404  # no abort route
 
 
@@ -127,7 +99,7 @@ def test_llm_tier_never_loads_a_pickled_body(llm_tier, tmp_path: Path):
     headers = {"Content-Type": "application/vnd.bentoml+pickle"}
     with llm_tier.client(timeout_s=10) as stranger:
         assert stranger.post("/generate", content=payload, headers=headers).status_code == 401
-    with llm_tier.client(timeout_s=10, internal=True) as front:
+    with llm_tier.llm_tier() as front:
         refused = front.post("/generate", content=payload, headers=headers)
         assert refused.status_code == 415, refused.text
         assert "application/json" in refused.json()["error"]
@@ -156,3 +128,39 @@ def test_a_prompt_tier_with_another_token_is_not_ready_and_says_why(llm_tier, tm
             assert http.get("/readyz").status_code == 503
     finally:
         front.stop()
+
+
+def test_prompt_tier_follows_the_llm_tier_down_and_back_up(prompt_tier, llm_tier):
+    """The front's monitor notices the LLM tier going away and coming back: its /readyz turns
+    not ready (so Kubernetes sends no traffic) while /livez stays 200 (so the front is not
+    restarted for the back's outage), then ready again once the LLM tier is, with no restart of
+    the front."""
+    with httpx.Client(base_url=prompt_tier.url, timeout=httpx.Timeout(5, connect=2)) as http:
+        assert http.get("/readyz").status_code == 200
+        llm_tier.stop()
+        went_down = _poll_until(lambda: http.get("/readyz").status_code != 200, prompt_tier, timeout_s=10)
+        assert went_down, "the front still says ready 10 s after the LLM tier stopped"
+        assert http.get("/livez").status_code == 200
+        llm_tier.restart(wait=False)  # same port: the front's --depends URL stays valid
+        came_back = _poll_until(lambda: http.get("/readyz").status_code == 200, prompt_tier,
+                                timeout_s=READY_TIMEOUT_S, also_alive=llm_tier)
+        assert came_back, f"the front did not turn ready again; LLM tier log:\n{llm_tier.log_tail()}"
+    with prompt_tier.client() as http:
+        response = http.post("/generate", json={"prompt": QUESTION, "temperature": 0, "max_tokens": 4})
+    assert response.status_code == 200 and response.text
+
+
+def _poll_until(check, tier: Server, timeout_s: float, also_alive: Server | None = None) -> bool:
+    """Whether `check()` holds within `timeout_s`; False at once if a tier's process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(t.process.poll() is not None for t in (tier, also_alive) if t is not None):
+            return False
+        try:
+            if check():
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
