@@ -16,9 +16,10 @@ environment or the build history, the model inside).
 3. one container per tier, started with deploy/kubernetes/'s own container arguments (read from the
    manifests; only the host becomes 127.0.0.1, the port a free one, the --depends URL that port),
    the ConfigMap's settings and one shared PIPELINE_INTERNAL_TOKEN: the README's curl, the OpenAI
-   client (models, chat, a stream); then the LLM container is stopped (front /readyz 503, /generate
-   503 with Retry-After, /livez 200) and started again (front /readyz 200, answers again); then
-   both stop cleanly (`docker stop`: exit before the grace period, not killed);
+   client (models, chat, a stream), Docker's health check on the front (`--health-cmd`: GET
+   /readyz) healthy; then the LLM container is stopped (front /readyz 503, /generate 503 with
+   Retry-After, /livez 200, Docker health unhealthy) and started again (front /readyz 200, answers
+   again); then both stop cleanly (`docker stop`: exit before the grace period, not killed);
 4. the whole Bento in one container, as `docker run IMAGE` starts it (`bentoml serve`, both tiers),
    with PORT and BENTOML_HOST set: the README's curl and the OpenAI client, a clean stop.
 
@@ -199,6 +200,23 @@ class Container:
         docker("rm", "-f", self.name, check=False)
 
 
+def health_options(port: int) -> list[str]:
+    """A Docker HEALTHCHECK for a tier (the image has none: the port is a start argument)."""
+    probe = f"import urllib.request; urllib.request.urlopen('http://{LOCAL}:{port}/readyz', timeout=3)"
+    return ["--health-cmd", f'python -c "{probe}"', "--health-interval", "5s", "--health-timeout", "4s",
+            "--health-retries", "2", "--health-start-period", "20m"]
+
+
+def wait_health(container: Container, status: str, timeout_s: float) -> float:
+    """Seconds until Docker's health status of the container is `status`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if (container.state().get("Health") or {}).get("Status") == status:
+            return round(time.monotonic() - started, 1)
+        time.sleep(1)
+    raise CheckFailed(f"{container.name}: Docker health not {status!r} within {timeout_s} s: {container.state().get('Health')}")
+
+
 def check_clean_stop(report: Report, container: Container) -> None:
     stopped = container.stop()
     report.data["containers"].setdefault(container.name, {})["stop"] = stopped
@@ -300,8 +318,12 @@ def run_checks(image: str, report: Report) -> None:
                         extra=["--shm-size", "1g"]).run()
         llm_ready = llm.wait("/readyz", 200)
         args, env = tier_start("prompt-service", front_port, depends_url=llm.url)
-        front = container("prompt-service", front_port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token}).run()
+        front = container("prompt-service", front_port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
+                          extra=health_options(front_port)).run()
         front_ready = front.wait("/readyz", 200)
+        healthy_s = wait_health(front, "healthy", 60)
+        report.check("per tier: Docker's health check (GET /readyz) says healthy", True,
+                     {"health_cmd": health_options(front_port)[1], "healthy_after_ready_s": healthy_s})
         report.data["containers"][llm.name] = {"command": llm.shown_command(), "ready_s": llm_ready}
         report.data["containers"][front.name] = {"command": front.shown_command(), "ready_s": front_ready}
         report.check("per tier: both containers ready", True, {"llm_ready_s": llm_ready, "front_ready_s": front_ready})
@@ -314,11 +336,13 @@ def run_checks(image: str, report: Report) -> None:
                      and llm_stop["stop_s"] < STOP_GRACE_S, llm_stop)
         not_ready_s = front.wait("/readyz", 503, timeout_s=60, since=stopping)
         check_gpu_tier_down(report, "per tier, LLM container stopped", front)
+        unhealthy_s = wait_health(front, "unhealthy", 60)
         llm.start_again()
         llm_again = llm.wait("/readyz", 200)
         front_again = front.wait("/readyz", 200, timeout_s=120, since=llm.started)
         code, text = readme_curl(front.url, json.dumps({"prompt": README_PROMPT, "temperature": 0, "max_tokens": 20}))
-        follows = {"front_not_ready_after_llm_stop_s": not_ready_s, "llm_ready_again_s": llm_again,
+        follows = {"front_not_ready_after_llm_stop_s": not_ready_s, "docker_unhealthy_after_s": unhealthy_s,
+                   "llm_ready_again_s": llm_again,
                    "front_ready_again_s": front_again, "answer": text}
         report.data["containers"][front.name]["follows_llm"] = follows
         report.check("per tier: front /readyz follows the LLM container (down, then back)",
