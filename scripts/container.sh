@@ -180,6 +180,13 @@ containerize() {  # containerize TAG -> the image, tagged TAG and NAME:latest
     --opt network=host --opt label="$built_by" --image-tag "$tag" --image-tag "${tag%%:*}:latest" \
     >"$work/containerize-${tag%%:*}.log" 2>&1 || { tail -40 "$work/containerize-${tag%%:*}.log"; exit 1; }
   log "built $tag in $(seconds "$started") s: $(docker image inspect -f '{{.Id}}' "$tag"), $(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 )) MB"
+  # Only the newest image of each name is kept (an image is gigabytes): older tags and the layers
+  # no image uses any more go.
+  local old
+  old=$(docker image ls --filter "label=$built_by" --format '{{.Repository}}:{{.Tag}}' "${tag%%:*}" \
+        | grep -v -e ":latest$" -e "^$tag$" || true)
+  [ -n "$old" ] && docker image rm $old >/dev/null
+  docker image prune -f >/dev/null
 }
 
 image_tag() {  # image_tag NAME -> the versioned tag of NAME:latest
