@@ -74,6 +74,7 @@ docker_up() {
   fi
   if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
     log "installing Debian's docker.io and debootstrap"
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q docker.io debootstrap >/dev/null
   fi
   private_run=$(mktemp -d /tmp/llm-pipeline-docker.XXXXXX)
