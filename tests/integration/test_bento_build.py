@@ -127,7 +127,7 @@ def test_requirements_are_the_gpu_ones(bento):
 def test_dockerfile_installs_the_requirements_and_keeps_the_entrypoint(bento):
     docker = bento["path"] / "env/docker"
     dockerfile = (docker / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.12-slim\b", dockerfile, re.M)
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
     assert re.search(r"pip install -r \$BENTO_PATH/env/python/requirements\.txt", dockerfile)
     assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in dockerfile
     assert "ENV VLLM_NO_USAGE_STATS=$VLLM_NO_USAGE_STATS" in dockerfile
