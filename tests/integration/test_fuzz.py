@@ -42,13 +42,8 @@ def cap_output(case) -> None:
 
 
 def operations(url: str):
-    """The fuzzed routes of the running server's OpenAPI document.
-
-    BentoML labels its document OpenAPI 3.0.2, but writes its schemas as pydantic does, in the
-    JSON Schema of OpenAPI 3.1 (numeric `exclusiveMinimum`, `type: null`, `const`); it is read as
-    the 3.1 document it is."""
+    """The fuzzed routes of the running server's OpenAPI document, read as it is served."""
     document = httpx.get(f"{url}/docs.json", timeout=30).json()
-    document["openapi"] = "3.1.0"
     loaded = schemathesis.openapi.from_dict(document)
     return [result.ok() for result in loaded.include(path_regex=FUZZED_ROUTES).get_all_operations()]
 
