@@ -5,6 +5,8 @@ check bounded by a short timeout) and marks the tier down at once when a call to
 it is down, generation requests are refused with 503 and `Retry-After` before any work is done,
 and PromptService's own /readyz says not ready; the next successful check brings it back. So a
 dead, restarting or hung GPU tier costs a client one quick 503, never a long timeout.
+Each change is also the gauge `pipeline_gpu_tier_ready` (services/metrics.py), what the
+PipelineGpuTierDown alert watches (deploy/prometheus/).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.errors import TierUnavailable
+from services.metrics import front_metrics
 
 logger = logging.getLogger("bentoml.service.prompt")
 
@@ -70,4 +73,5 @@ class TierMonitor:
         if ready != self.ready:
             logger.warning("GPU tier %s is %s (%s)", self.name, "ready" if ready else "NOT ready", reason)
             self.since = time.monotonic()
+            front_metrics().gpu_tier_ready.set(1 if ready else 0)  # on a change only: off the request path
         self.ready, self.reason = ready, reason

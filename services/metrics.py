@@ -6,7 +6,9 @@ knows, all prefixed `pipeline_`:
 
 - front tier (PromptService): prompt and completion tokens, time spent in templating and
   tokenization, time to first token and inter-token latency as the client sees them, and
-  requests aborted (by reason: the client left, the deadline passed, the GPU tier failed);
+  requests aborted (by reason: the client left, the deadline passed, the GPU tier failed), and
+  whether the GPU tier is ready as the front sees it (set by services/health.py when it changes,
+  never on the request path);
 - GPU tier (LLMService): requests refused by the engine cap, aborted engine requests; vLLM's own
   engine metrics (`vllm:*`: queue time, TTFT, inter-token latency, running and waiting requests,
   KV-cache use) are registered by the engine in the same process and appear next to them.
@@ -26,7 +28,7 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 class FrontMetrics:
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.prompt_tokens = Counter("pipeline_prompt_tokens", "Prompt tokens sent to the GPU tier.")
         self.completion_tokens = Counter("pipeline_completion_tokens", "Completion tokens received from the GPU tier.")
@@ -48,6 +50,13 @@ class FrontMetrics:
         )
         self.aborted = Counter(
             "pipeline_aborted_requests", "Generations stopped before they finished, by reason.", ["reason"]
+        )
+        # One series for the whole front: the lowest over its live workers, so 0 when any of them
+        # refuses work because it found the GPU tier not ready.
+        self.gpu_tier_ready = Gauge(
+            "pipeline_gpu_tier_ready",
+            "1 while the front's last check of the GPU tier (its /readyz) succeeded, else 0.",
+            multiprocess_mode="livemin",
         )
 
 
