@@ -25,6 +25,8 @@ OUTPUT_CAP = 8  # tokens: the fuzz is about inputs, not about waiting for long o
 HANG_S = 120  # no answer by then is a hang (a capped request takes seconds; a loaded machine, a minute)
 seen: Counter = Counter()
 slowest = {"seconds": 0.0, "case": None}
+SLOW_S = 10  # answers slower than this are listed in the report, with their bodies
+slow: list[dict] = []
 
 
 def cap_output(case) -> None:
@@ -73,6 +75,9 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
             seen[f"{mode.value} {case.method} {case.path} {response.status_code}"] += 1
             if elapsed > slowest["seconds"]:
                 slowest.update(seconds=round(elapsed, 3), case=f"{case.method} {case.path}")
+            if elapsed > SLOW_S:
+                slow.append({"seconds": round(elapsed, 1), "case": f"{case.method} {case.path}",
+                             "status": response.status_code, "body": json.dumps(case.body, default=str)[:1000]})
             assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
             assert elapsed < HANG_S, (case.path, case.body, elapsed)
             if response.status_code >= 400:
@@ -100,6 +105,7 @@ def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
             "server_errors": sum(n for key, n in seen.items() if int(key.rsplit(" ", 1)[1]) >= 500),
             "hang_limit_s": HANG_S,
             "slowest_response": slowest,
+            f"answers_over_{SLOW_S}_s": slow,
             "answers_afterwards": True,
             "by_mode_route_status": dict(sorted(seen.items())),
         }, indent=1) + "\n")
