@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tiers import ROOT, Tier, serve_pipeline
+from tiers import ROOT, Tier, own_bentoml_home, serve_pipeline
 
 LOGS = ROOT / ".cache" / "test-logs"
-
-
-def own_bentoml_home(folder: Path) -> str:
-    """A BENTOML_HOME for one server, sharing the model store: BentoML empties
-    $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, which would wipe the metrics
-    of any other server using the same home (docs/operations.md)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    models = folder / "models"
-    if not models.exists():
-        default_home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-        models.symlink_to(default_home / "models")
-    return str(folder)
 
 
 @pytest.fixture(scope="session")

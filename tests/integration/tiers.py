@@ -56,6 +56,18 @@ def tier_command(service: str, port: int, *, bento: str = ".", host: str = "127.
     return [sys.executable, "-m", START_MODULE, "start-http-server", bento, *args]
 
 
+def own_bentoml_home(folder: Path) -> str:
+    """A BENTOML_HOME for one server, sharing the model store: BentoML empties
+    $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, which would wipe the metrics
+    of any other server using the same home (docs/operations.md)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models = folder / "models"
+    if not models.exists():
+        default_home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+        models.symlink_to(default_home / "models")
+    return str(folder)
+
+
 def tier_env(**overrides: str) -> dict[str, str]:
     """Environment for a tier here: a small CPU KV cache, one front worker, the tests' context length."""
     env = dict(os.environ)
