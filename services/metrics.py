@@ -24,6 +24,8 @@ from functools import cache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ABORT_REASONS = ("client_left", "deadline", "gpu_tier")  # pipeline_aborted_requests_total{reason}
+PROMPT_KINDS = ("chat", "text")  # pipeline_prompt_processing_seconds{kind}
 
 
 class FrontMetrics:
@@ -51,6 +53,11 @@ class FrontMetrics:
         self.aborted = Counter(
             "pipeline_aborted_requests", "Generations stopped before they finished, by reason.", ["reason"]
         )
+        # Every label value from the start, at 0: a series born at 1 shows no increase in PromQL.
+        for reason in ABORT_REASONS:
+            self.aborted.labels(reason)
+        for kind in PROMPT_KINDS:
+            self.prompt_processing.labels(kind)
         # One series for the whole front: the lowest over its live workers, so 0 when any of them
         # refuses work because it found the GPU tier not ready.
         self.gpu_tier_ready = Gauge(

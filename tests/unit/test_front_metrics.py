@@ -1,5 +1,6 @@
-"""The front's view of the GPU tier's readiness is a Prometheus gauge, moved by the background
-check and by a failed call, not by requests (services/health.py, services/metrics.py)."""
+"""The front's metrics (services/metrics.py): labelled series exist at 0 from the start, and the
+GPU tier's readiness as the front sees it is a gauge moved by the background check and by a
+failed call, not by requests (services/health.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 from prometheus_client import REGISTRY
 
 from services.health import TierMonitor
-from services.metrics import front_metrics
+from services.metrics import ABORT_REASONS, PROMPT_KINDS, front_metrics
 
 
 def gauge() -> float | None:
@@ -20,6 +21,16 @@ async def until(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def test_labelled_series_start_at_zero():
+    """A counter series born at 1 shows no increase() in Prometheus: every reason and kind is
+    exported at 0 before the first event."""
+    front_metrics()
+    for reason in ABORT_REASONS:
+        assert REGISTRY.get_sample_value("pipeline_aborted_requests_total", {"reason": reason}) is not None
+    for kind in PROMPT_KINDS:
+        assert REGISTRY.get_sample_value("pipeline_prompt_processing_seconds_count", {"kind": kind}) is not None
 
 
 def test_the_gauge_follows_the_tier_readiness():
