@@ -271,10 +271,10 @@ def render(data: dict, path: Path) -> None:
             rows.append((panel["row"], []))
         rows[-1][1].append(panel)
     lines = sum(math.ceil(len(items) / 4) for _, items in rows)
-    figure = plt.figure(figsize=(22, 4.1 * lines + 1.2 * len(rows)), dpi=80)
-    grid = figure.add_gridspec(lines, 4, hspace=0.55, wspace=0.22, top=0.95, bottom=0.03, left=0.04, right=0.99)
+    figure = plt.figure(figsize=(22, 3.5 * lines + 1), dpi=80)
+    grid = figure.add_gridspec(lines, 4, hspace=0.5, wspace=0.2, top=0.93, bottom=0.03, left=0.04, right=0.99)
     figure.suptitle(f"{json.loads(DASHBOARD.read_text())['title']}: deploy/grafana/llm-pipeline.json's queries over "
-                    f"scripts/prometheus_check.py's run ({data['when']})", fontsize=15)
+                    f"scripts/prometheus_check.py's run ({data['when']})", fontsize=15, y=0.995)
     phases = data["phases"]
     line = 0
     for row, items in rows:
@@ -289,7 +289,7 @@ def render(data: dict, path: Path) -> None:
             title = panel["title"] if index else f"{row}\n{panel['title']}"
             axes.set_title(title, fontsize=11, loc="left", fontweight="bold" if not index else "normal")
             axes.set_ylabel({"s": "seconds", "reqps": "requests/s", "percentunit": "fraction", "short": ""}.get(panel["unit"], panel["unit"]), fontsize=9)
-            axes.set_xlabel("seconds since Prometheus started", fontsize=8)
+            axes.set_xlabel("seconds since the first scrape", fontsize=8)
             axes.tick_params(labelsize=8)
             axes.grid(alpha=0.3)
             if panel["series"]:
@@ -298,7 +298,7 @@ def render(data: dict, path: Path) -> None:
                 axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="grey")
         line += math.ceil(len(items) / 4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#e8f0ff", "#fff2d9", "#ffe3e3")]
-    figure.legend(handles, ["mixed load", "burst over the caps", "GPU tier stopped"], loc="upper right", fontsize=11, ncol=3)
+    figure.legend(handles, ["mixed load", "burst over the caps", "GPU tier stopped"], loc="upper center", bbox_to_anchor=(0.5, 0.975), fontsize=11, ncol=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
