@@ -1,7 +1,8 @@
 """Fuzz the API from its own OpenAPI document (schemathesis): valid and invalid inputs for every
 route in it (generation, tokenizer, models, health, metrics). No input may give a 5xx or hang, and
-the server still answers a normal request afterwards. Bounded: FUZZ_EXAMPLES per route and mode,
-outputs capped at a few tokens. FUZZ_REPORT=path writes the counts as JSON (scripts/fuzz_api.sh,
+the server still answers a normal request afterwards. Bounded: FUZZ_EXAMPLES per route and mode
+(FUZZ_GENERATION_EXAMPLES for valid inputs to the generation routes, the slow ones), outputs
+capped at a few tokens. FUZZ_REPORT=path writes the counts as JSON (scripts/fuzz_api.sh,
 the long run whose result is in docs/)."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
+FUZZ_GENERATION_EXAMPLES = int(os.environ.get("FUZZ_GENERATION_EXAMPLES", str(FUZZ_EXAMPLES)))
 GENERATION_ROUTES = {"/generate", "/v1/chat/completions", "/v1/completions"}
 OUTPUT_CAP = 8  # tokens: the fuzz is about inputs, not about waiting for long outputs
 HANG_S = 120  # no answer by then is a hang (a capped request takes seconds; a loaded machine, a minute)
@@ -57,15 +59,19 @@ def operations(url: str):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
     """Valid inputs (POSITIVE) and inputs that break the schema (NEGATIVE), FUZZ_EXAMPLES per
-    route each, sent as they are except for a cap on output length."""
+    route each (FUZZ_GENERATION_EXAMPLES of valid generation requests), sent as they are except
+    for a cap on output length."""
     found = operations(pipeline.url)
     assert {op.path for op in found} >= GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize", "/metrics"}
     for operation in found:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
             continue  # no body or parameters to break (/v1/models, health, metrics)
 
+        slow = mode is GenerationMode.POSITIVE and operation.path in GENERATION_ROUTES
+
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=FUZZ_GENERATION_EXAMPLES if slow else FUZZ_EXAMPLES, deadline=None,
+                  derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         def fuzz(case):
             cap_output(case)
@@ -102,6 +108,7 @@ def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
         Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps({
             "requests": total,
             "examples_per_route_and_mode": FUZZ_EXAMPLES,
+            "examples_of_valid_generation_requests_per_route": FUZZ_GENERATION_EXAMPLES,
             "server_errors": sum(n for key, n in seen.items() if int(key.rsplit(" ", 1)[1]) >= 500),
             "hang_limit_s": HANG_S,
             "slowest_response": slowest,
