@@ -28,7 +28,7 @@ HANG_S = 120  # no answer by then is a hang (a capped request takes seconds; a l
 seen: Counter = Counter()
 slowest = {"seconds": 0.0, "case": None}
 SLOW_S = 10  # answers slower than this are listed in the report, with their bodies
-slow: list[dict] = []
+slow_answers: list[dict] = []
 
 
 def cap_output(case) -> None:
@@ -67,10 +67,10 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
             continue  # no body or parameters to break (/v1/models, health, metrics)
 
-        slow = mode is GenerationMode.POSITIVE and operation.path in GENERATION_ROUTES
+        valid_generation = mode is GenerationMode.POSITIVE and operation.path in GENERATION_ROUTES
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=FUZZ_GENERATION_EXAMPLES if slow else FUZZ_EXAMPLES, deadline=None,
+        @settings(max_examples=FUZZ_GENERATION_EXAMPLES if valid_generation else FUZZ_EXAMPLES, deadline=None,
                   derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         def fuzz(case):
@@ -82,7 +82,7 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
             if elapsed > slowest["seconds"]:
                 slowest.update(seconds=round(elapsed, 3), case=f"{case.method} {case.path}")
             if elapsed > SLOW_S:
-                slow.append({"seconds": round(elapsed, 1), "case": f"{case.method} {case.path}",
+                slow_answers.append({"seconds": round(elapsed, 1), "case": f"{case.method} {case.path}",
                              "status": response.status_code, "body": json.dumps(case.body, default=str)[:1000]})
             assert response.status_code < 500, (case.path, case.body, response.status_code, response.text[:500])
             assert elapsed < HANG_S, (case.path, case.body, elapsed)
@@ -112,7 +112,7 @@ def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
             "server_errors": sum(n for key, n in seen.items() if int(key.rsplit(" ", 1)[1]) >= 500),
             "hang_limit_s": HANG_S,
             "slowest_response": slowest,
-            f"answers_over_{SLOW_S}_s": slow,
+            f"answers_over_{SLOW_S}_s": slow_answers,
             "answers_afterwards": True,
             "by_mode_route_status": dict(sorted(seen.items())),
         }, indent=1) + "\n")
