@@ -93,6 +93,8 @@ def test_no_input_gives_a_server_error_or_hangs(pipeline, mode):
 
 
 def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
+    """A normal request afterwards gets the model's usual greedy answer (the report, when asked
+    for, is written first, with that answer)."""
     total = sum(seen.values())
     record_property("fuzzed_requests", total)
     print(f"\nfuzzed requests: {total}; by route and status: {dict(sorted(seen.items()))}")
@@ -101,9 +103,8 @@ def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "temperature": 0, "max_tokens": 16,
         })
-        assert response.status_code == 200
-        assert "Paris" in response.json()["choices"][0]["message"]["content"]
-        assert http.get("/readyz").status_code == 200
+        answer = response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else response.text
+        ready = http.get("/readyz").status_code
     if os.environ.get("FUZZ_REPORT"):
         Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps({
             "requests": total,
@@ -113,6 +114,9 @@ def test_the_server_still_answers_after_the_fuzz(pipeline, record_property):
             "hang_limit_s": HANG_S,
             "slowest_response": slowest,
             f"answers_over_{SLOW_S}_s": slow_answers,
-            "answers_afterwards": True,
+            "afterwards": {"status": response.status_code, "greedy_answer": answer, "readyz": ready},
             "by_mode_route_status": dict(sorted(seen.items())),
         }, indent=1) + "\n")
+    assert response.status_code == 200
+    assert "Paris" in answer
+    assert ready == 200
