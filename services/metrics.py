@@ -6,7 +6,9 @@ knows, all prefixed `pipeline_`:
 
 - front tier (PromptService): prompt and completion tokens, time spent in templating and
   tokenization, time to first token and inter-token latency as the client sees them, and
-  requests aborted (by reason: the client left, the deadline passed, the GPU tier failed);
+  requests aborted (by reason: the client left, the deadline passed, the GPU tier failed), and
+  whether the GPU tier is ready as the front sees it (set by services/health.py when it changes,
+  never on the request path);
 - GPU tier (LLMService): requests refused by the engine cap, aborted engine requests; vLLM's own
   engine metrics (`vllm:*`: queue time, TTFT, inter-token latency, running and waiting requests,
   KV-cache use) are registered by the engine in the same process and appear next to them.
@@ -22,11 +24,13 @@ from functools import cache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ABORT_REASONS = ("client_left", "deadline", "gpu_tier")  # pipeline_aborted_requests_total{reason}
+PROMPT_KINDS = ("chat", "text")  # pipeline_prompt_processing_seconds{kind}
 
 
 class FrontMetrics:
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.prompt_tokens = Counter("pipeline_prompt_tokens", "Prompt tokens sent to the GPU tier.")
         self.completion_tokens = Counter("pipeline_completion_tokens", "Completion tokens received from the GPU tier.")
@@ -48,6 +52,18 @@ class FrontMetrics:
         )
         self.aborted = Counter(
             "pipeline_aborted_requests", "Generations stopped before they finished, by reason.", ["reason"]
+        )
+        # Every label value from the start, at 0: a series born at 1 shows no increase in PromQL.
+        for reason in ABORT_REASONS:
+            self.aborted.labels(reason)
+        for kind in PROMPT_KINDS:
+            self.prompt_processing.labels(kind)
+        # One series for the whole front: the lowest over its live workers, so 0 when any of them
+        # refuses work because it found the GPU tier not ready.
+        self.gpu_tier_ready = Gauge(
+            "pipeline_gpu_tier_ready",
+            "1 while the front's last check of the GPU tier (its /readyz) succeeded, else 0.",
+            multiprocess_mode="livemin",
         )
 
 

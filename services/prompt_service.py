@@ -16,6 +16,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import Field
 
 from services.admission import AdmissionMiddleware
+from services.api_document import OpenAPI31Service
 from services.config import settings, stream_tracing
 from services.errors import RequestError
 from services.generation import TextGeneration, TextOptions
@@ -72,6 +73,7 @@ gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, 
     # no span per streamed chunk (docs/benchmarks.md)
     tracing=stream_tracing("/generate", "/v1/chat/completions", "/v1/completions"),
     labels={"tier": "cpu"},
+    service_class=OpenAPI31Service,  # /docs.json declares the OpenAPI version its schemas follow
 )
 class PromptService:
     llm = bentoml.depends(LLMService)
