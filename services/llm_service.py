@@ -1,8 +1,10 @@
 """LLMService, the GPU tier: one vLLM engine, token ids in and token ids out.
 
-No tokenizer and no text: the engine is built with `skip_tokenizer_init=True`, takes a
-`GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames. It checks what it receives
-even though the front tier checked first, because anything that can reach it may call it.
+No text: the engine takes a `GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames
+of token ids (`detokenize=False`). It loads the tokenizer only because a structured-output grammar
+is compiled against the vocabulary (vLLM refuses grammars with `skip_tokenizer_init`). It checks
+what it receives even though the front tier checked first, because anything that can reach it may
+call it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from services.protocol import (
 logger = logging.getLogger("bentoml.service.llm")
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses: ValueError, and its VLLMValidationError (not a
+    ValueError in newer vLLM), raised for instance by a JSON schema or regex it cannot compile."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
 def engine_args(config: Settings):
     """vLLM engine arguments from the settings, with defaults that suit the machine."""
     from vllm import AsyncEngineArgs
@@ -43,11 +55,13 @@ def engine_args(config: Settings):
     optional = {
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": config.enable_prefix_caching,
+        # so that a grammar applies after the reasoning ends, as in `vllm serve --reasoning-parser`
+        "reasoning_parser": config.reasoning_parser,
     }
     return AsyncEngineArgs(
         model=config.model_path,
         served_model_name=config.model_name,
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=False,  # structured outputs compile their grammar against the vocabulary
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -63,8 +77,13 @@ def vllm_sampling_params(request: GenerateRequest):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    fields = request.sampling_params.model_dump()
+    if (grammar := request.sampling_params.structured_outputs) is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fields["structured_outputs"] = StructuredOutputsParams(**grammar.engine_fields())
     return SamplingParams(
-        **request.sampling_params.model_dump(),
+        **fields,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         skip_clone=True,  # made fresh for each request, as vLLM's server marks its own: no deep copy (~40 us)
@@ -128,6 +147,7 @@ class LLMService:
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=UsageContext.OPENAI_API_SERVER)
+        self.input_errors = _input_errors()
         model_config = self.engine.model_config
         self.info = ModelInfo(
             model=settings.model_name,
@@ -178,7 +198,7 @@ class LLMService:
             async for output in stream:
                 finished = output.finished
                 yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
-        except ValueError as error:  # vLLM's own input checks, raised before the first output
+        except self.input_errors as error:  # vLLM's own input checks (grammars too), raised before the first output
             raise InvalidArgument(str(error)) from error
         finally:
             if not finished:
