@@ -94,8 +94,20 @@ class PromptService:
         if model_defaults:
             logger.info("OpenAI requests default to the model's generation_config.json: %s "
                         "(PIPELINE_GENERATION_CONFIG=vllm for vLLM's defaults)", model_defaults)  # fmt: skip
+        parsing = None
+        if settings.enable_auto_tool_choice or settings.reasoning_parser:
+            from services.openai.parsing import ChatParsing
+
+            parsing = ChatParsing(
+                tokenizer,
+                enable_auto_tools=settings.enable_auto_tool_choice,
+                tool_parser=settings.tool_call_parser,
+                tool_parser_plugin=settings.tool_parser_plugin,
+                reasoning_parser=settings.reasoning_parser,
+            )
         openai_app.state.serving = OpenAIServing(
-            self.generation, model_name=settings.model_name, model_root=settings.model, sampling_defaults=model_defaults
+            self.generation, model_name=settings.model_name, model_root=settings.model,
+            sampling_defaults=model_defaults, parsing=parsing,
         )
 
     @bentoml.on_startup
