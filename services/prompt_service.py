@@ -26,6 +26,7 @@ from services.metrics import front_metrics
 from services.model_store import model_reference, sampling_defaults
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
+from services.protocol import StructuredOutputs
 from services.security import ApiKeyMiddleware
 from services.text.templates import ChatFormatter, load_chat_template
 from services.text.tokenizer import load_tokenizer
@@ -142,11 +143,13 @@ class PromptService:
         ignore_eos: bool = False,
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        structured_outputs: StructuredOutputs | None = None,
     ) -> AsyncGenerator[str, None]:
         """Stream the model's answer to `prompt`, rendered with the chat template.
 
         `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
-        their defaults are vLLM's. Errors before the first chunk are HTTP 4xx/5xx with the reason;
+        their defaults are vLLM's; `structured_outputs` (vLLM's: json, regex, choice, grammar,
+        json_object or structural_tag) constrains the text. Errors before the first chunk are HTTP 4xx/5xx with the reason;
         an error after it ends the text with a line `[error <status>: <reason>]`.
         """
         started = False
@@ -169,6 +172,7 @@ class PromptService:
                 repetition_penalty=repetition_penalty,
                 min_tokens=min_tokens,
                 ignore_eos=ignore_eos,
+                structured_outputs=structured_outputs,
             )
             options = TextOptions(
                 stop=[stop] if isinstance(stop, str) else (stop or []),

@@ -63,6 +63,12 @@ def tier_env(**overrides: str) -> dict[str, str]:
     env.setdefault("PIPELINE_PROMPT_WORKERS", "1")
     env.setdefault("PIPELINE_MAX_MODEL_LEN", "2048")  # as tests/integration/conftest.py
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    # tool calling as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes --chat-template
+    # hermes.jinja` (the parity tests start vLLM's server so); hermes.jinja renders a conversation
+    # without tools exactly as SmolLM2's own template does
+    env.setdefault("PIPELINE_ENABLE_AUTO_TOOL_CHOICE", "true")
+    env.setdefault("PIPELINE_TOOL_CALL_PARSER", "hermes")
+    env.setdefault("PIPELINE_CHAT_TEMPLATE", "hermes")
     env.update(overrides)
     return env
 
