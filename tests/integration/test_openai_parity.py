@@ -132,14 +132,18 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "The current weather in a city",
+        # strict: vLLM's grammar for required / named choice holds the arguments to this schema
+        # (without it only the call's envelope is constrained, and a small model rambles on)
+        "strict": True,
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                       "required": ["city"]},
+                       "required": ["city"], "additionalProperties": False},
     },
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "description": "The local time in a city",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    "function": {"name": "get_time", "description": "The local time in a city", "strict": True,
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                                "additionalProperties": False}},
 }
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 PERSON_SCHEMA = {

@@ -18,7 +18,9 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "The current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "strict": True,  # the grammar holds the arguments to the schema
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                       "additionalProperties": False},
     },
 }
 
