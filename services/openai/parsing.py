@@ -23,7 +23,7 @@ import dataclasses
 from typing import Any
 
 from services.errors import RequestError
-from services.openai.protocol import ChatCompletionRequest, NamedToolChoice
+from services.openai.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat
 from services.protocol import CONSTRAINTS, StructuredOutputs
 
 
@@ -76,12 +76,14 @@ class ChatParsing:
             ToolParserManager.import_tool_parser(tool_parser_plugin)
         self.tokenizer = tokenizer
         self.enable_auto_tools = enable_auto_tools
-        self.parser_cls = ParserManager.get_parser(
-            tool_parser_name=tool_parser,
-            reasoning_parser_name=reasoning_parser,
-            enable_auto_tools=enable_auto_tools,
-            tokenizer=tokenizer,
-        )
+        names = {"tool_parser_name": tool_parser, "reasoning_parser_name": reasoning_parser,
+                 "enable_auto_tools": enable_auto_tools}
+        try:  # newer vLLM also checks at start-up that the tokenizer has what the parsers need
+            self.parser_cls = ParserManager.get_parser(**names, tokenizer=tokenizer)
+        except TypeError as error:
+            if "tokenizer" not in str(error):
+                raise
+            self.parser_cls = ParserManager.get_parser(**names)
         self.vllm_request_cls = _vllm_request_class()
         try:
             from vllm.exceptions import VLLMValidationError
@@ -143,7 +145,13 @@ class ParsedChat:
 
     def grammar(self) -> StructuredOutputs | None:
         """The constraint after the parser's adjustment, in the contract's shape."""
-        params = self.request.extract_structured_outputs()
+        extract = getattr(self.request, "extract_structured_outputs", None)
+        if extract is None:  # older vLLM: response_format is applied when its SamplingParams are made
+            response_format = self.request.response_format
+            if self.request.structured_outputs is None and response_format is not None:
+                constraint = ResponseFormat.model_validate(response_format.model_dump(by_alias=True)).constraint()
+                return StructuredOutputs.model_validate(constraint) if constraint else None
+        params = extract() if extract is not None else self.request.structured_outputs
         if params is None:
             return None
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if not f.name.startswith("_")}
