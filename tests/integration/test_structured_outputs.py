@@ -96,7 +96,7 @@ def test_generate_takes_structured_outputs(pipeline):
 @pytest.mark.parametrize(("body", "needle"), [
     ({"messages": [{"role": "user", "content": "hi"}],
       "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
-     "json schema"),
+     "invalid type"),
     ({"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(ab"}}, "regex"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL],
       "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "does not match"),
