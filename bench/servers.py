@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,6 +326,12 @@ TIER_DEFAULTS = {
     "PIPELINE_MAX_MODEL_LEN": "2048",  # the tests' context length
     "BENTOML_DO_NOT_TRACK": "true",
     "PIPELINE_INTERNAL_TOKEN": INTERNAL_TOKEN,
+    # tool calling as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes --chat-template
+    # hermes.jinja` (the parity tests start vLLM's server so); hermes.jinja renders a conversation
+    # without tools exactly as SmolLM2's own template does
+    "PIPELINE_ENABLE_AUTO_TOOL_CHOICE": "true",
+    "PIPELINE_TOOL_CALL_PARSER": "hermes",
+    "PIPELINE_CHAT_TEMPLATE": "hermes",
 }
 
 
@@ -464,11 +471,14 @@ def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int) -
     return serve_command(port), env
 
 
-def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path, prompt_workers: int = 1) -> Server:
-    """vLLM's own OpenAI server (`vllm`) or the pipeline (`pipeline`), not started yet."""
+def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path, prompt_workers: int = 1,
+                vllm_args: Sequence[str] = ()) -> Server:
+    """vLLM's own OpenAI server (`vllm`, with `vllm_args` added to its command line) or the
+    pipeline (`pipeline`), not started yet."""
     if target == "vllm":
         argv, env = vllm_command(settings, port)
-        return Server("vllm", argv, env, port, log_dir / "server-vllm.log", ready_path="/health", live_path=None)
+        return Server("vllm", [*argv, *vllm_args], env, port, log_dir / "server-vllm.log", ready_path="/health",
+                      live_path=None)
     if target == "pipeline":
         argv, env = pipeline_command(settings, port, prompt_workers)
         return Server("pipeline", argv, env, port, log_dir / "server-pipeline.log")

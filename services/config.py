@@ -57,7 +57,24 @@ class Settings(BaseSettings):
     chat_template: str = Field(
         "model",
         description="`model` (the model's own chat template), a named template from "
-        "services/text/chat_templates/ (llama2, plain), or a path to a Jinja template file.",
+        "services/text/chat_templates/ (llama2, plain, hermes: ChatML that renders `tools` for hermes tool calling), "
+        "or a path to a Jinja template file.",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="vLLM's --enable-auto-tool-choice: accept `tools` and let the model decide when to call "
+        "them (tool_choice auto); needs `tool_call_parser`."
+    )
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's --tool-call-parser: the vLLM tool parser that reads tool calls out of the model's text "
+        "(e.g. `hermes`); needs a chat template that renders `tools` (`chat_template`)."
+    )
+    tool_parser_plugin: str | None = Field(
+        None, description="vLLM's --tool-parser-plugin: a Python file that registers a tool parser to name in "
+        "`tool_call_parser`."
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM's --reasoning-parser (e.g. `deepseek_r1`, `qwen3`): splits `reasoning` from `content` "
+        "in chat answers; the engine starts a grammar after the reasoning ends."
     )
     default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none (the seed's MAX_TOKENS).")
     generation_config: Literal["auto", "vllm"] = Field(
@@ -124,6 +141,13 @@ class Settings(BaseSettings):
                 f"PIPELINE_MAX_SEQUENCES_PER_REQUEST ({self.max_sequences_per_request}) exceeds "
                 f"PIPELINE_MAX_INFLIGHT_SEQUENCES ({budget}): such a request could never be admitted"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tools_need_a_parser(self) -> Settings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("PIPELINE_ENABLE_AUTO_TOOL_CHOICE needs PIPELINE_TOOL_CALL_PARSER (vLLM: "
+                             "--enable-auto-tool-choice requires --tool-call-parser)")
         return self
 
     @field_validator("prompt_workers", mode="before")

@@ -1,8 +1,9 @@
 """LLMService, the GPU tier: one vLLM engine, token ids in and token ids out.
 
-No tokenizer and no text: the engine is built with `skip_tokenizer_init=True`, takes a
-`GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames. It checks what it receives
-even though the front tier checked first.
+No text: the engine takes a `GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames
+of token ids (`detokenize=False`). It loads the tokenizer only because a structured-output grammar
+is compiled against the vocabulary (vLLM refuses grammars with `skip_tokenizer_init`). It checks
+what it receives even though the front tier checked first.
 
 Who may call it: only holders of the internal token, with JSON bodies (services/security.py);
 health and metrics are open. Each HTTP call owns the engine requests it started: when the call
@@ -109,6 +110,16 @@ def cpu_engine_environment(kvcache_gib: int) -> dict[str, str]:
     }
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses: ValueError, and its VLLMValidationError (not a
+    ValueError in newer vLLM), raised for instance by a JSON schema or regex it cannot compile."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
 def engine_args(config: Settings):
     """vLLM engine arguments from the settings, with defaults that suit the machine."""
     from vllm import AsyncEngineArgs
@@ -120,11 +131,13 @@ def engine_args(config: Settings):
     optional = {
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": config.enable_prefix_caching,
+        # so that a grammar applies after the reasoning ends, as in `vllm serve --reasoning-parser`
+        "reasoning_parser": config.reasoning_parser,
     }
     return AsyncEngineArgs(
         model=config.model_path,
         served_model_name=config.model_name,
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=False,  # structured outputs compile their grammar against the vocabulary
         dtype=CPU_DTYPE if on_cpu and config.dtype == "auto" else config.dtype,
         max_model_len=config.max_model_len,
         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -140,8 +153,13 @@ def vllm_sampling_params(request: GenerateRequest):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    fields = request.sampling_params.model_dump()
+    if (grammar := request.sampling_params.structured_outputs) is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fields["structured_outputs"] = StructuredOutputsParams(**grammar.engine_fields())
     return SamplingParams(
-        **request.sampling_params.model_dump(),
+        **fields,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         skip_clone=True,  # made fresh for each request, as vLLM's server marks its own: no deep copy (~40 us)
@@ -205,13 +223,13 @@ class LLMService:
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=UsageContext.OPENAI_API_SERVER)
+        self.input_errors = _input_errors()
         model_config = self.engine.model_config
-        eos = model_config.try_get_generation_config().get("eos_token_id")
         self.info = ModelInfo(
             model=settings.model_name,
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
-            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+            eos_token_ids=self._eos_token_ids(),
         )
         engine_metrics()  # created now, so they read 0 rather than being absent until first used
         logger.info("engine ready: %s", self.info)
@@ -258,7 +276,7 @@ class LLMService:
                 if output.finished:
                     release_engine_request(request.request_id)
                 yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
-        except ValueError as error:  # vLLM's own input checks, raised before the first output
+        except self.input_errors as error:  # vLLM's own input checks (grammars too), raised before the first output
             release_engine_request(request.request_id)
             raise InvalidArgument(str(error)) from error
 
@@ -266,6 +284,16 @@ class LLMService:
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting)."""
         return {"unfinished_requests": self._unfinished_requests()}
+
+    def _eos_token_ids(self) -> list[int]:
+        """The ids the engine ends a generation on by itself: its tokenizer's EOS (it has one, for
+        grammars) and generation_config.json's."""
+        configured = self.engine.model_config.try_get_generation_config().get("eos_token_id")
+        ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+            ids.append(tokenizer.eos_token_id)
+        return ids
 
     def _unfinished_requests(self) -> int:
         # through the output processor: AsyncLLM.get_num_unfinished_requests is missing in vLLM 0.26

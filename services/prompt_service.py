@@ -28,6 +28,7 @@ from services.metrics import front_metrics
 from services.model_store import model_reference, sampling_defaults
 from services.openai.router import app as openai_app
 from services.openai.serving import OpenAIServing
+from services.protocol import StructuredOutputs
 from services.security import BearerAuthMiddleware
 from services.text.templates import ChatFormatter, load_chat_template
 from services.text.tokenizer import load_tokenizer
@@ -100,8 +101,20 @@ class PromptService:
         if model_defaults:
             logger.info("OpenAI requests default to the model's generation_config.json: %s "
                         "(PIPELINE_GENERATION_CONFIG=vllm for vLLM's defaults)", model_defaults)  # fmt: skip
+        parsing = None
+        if settings.enable_auto_tool_choice or settings.reasoning_parser:
+            from services.openai.parsing import ChatParsing
+
+            parsing = ChatParsing(
+                tokenizer,
+                enable_auto_tools=settings.enable_auto_tool_choice,
+                tool_parser=settings.tool_call_parser,
+                tool_parser_plugin=settings.tool_parser_plugin,
+                reasoning_parser=settings.reasoning_parser,
+            )
         openai_app.state.serving = OpenAIServing(
-            self.generation, model_name=settings.model_name, model_root=settings.model, sampling_defaults=model_defaults
+            self.generation, model_name=settings.model_name, model_root=settings.model,
+            sampling_defaults=model_defaults, parsing=parsing,
         )
 
     @bentoml.on_startup
@@ -144,13 +157,15 @@ class PromptService:
         ignore_eos: bool = False,
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        structured_outputs: StructuredOutputs | None = None,
     ) -> AsyncGenerator[str, None]:
         """Stream the model's answer to `prompt`, rendered with the chat template.
 
         `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
-        their defaults are vLLM's. Errors before the first chunk are HTTP 4xx/5xx with the reason;
-        an error after it cuts the stream short (no final chunk), so clients raise instead of taking
-        the text as complete.
+        their defaults are vLLM's; `structured_outputs` (vLLM's: json, regex, choice, grammar,
+        json_object or structural_tag) constrains the text. Errors before the first chunk are HTTP
+        4xx/5xx with the reason; an error after it cuts the stream short (no final chunk), so clients
+        raise instead of taking the text as complete.
         """
         started = False
         try:
@@ -172,6 +187,7 @@ class PromptService:
                 repetition_penalty=repetition_penalty,
                 min_tokens=min_tokens,
                 ignore_eos=ignore_eos,
+                structured_outputs=structured_outputs,
             )
             self.generation.admit(params.n)
             options = TextOptions(

@@ -10,11 +10,51 @@ ever end a frame.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "abort"]
+
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+class StructuredOutputs(BaseModel):
+    """A grammar for the engine to apply while sampling: vLLM's `StructuredOutputsParams`.
+
+    Exactly one constraint (`CONSTRAINTS`), plus vLLM's options. Only the shape is checked here;
+    the engine compiles the grammar (it needs the tokenizer's vocabulary) and refuses a schema,
+    regex or grammar it cannot compile with a 400 that names the problem.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema (object or JSON text)")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="an EBNF (GBNF) or Lark grammar")
+    json_object: bool | None = Field(None, description="any JSON object")
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputs:
+        given = [name for name in CONSTRAINTS if self.constraint(name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "structured outputs take exactly one constraint of "
+                f"{', '.join(CONSTRAINTS)}; got {len(given)}{': ' + ', '.join(given) if given else ''}"
+            )
+        return self
+
+    def constraint(self, name: str) -> Any:
+        return self.json_ if name == "json" else getattr(self, name)
+
+    def engine_fields(self) -> dict[str, Any]:
+        """The keyword arguments of vLLM's StructuredOutputsParams."""
+        return self.model_dump(by_alias=True, exclude_defaults=True)
 
 
 class SamplingParams(BaseModel):
@@ -40,6 +80,7 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top logprobs per output token")
+    structured_outputs: StructuredOutputs | None = Field(None, description="a grammar the output must follow")
 
     @model_validator(mode="after")
     def _min_within_max(self) -> SamplingParams:

@@ -4,8 +4,8 @@ Field names, defaults and response shapes follow vLLM 0.32 (`vllm/entrypoints/op
 `vllm/entrypoints/serve/tokenize/protocol.py`). Two deliberate differences, both in the direction
 of "never ignore silently":
 
-- A field this server does not implement (tools, images, audio, response_format, logit_bias, ...)
-  is refused with 400 naming the field, where vLLM would use it or ignore it.
+- A field this server does not implement (images, audio, logit_bias, ...) is refused with 400
+  naming the field, where vLLM would use it or ignore it.
 - A field nobody knows (a typo, a newer OpenAI field) is refused too, where vLLM ignores it.
 
 Every refusal raises `ProtocolError`, a ValueError that carries the field name, so the router can
@@ -14,12 +14,15 @@ put it in the error body's `param`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
+
+from services.protocol import StructuredOutputs
 
 MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS
 MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS
@@ -43,12 +46,8 @@ def random_uuid() -> str:
 
 # field -> (values that mean "not used", why it is refused). Present with another value: 400.
 _NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tools": ((None,), "tool calling is not supported"),
-    "tool_choice": ((None, "none"), "tool calling is not supported"),
-    "functions": ((None,), "function calling is not supported"),
-    "function_call": ((None, "none"), "function calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "structured output (response_format) is not supported"),
-    "structured_outputs": ((None,), "structured output is not supported"),
+    "functions": ((None,), "the deprecated `functions` are not supported; use `tools`"),
+    "function_call": ((None, "none"), "the deprecated `function_call` is not supported; use `tool_choice`"),
     "logit_bias": ((None, {}), "logit_bias is not supported by the token-id tier"),
     "allowed_token_ids": ((None,), "allowed_token_ids is not supported by the token-id tier"),
     "bad_words": ((None, []), "bad_words is not supported by the token-id tier"),
@@ -72,7 +71,7 @@ _NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "metadata": ((None, {}), "metadata is only used with store, which is not supported"),
 }
 
-_ALLOWED_ROLES = ("system", "user", "assistant", "developer")
+_ALLOWED_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 def _reject_unsupported(data: Any, fields: set[str]) -> Any:
@@ -121,14 +120,51 @@ class TextContentPart(BaseModel):
     text: str
 
 
-class ChatMessageParam(BaseModel):
-    """One message: a role, and its content as a string or a list of text parts."""
+class FunctionCallParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCallParam(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+    def for_template(self) -> dict[str, Any]:
+        """Arguments as a dict, as tool-use chat templates expect them (vLLM's
+        _postprocess_messages: a string that is not a JSON object becomes {})."""
+        arguments = self.function.arguments
+        if isinstance(arguments, str) and arguments:
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        call: dict[str, Any] = {"type": "function", "function": {
+            "name": self.function.name, "arguments": arguments if isinstance(arguments, dict) else {},
+        }}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
+
+
+class ChatMessageParam(BaseModel):
+    """One message: a role, and its content as a string or a list of text parts; an assistant
+    message may carry the tool calls it made, a `tool` message answers one (`tool_call_id`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text parts joined with newlines (vLLM's
@@ -137,6 +173,12 @@ class ChatMessageParam(BaseModel):
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning is not None:
+            message["reasoning"] = message["reasoning_content"] = self.reasoning
         if self.name is not None:
             message["name"] = self.name
         return message
@@ -150,13 +192,22 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             continue
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise ProtocolError(f"messages[{i}]: role `{role}` is not supported: tool calling is not supported.",
+        if role == "function":
+            raise ProtocolError(f"messages[{i}]: role `function` (deprecated) is not supported; use `tool` messages.",
                                 param=f"messages[{i}].role")
         if role is not None and role not in _ALLOWED_ROLES:
             raise ProtocolError(f"messages[{i}]: unknown role `{role}`; allowed: {', '.join(_ALLOWED_ROLES)}.",
                                 param=f"messages[{i}].role")
-        for key in ("tool_calls", "function_call", "audio", "refusal", "reasoning", "reasoning_content"):
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ProtocolError(f"messages[{i}]: a `tool` message needs `tool_call_id`, the id of the assistant tool "
+                                "call whose result it carries.", param=f"messages[{i}].tool_call_id")
+        if message.get("tool_calls") and role != "assistant":
+            raise ProtocolError(f"messages[{i}]: only assistant messages carry `tool_calls`.",
+                                param=f"messages[{i}].tool_calls")
+        if message.get("tool_call_id") is not None and role != "tool":
+            raise ProtocolError(f"messages[{i}]: only `tool` messages carry `tool_call_id`.",
+                                param=f"messages[{i}].tool_call_id")
+        for key in ("function_call", "audio", "refusal", "reasoning_content"):
             if message.get(key):
                 raise ProtocolError(f"messages[{i}]: `{key}` is not supported.", param=f"messages[{i}].{key}")
         content = message.get("content")
@@ -171,12 +222,150 @@ def _check_messages(messages: Any) -> None:
                     )
 
 
+# --- structured outputs and tools (vLLM's shapes) -------------------------------------------------
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object`, `json_schema`, or vLLM's `structural_tag` (its fields kept as given)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The structured-outputs constraint this format stands for (vLLM's
+        structured_outputs_from_response_format); None for text."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return {"json": self.json_schema.json_schema}
+        if self.type == "structural_tag":
+            return {"structural_tag": json.dumps({"type": self.type, **(self.model_extra or {})})}
+        return None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+    def for_template(self) -> dict[str, Any]:
+        """The tool as vLLM hands it to the chat template (`strict` only when given)."""
+        return {"type": self.type, "function": self.function.model_dump(exclude={"strict"} if self.function.strict is None else set())}
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+def _check_response_format(data: dict) -> None:
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema" \
+            and response_format.get("json_schema") is None:
+        raise ProtocolError("When response_format type is 'json_schema', the 'json_schema' field must be provided.",
+                            param="response_format")
+    structured = data.get("structured_outputs")
+    if structured is not None and not isinstance(structured, dict):
+        raise ProtocolError("`structured_outputs` must be an object.", param="structured_outputs")
+
+
+_TOOL_CHOICE_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def _check_tools(data: dict) -> dict:
+    """vLLM's tool checks (ChatCompletionRequest.check_tool_usage), with its messages; a missing
+    tool_choice becomes "auto" when tools are given."""
+    tools = data.get("tools")
+    if tools == []:
+        raise ProtocolError("`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                            "entirely.", param="tools")
+    if "tool_choice" not in data and tools:
+        data = {**data, "tool_choice": "auto"}
+    choice = data.get("tool_choice")
+    structured = data.get("structured_outputs")
+    if isinstance(structured, dict) and any(structured.get(k) is not None for k in ("json", "regex", "choice")) \
+            and choice not in (None, "none", "auto", "required"):
+        raise ProtocolError("You can only either use constraints for structured outputs or tools, not both.",
+                            param="structured_outputs")
+    if choice is None or choice == "none":
+        return data
+    if tools is None:
+        raise ProtocolError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if choice not in ("auto", "required") and not isinstance(choice, dict):
+        raise ProtocolError(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
+                            "\"required\" are supported.", param="tool_choice")
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise ProtocolError(f"Invalid value for `function`: `{function}` in `tool_choice`! {_TOOL_CHOICE_USAGE}",
+                                param="tool_choice.function")
+        if "name" not in function:
+            raise ProtocolError(f"Expected field `name` in `function` in `tool_choice`! {_TOOL_CHOICE_USAGE}",
+                                param="tool_choice.function.name")
+        name = function["name"]
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {_TOOL_CHOICE_USAGE}",
+                                param="tool_choice.function.name")
+        names = [tool.get("function", {}).get("name") for tool in tools if isinstance(tool, dict)]
+        if name not in names:
+            raise ProtocolError(f"The tool specified in `tool_choice` does not match any of the specified `tools` "
+                                f"(`{name}` is not among {names}).", param="tool_choice")
+    return data
+
+
+class StructuredOutputFields(BaseModel):
+    """`response_format` and vLLM's `structured_outputs`, shared by chat and completions."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def grammar(self) -> StructuredOutputs | None:
+        """The constraint the engine applies: `structured_outputs`, with `response_format`
+        overriding its constraint as in vLLM (structured_outputs_from_response_format)."""
+        constraint = self.response_format.constraint() if self.response_format is not None else None
+        if constraint is None:
+            return self.structured_outputs
+        if self.structured_outputs is None:
+            return StructuredOutputs.model_validate(constraint)
+        try:
+            return StructuredOutputs.model_validate({**self.structured_outputs.model_dump(by_alias=True), **constraint})
+        except ValidationError as error:
+            raise ProtocolError(f"`response_format` and `structured_outputs` give two constraints: "
+                                f"{error.errors()[0]['msg']}", param="response_format") from error
+
+
 StopParam = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
 # `top_logprobs` is nullable in the OpenAI spec; null means the same as omitted (vLLM).
 TopLogprobs = Annotated[int, BeforeValidator(lambda v: 0 if v is None else v)]
 
 
-class SamplingFields(RequestModel):
+class SamplingFields(RequestModel, StructuredOutputFields):
     """What chat and completion requests share: sampling, stopping and output options."""
 
     model: str | None = None
@@ -190,7 +379,7 @@ class SamplingFields(RequestModel):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
-    parallel_tool_calls: bool | None = True  # harmless without tools, which are refused
+    parallel_tool_calls: bool | None = True
     # vLLM's extra sampling parameters
     top_k: int | None = None
     min_p: float | None = None
@@ -208,6 +397,7 @@ class SamplingFields(RequestModel):
     def _stream_options_need_stream(cls, data: Any) -> Any:
         if isinstance(data, dict):
             _check_stream_options(data)
+            _check_response_format(data)
         return data
 
     def stop_strings(self) -> list[str]:
@@ -257,6 +447,9 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     documents: list[dict[str, str]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = "none"
+    include_reasoning: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -264,6 +457,7 @@ class ChatCompletionRequest(SamplingFields):
         if not isinstance(data, dict):
             return data
         _check_messages(data.get("messages"))
+        data = _check_tools(data)
         top_logprobs = data.get("top_logprobs")
         if top_logprobs is not None:
             if not isinstance(top_logprobs, int) or top_logprobs < 0:

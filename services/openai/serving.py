@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from services.errors import RequestError, openai_error
 from services.generation import TextChunk, TextGeneration, TextOptions
 from services.openai.logprobs import LogprobsBuilder, TokenStrings
+from services.openai.parsing import ChatParsing, ParsedChat, check_tool_choice
 from services.openai.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionRequest,
@@ -43,6 +44,7 @@ from services.openai.protocol import (
     ModelCard,
     ModelList,
     ModelPermission,
+    ProtocolError,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -126,8 +128,11 @@ class OpenAIServing:
         model_name: str,
         model_root: str | None = None,
         sampling_defaults: dict[str, Any] | None = None,
+        parsing: ChatParsing | None = None,
     ) -> None:
         self.generation = generation
+        # vLLM's tool and reasoning parsers, when configured (services/openai/parsing.py)
+        self.parsing = parsing
         self.model_name = model_name
         self.model_root = model_root
         # what a request leaves unset: the model's generation_config.json first (services/model_store.py)
@@ -172,12 +177,22 @@ class OpenAIServing:
         return chunk.stop_reason
 
     @staticmethod
-    def options(request: ChatCompletionRequest | CompletionRequest) -> TextOptions:
+    def options(request: ChatCompletionRequest | CompletionRequest, parsed: ParsedChat | None = None) -> TextOptions:
         return TextOptions(
             stop=request.stop_strings(),
             include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens,
+            # a tool parser may need the special tokens its calls are marked with (hermes)
+            skip_special_tokens=parsed.skip_special_tokens if parsed is not None else request.skip_special_tokens,
         )
+
+    @staticmethod
+    def grammar(request: ChatCompletionRequest | CompletionRequest, parsed: ParsedChat | None = None) -> Any:
+        """The structured-output constraint for the engine: the request's, or the one the tool
+        parser chose (a schema for required / named tool choice)."""
+        try:
+            return parsed.grammar() if parsed is not None else request.grammar()
+        except (ProtocolError, ValueError) as error:
+            raise RequestError(getattr(error, "message", str(error)), param=getattr(error, "param", None) or "structured_outputs") from error
 
     # --- /v1/models, /tokenize, /detokenize ----------------------------------------------------
 
@@ -220,10 +235,14 @@ class OpenAIServing:
         self, request: ChatCompletionRequest, request_id: str | None = None
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
+        parsing = self.parsing
+        check_tool_choice(request, parsing is not None and parsing.tool_parsing)
+        parsed = parsing.start(request) if parsing is not None and parsing.wants(request) else None
         messages = [m.for_template() for m in request.messages]
-        ids = self.generation.chat_prompt(
-            messages, add_special_tokens=request.add_special_tokens, **request.template_options()
-        )
+        template_options = request.template_options()
+        if request.tools:  # rendered whatever the tool choice, as vLLM does
+            template_options["template_kwargs"]["tools"] = [tool.for_template() for tool in request.tools]
+        ids = self.generation.chat_prompt(messages, add_special_tokens=request.add_special_tokens, **template_options)
         if not ids:
             raise RequestError("The conversation renders to an empty prompt.", param="messages")
         requested, param = request.requested_max_tokens()
@@ -232,6 +251,7 @@ class OpenAIServing:
             self.max_tokens(len(ids), requested, param),
             **request.sampling_fields(self.sampling_defaults),
             logprobs=request.top_logprobs if request.logprobs else None,
+            structured_outputs=self.grammar(request, parsed),
         )
         self.generation.admit(params.n)
         role = "assistant" if request.add_generation_prompt else (messages[-1]["role"] if messages else "assistant")
@@ -239,14 +259,14 @@ class OpenAIServing:
         if request.echo and messages and messages[-1]["role"] == role:
             echo = messages[-1]["content"]
         response_id = f"chatcmpl-{request_id or request.request_id}"
-        source = await started(self.generation.stream(ids, params, self.options(request)))
+        source = await started(self.generation.stream(ids, params, self.options(request, parsed)))
         if request.stream:
-            return self._chat_stream(request, source, response_id, role, echo, ids)
-        return await self._chat_full(request, source, response_id, role, echo, ids)
+            return self._chat_stream(request, source, response_id, role, echo, ids, parsed)
+        return await self._chat_full(request, source, response_id, role, echo, ids, parsed)
 
     async def _chat_full(
         self, request: ChatCompletionRequest, source: AsyncIterator[TextChunk], response_id: str,
-        role: str, echo: str, prompt_ids: list[int],
+        role: str, echo: str, prompt_ids: list[int], parsed: ParsedChat | None = None,
     ) -> ChatCompletionResponse:
         n = request.n or 1
         texts, token_ids = [""] * n, [[] for _ in range(n)]
@@ -262,17 +282,26 @@ class OpenAIServing:
                     logprobs[i].content += builders[i].chat(chunk.token_ids, chunk.logprobs, request.top_logprobs).content
                 if chunk.finish_reason is not None:
                     finished[i] = chunk
-        choices = [
-            ChatCompletionResponseChoice(
-                index=i,
-                message=ChatMessage(role=role, content=echo + texts[i]),
-                logprobs=logprobs[i] if request.logprobs else None,
-                finish_reason=finished[i].finish_reason if finished[i] else "stop",
-                stop_reason=self.stop_reason(finished[i], request) if finished[i] else None,
-                token_ids=token_ids[i] if request.return_token_ids else None,
+        choices = []
+        for i in range(n):
+            engine_reason = finished[i].finish_reason if finished[i] else None
+            message, finish_reason = ChatMessage(role=role, content=echo + texts[i]), engine_reason or "stop"
+            if parsed is not None:
+                fields, auto_called = parsed.message(texts[i], token_ids[i], prompt_ids)
+                if echo and fields.get("content") is not None:
+                    fields["content"] = echo + fields["content"]
+                message = ChatMessage(role=role, **fields)
+                finish_reason = parsed.finish_reason(engine_reason, auto_called)
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=i,
+                    message=message,
+                    logprobs=logprobs[i] if request.logprobs else None,
+                    finish_reason=finish_reason,
+                    stop_reason=self.stop_reason(finished[i], request) if finished[i] else None,
+                    token_ids=token_ids[i] if request.return_token_ids else None,
+                )
             )
-            for i in range(n)
-        ]
         completion_tokens = sum(f.completion_tokens for f in finished if f)
         return ChatCompletionResponse(
             id=response_id,
@@ -288,9 +317,10 @@ class OpenAIServing:
 
     async def _chat_stream(
         self, request: ChatCompletionRequest, source: AsyncIterator[TextChunk], response_id: str,
-        role: str, echo: str, prompt_ids: list[int],
+        role: str, echo: str, prompt_ids: list[int], parsed: ParsedChat | None = None,
     ) -> AsyncIterator[str]:
         n = request.n or 1
+        streams = [parsed.stream(prompt_ids) for _ in range(n)] if parsed is not None else None
         created = int(time.time())
         prompt_tokens = len(prompt_ids)
         builders = [LogprobsBuilder(self.strings) for _ in range(n)]
@@ -338,11 +368,20 @@ class OpenAIServing:
                     logprobs = None
                     if request.logprobs:
                         logprobs = builders[i].chat(chunk.token_ids, chunk.logprobs or [], request.top_logprobs)
+                    delta, finish_reason = DeltaMessage(content=chunk.text), chunk.finish_reason
+                    if streams is not None:  # vLLM's parsers: reasoning, content and tool-call deltas
+                        parsed_delta = streams[i].delta(chunk.text, chunk.token_ids, chunk.finish_reason is not None)
+                        if parsed_delta is None and chunk.finish_reason is None and logprobs is None \
+                                and not request.return_token_ids:
+                            continue
+                        delta = DeltaMessage(**(parsed_delta or {}))
+                        if chunk.finish_reason is not None:
+                            finish_reason = streams[i].finish_reason(chunk.finish_reason)
                     fields: dict[str, Any] = {
                         "index": i,
-                        "delta": DeltaMessage(content=chunk.text),
+                        "delta": delta,
                         "logprobs": logprobs,
-                        "finish_reason": chunk.finish_reason,
+                        "finish_reason": finish_reason,
                         "token_ids": list(chunk.token_ids) if request.return_token_ids else None,
                     }
                     if chunk.finish_reason is not None:
@@ -379,11 +418,13 @@ class OpenAIServing:
                 prompts.append((ids, self.generation.tokenizer.decode(ids) if request.echo else ""))
         echo_only = bool(request.echo) and request.max_tokens == 0
         self.generation.admit(len(prompts) * (request.n or 1))
+        grammar = self.grammar(request)
         sources = []
         for ids, _ in prompts:
             max_tokens = 1 if echo_only else self.max_tokens(len(ids), request.max_tokens, "max_tokens")
             params = self.generation.sampling_params(
-                len(ids), max_tokens, **request.sampling_fields(self.sampling_defaults), logprobs=request.logprobs
+                len(ids), max_tokens, **request.sampling_fields(self.sampling_defaults), logprobs=request.logprobs,
+                structured_outputs=grammar,
             )
             sources.append(self.generation.stream(ids, params, self.options(request)))
         response_id = f"cmpl-{request_id or request.request_id}"

@@ -137,11 +137,8 @@ def test_refusals_reach_the_client_as_openai_errors(client):
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
     assert missing.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(
-            model=MODEL, messages=QUESTION,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-        )
-    assert refused.value.body["param"] == "tools"
+        client.chat.completions.create(model=MODEL, messages=QUESTION, logit_bias={"1": 5})
+    assert refused.value.body["param"] == "logit_bias"
     with pytest.raises(openai.BadRequestError) as image:
         client.chat.completions.create(
             model=MODEL,

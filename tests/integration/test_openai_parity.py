@@ -1,8 +1,10 @@
 """Parity: our OpenAI front door against vLLM's own OpenAI server on the same model folder.
 
 vLLM's server is started once for this module (`python -m vllm.entrypoints.openai.api_server`,
-same engine settings as the pipeline: max_model_len 2048, eager, float32 on CPU, both cores) and
-stopped in teardown. Each case sends the same request to both servers, one at a time, and compares
+same engine settings as the pipeline: max_model_len 2048, eager, float32 on CPU, both cores, and
+the pipeline's tool calling: `--enable-auto-tool-choice --tool-call-parser hermes --chat-template
+services/text/chat_templates/hermes.jinja`) and stopped in teardown. Each case sends the same
+request to both servers, one at a time, and compares
 what a client sees: the text of every choice, its finish reason and stop reason, the token counts
 (usage), and for logprobs the tokens and their values.
 
@@ -27,11 +29,12 @@ import json
 import httpx
 import pytest
 
-from bench.servers import EngineSettings, free_port, make_server
+from bench.servers import ROOT, EngineSettings, free_port, make_server
 
 from services.llm_service import CPU_DTYPE
 
 MODEL_NAME = "smollm2-135m-instruct"
+HERMES_TEMPLATE = ROOT / "services" / "text" / "chat_templates" / "hermes.jinja"
 START_TIMEOUT_S = 300
 
 LONG_TEXT = " ".join(
@@ -131,6 +134,79 @@ COMPLETION_CASES = {
     },
 }
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        # strict: vLLM's grammar for required / named choice holds the arguments to this schema
+        # (without it only the call's envelope is constrained, and a small model rambles on)
+        "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city"], "additionalProperties": False},
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "description": "The local time in a city", "strict": True,
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                                "additionalProperties": False}},
+}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+STRUCTURED_CASES = {
+    "json_object": {"messages": [{"role": "user", "content": "Describe a cat as a JSON object."}],
+                    "response_format": {"type": "json_object"}, "max_tokens": 40},
+    "strict json_schema": {
+        "messages": [{"role": "user", "content": "Invent a person with a name and an age."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}},
+        "max_tokens": 60,
+    },
+    "choice": {"messages": [{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+               "structured_outputs": {"choice": ["yes", "no"]}},
+    "regex": {"messages": [{"role": "user", "content": "Give me a phone number."}],
+              "structured_outputs": {"regex": r"\d{3}-\d{3}-\d{4}"}},
+    "json_schema streamed": {
+        "messages": [{"role": "user", "content": "Invent a person with a name and an age."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+        "max_tokens": 60, "stream": True, "stream_options": {"include_usage": True},
+    },
+    "tool_choice required": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required",
+                             "max_tokens": 80},
+    "tool_choice named": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL, TIME_TOOL],
+                          "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 80},
+    "tool_choice auto": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 80},
+    "tool_choice none with tools": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "none",
+                                    "max_tokens": 40},
+    "a tool call and its result": {
+        "messages": [
+            *WEATHER_QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "unit": "celsius", "sky": "sunny"}'},
+        ],
+        "tools": [WEATHER_TOOL],
+        "max_tokens": 60,
+    },
+    "required streamed": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required",
+                          "max_tokens": 80, "stream": True, "stream_options": {"include_usage": True}},
+    "named streamed": {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL, TIME_TOOL],
+                       "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 80,
+                       "stream": True, "stream_options": {"include_usage": True}},
+}
+
+STRUCTURED_COMPLETION_CASES = {
+    "regex": {"prompt": "My phone number is", "structured_outputs": {"regex": r" \d{3}-\d{4}"}, "max_tokens": 12},
+    "json_schema": {"prompt": "A person as JSON:", "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}},
+                    "max_tokens": 40},
+}
+
 ERROR_CASES = {
     "unknown model": ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
     "max_tokens over the context": ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}),
@@ -138,6 +214,21 @@ ERROR_CASES = {
     "top_logprobs without logprobs": (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    ),
+    "a schema that is not JSON Schema": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+    ),
+    "a regex that does not compile": (
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(ab"}},
+    ),
+    "a grammar that does not parse": (
+        "/v1/completions", {"prompt": "hi", "structured_outputs": {"grammar": "root ::= ("}},
+    ),
+    "tool_choice naming an unknown function": (
+        "/v1/chat/completions",
+        {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
     ),
 }
 
@@ -153,7 +244,8 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory):
     """vLLM's own OpenAI server on the same model folder, for this module only."""
     settings = EngineSettings(model=model_folder(), served_name=MODEL_NAME, max_model_len=2048, dtype=CPU_DTYPE,
                               enforce_eager=True, cpu=True, cpu_kvcache_gib=1)
-    server = make_server("vllm", settings, free_port(), tmp_path_factory.mktemp("vllm"))
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--chat-template", str(HERMES_TEMPLATE)]
+    server = make_server("vllm", settings, free_port(), tmp_path_factory.mktemp("vllm"), vllm_args=tools)
     server.start_and_wait(START_TIMEOUT_S)
     try:
         yield server.url
@@ -187,12 +279,20 @@ def fold_stream(lines) -> dict:
         assert "error" not in chunk, chunk
         usage = chunk.get("usage") or usage
         for choice in chunk["choices"]:
-            folded = choices.setdefault(choice["index"], {"index": choice["index"], "text": "", "finish_reason": None, "stop_reason": None})
+            folded = choices.setdefault(choice["index"], {"index": choice["index"], "text": "", "finish_reason": None,
+                                                          "stop_reason": None, "tool_calls": {}})
             folded["text"] += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            for call in (choice.get("delta") or {}).get("tool_calls") or []:  # reassembled from their deltas
+                whole = folded["tool_calls"].setdefault(call["index"], {"name": "", "arguments": ""})
+                function = call.get("function") or {}
+                whole["name"] += function.get("name") or ""
+                whole["arguments"] += function.get("arguments") or ""
             if choice.get("finish_reason") is not None:
                 folded["finish_reason"] = choice["finish_reason"]
                 folded["stop_reason"] = choice.get("stop_reason")
     assert done, "the stream did not end with [DONE]"
+    for folded in choices.values():
+        folded["tool_calls"] = [folded["tool_calls"][i] for i in sorted(folded["tool_calls"])]
     return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
 
 
@@ -201,7 +301,10 @@ def summary(body: dict) -> dict:
     choices = []
     for choice in body["choices"]:
         text = choice["text"] if "text" in choice else choice["message"]["content"]
-        choices.append((choice["index"], text, choice["finish_reason"], choice.get("stop_reason")))
+        calls = choice.get("tool_calls") if "tool_calls" in choice else (choice.get("message") or {}).get("tool_calls")
+        # tool calls: name and parsed arguments (ids are random)
+        calls = [(c.get("function", c)["name"], json.loads(c.get("function", c)["arguments"] or "null")) for c in calls or []]
+        choices.append((choice["index"], text or "", calls, choice["finish_reason"], choice.get("stop_reason")))
     usage = body["usage"]
     return {"choices": choices, "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])}
 
@@ -247,6 +350,28 @@ def test_completion_parity(case: str, pipeline, vllm_url: str):
     assert summary(ours) == summary(theirs)
     if body.get("logprobs") is not None:
         assert_logprobs_match(ours, theirs)
+
+
+@pytest.mark.parametrize("case", STRUCTURED_CASES)
+def test_structured_and_tool_parity(case: str, pipeline, vllm_url: str):
+    """Structured outputs and tool calling: same content, tool calls (name and parsed arguments),
+    finish reason and token counts as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes`."""
+    body = {"temperature": 0, **STRUCTURED_CASES[case]}
+    status, ours = call(pipeline.url, "/v1/chat/completions", body)
+    ref_status, theirs = call(vllm_url, "/v1/chat/completions", body)
+    assert (status, ref_status) == (200, 200), (ours, theirs)
+    assert summary(ours) == summary(theirs)
+    if "tool_choice" in body and body["tool_choice"] not in ("auto", "none"):
+        assert summary(ours)["choices"][0][2], "a tool call was forced"
+
+
+@pytest.mark.parametrize("case", STRUCTURED_COMPLETION_CASES)
+def test_structured_completion_parity(case: str, pipeline, vllm_url: str):
+    body = {"temperature": 0, **STRUCTURED_COMPLETION_CASES[case]}
+    status, ours = call(pipeline.url, "/v1/completions", body)
+    ref_status, theirs = call(vllm_url, "/v1/completions", body)
+    assert (status, ref_status) == (200, 200), (ours, theirs)
+    assert summary(ours) == summary(theirs)
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)

@@ -57,9 +57,8 @@ def test_text_parts_are_joined_with_newlines():
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
-        ("response_format", {"type": "json_object"}),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
         ("logit_bias", {"1": 5}),
         ("functions", [{"name": "f"}]),
         ("audio", {"voice": "alloy"}),
@@ -102,15 +101,32 @@ def test_non_text_content_parts_are_refused(part, kind):
     assert kind in error.message
 
 
-@pytest.mark.parametrize("role", ["tool", "function"])
-def test_tool_messages_are_refused(role):
-    error = refusal(ChatCompletionRequest, {"messages": [*USER, {"role": role, "content": "42", "tool_call_id": "1"}]})
+def test_deprecated_function_messages_are_refused():
+    error = refusal(ChatCompletionRequest, {"messages": [*USER, {"role": "function", "content": "42", "name": "f"}]})
     assert error.param == "messages[1].role"
 
 
-def test_assistant_tool_calls_are_refused():
-    message = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    assert refusal(ChatCompletionRequest, {"messages": [*USER, message]}).param == "messages[1].tool_calls"
+def test_a_tool_message_needs_its_tool_call_id():
+    error = refusal(ChatCompletionRequest, {"messages": [*USER, {"role": "tool", "content": "42"}]})
+    assert error.param == "messages[1].tool_call_id"
+    assert "tool_call_id" in error.message
+
+
+def test_tool_calls_and_results_reach_the_template_as_vllm_hands_them():
+    """Arguments become a dict (vLLM's _postprocess_messages; not a JSON object: {}), the result
+    keeps its tool_call_id."""
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+             {"id": "2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]
+    request = ChatCompletionRequest.model_validate({"messages": [
+        *USER, {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "42", "tool_call_id": "1"}]})
+    assistant, tool = (m.for_template() for m in request.messages[1:])
+    assert assistant == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+        {"id": "2", "type": "function", "function": {"name": "g", "arguments": {}}}]}
+    assert tool == {"role": "tool", "content": "42", "tool_call_id": "1"}
+    assert refusal(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x", "tool_calls": calls}]}).param \
+        == "messages[0].tool_calls"
 
 
 def test_vllm_consistency_checks():
@@ -160,13 +176,13 @@ def http():
 
 def test_refusal_body_is_openai_shaped(http):
     """400 with {"error": {"message", "type", "param", "code"}} naming the refused field."""
-    response = http.post("/v1/chat/completions", json={"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    response = http.post("/v1/chat/completions", json={"messages": USER, "logit_bias": {"1": 2}})
     assert response.status_code == 400
     assert response.json() == {
         "error": {
-            "message": "`tools` is not supported by this server: tool calling is not supported.",
+            "message": "`logit_bias` is not supported by this server: logit_bias is not supported by the token-id tier.",
             "type": "BadRequestError",
-            "param": "tools",
+            "param": "logit_bias",
             "code": 400,
         }
     }
