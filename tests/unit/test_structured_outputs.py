@@ -12,9 +12,10 @@ from pydantic import ValidationError
 from services.errors import RequestError
 from services.llm_service import vllm_sampling_params
 from services.openai.parsing import ChatParsing, check_tool_choice
-from services.openai.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
+from services.openai.protocol import ChatCompletionRequest, CompletionRequest
 from services.protocol import GenerateRequest, SamplingParams, StructuredOutputs
 from services.text.templates import ChatFormatter, load_chat_template
+from test_openai_protocol import refusal  # the ProtocolError behind a refused request body
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -22,14 +23,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                            "required": ["city"]}}}
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 CALL_TEXT = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-def refusal(model, body: dict) -> ProtocolError:
-    with pytest.raises(ValidationError) as caught:
-        model.model_validate(body)
-    cause = caught.value.errors()[0]["ctx"]["error"]
-    assert isinstance(cause, ProtocolError)
-    return cause
 
 
 # --- the contract ----------------------------------------------------------------------------------
