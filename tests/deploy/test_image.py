@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -23,10 +24,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bento_variant  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script(name: str) -> types.ModuleType:
+    """A script of scripts/ as a module, by its path: scripts/ must not go on sys.path, where its
+    bench.py would shadow the bench package for every later test."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bento_variant = _load_script("bento_variant")
 K8S = ROOT / "deploy" / "kubernetes"
 TIERS = {"llm-service": "LLMService", "prompt-service": "PromptService"}
 
