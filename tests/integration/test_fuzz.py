@@ -40,12 +40,12 @@ def cap_output(case) -> None:
     if not isinstance(body, dict):
         return
     for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > OUTPUT_CAP:
+        value = body.get(key)  # an integral float (1717.0) is taken as an int, so capped too
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > OUTPUT_CAP:
             body[key] = OUTPUT_CAP
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = OUTPUT_CAP  # absent, or null (which means the default)
-    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
+    if isinstance(body.get("n"), (int, float)) and not isinstance(body["n"], bool) and body["n"] > 2:
         body["n"] = 2
 
 
