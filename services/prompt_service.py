@@ -69,7 +69,7 @@ gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, 
     workers=settings.prompt_workers,
     resources={"cpu": "1"},
     # The deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
-    # Admission (services/admission.py) caps requests in flight, with Retry-After.
+    # Admission (services/admission.py, services/inflight.py) caps the engine sequences in flight, with Retry-After.
     traffic={"timeout": settings.request_timeout_s + 30, "concurrency": 4096},
     # no span per streamed chunk (docs/benchmarks.md)
     tracing=stream_tracing("/generate", "/v1/chat/completions", "/v1/completions"),
