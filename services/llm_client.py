@@ -154,12 +154,6 @@ class LLMClient:
                 raise _error_from(response.status, response.headers, body)
             return ModelInfo.model_validate_json(body)
 
-    async def load(self, timeout_s: float = 5.0) -> dict[str, int]:
-        """Requests the engine holds now (running or waiting)."""
-        async with self._http.post("/load", json={}, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-            response.raise_for_status()
-            return await response.json()
-
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:
             async with self._http.get("/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:

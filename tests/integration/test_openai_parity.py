@@ -328,14 +328,20 @@ def assert_logprobs_match(ours: dict, theirs: dict) -> None:
                 assert list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)
 
 
+def same_answer(url: str, vllm_url: str, path: str, body: dict) -> tuple[dict, dict]:
+    """Both servers' 200 answers to `body`, asserted to read the same (summary)."""
+    status, ours = call(url, path, body)
+    ref_status, theirs = call(vllm_url, path, body)
+    assert (status, ref_status) == (200, 200), (ours, theirs)
+    assert summary(ours) == summary(theirs)
+    return ours, theirs
+
+
 @pytest.mark.parametrize("case", CHAT_CASES)
 def test_chat_parity(case: str, pipeline, vllm_url: str):
     """Chat completions: same text, finish and stop reasons, token counts (and logprobs)."""
     body = {"temperature": 0, **CHAT_CASES[case]}
-    status, ours = call(pipeline.url, "/v1/chat/completions", body)
-    ref_status, theirs = call(vllm_url, "/v1/chat/completions", body)
-    assert (status, ref_status) == (200, 200), (ours, theirs)
-    assert summary(ours) == summary(theirs)
+    ours, theirs = same_answer(pipeline.url, vllm_url, "/v1/chat/completions", body)
     if body.get("logprobs"):
         assert_logprobs_match(ours, theirs)
 
@@ -344,10 +350,7 @@ def test_chat_parity(case: str, pipeline, vllm_url: str):
 def test_completion_parity(case: str, pipeline, vllm_url: str):
     """Completions: same text, finish and stop reasons, token counts (and logprobs)."""
     body = {"temperature": 0, **COMPLETION_CASES[case]}
-    status, ours = call(pipeline.url, "/v1/completions", body)
-    ref_status, theirs = call(vllm_url, "/v1/completions", body)
-    assert (status, ref_status) == (200, 200), (ours, theirs)
-    assert summary(ours) == summary(theirs)
+    ours, theirs = same_answer(pipeline.url, vllm_url, "/v1/completions", body)
     if body.get("logprobs") is not None:
         assert_logprobs_match(ours, theirs)
 
@@ -357,10 +360,7 @@ def test_structured_and_tool_parity(case: str, pipeline, vllm_url: str):
     """Structured outputs and tool calling: same content, tool calls (name and parsed arguments),
     finish reason and token counts as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes`."""
     body = {"temperature": 0, **STRUCTURED_CASES[case]}
-    status, ours = call(pipeline.url, "/v1/chat/completions", body)
-    ref_status, theirs = call(vllm_url, "/v1/chat/completions", body)
-    assert (status, ref_status) == (200, 200), (ours, theirs)
-    assert summary(ours) == summary(theirs)
+    ours, theirs = same_answer(pipeline.url, vllm_url, "/v1/chat/completions", body)
     if "tool_choice" in body and body["tool_choice"] not in ("auto", "none"):
         assert summary(ours)["choices"][0][2], "a tool call was forced"
 
@@ -368,10 +368,7 @@ def test_structured_and_tool_parity(case: str, pipeline, vllm_url: str):
 @pytest.mark.parametrize("case", STRUCTURED_COMPLETION_CASES)
 def test_structured_completion_parity(case: str, pipeline, vllm_url: str):
     body = {"temperature": 0, **STRUCTURED_COMPLETION_CASES[case]}
-    status, ours = call(pipeline.url, "/v1/completions", body)
-    ref_status, theirs = call(vllm_url, "/v1/completions", body)
-    assert (status, ref_status) == (200, 200), (ours, theirs)
-    assert summary(ours) == summary(theirs)
+    same_answer(pipeline.url, vllm_url, "/v1/completions", body)
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
