@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         2, ge=1, description="KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE unless it is set)."
     )
     load_format: str = Field("auto", description="vLLM load format; `dummy` gives random weights for speed tests.")
+    engine_clients: int = Field(
+        1, ge=1, le=64, description="LLMService worker processes, each an engine client of the one engine (as `vllm "
+        "serve --api-server-count`): past one process, the Python between the engine and the streams is spread over "
+        "several cores. Worker 1 launches the engine; the others connect to it (docs/architecture.md).",
+    )
+    engine_start_timeout_s: float = Field(
+        1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
+    )
 
     # --- the front tier (PromptService) ----------------------------------------------------------
     prompt_workers: int | Literal["cpu_count"] = Field(
