@@ -198,7 +198,7 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
     return deltas
 
 
-if settings.engine_clients > 1:
+if settings.engine_client_count > 1:
     share_run_dir()  # in the `bentoml serve` process, before it starts the workers
 
 
@@ -206,7 +206,7 @@ if settings.engine_clients > 1:
     name="LLMService",
     resources={"gpu": settings.tensor_parallel_size},
     # one engine-client process per worker, all on one engine (services/engine_clients.py)
-    workers=settings.engine_clients,
+    workers=settings.engine_client_count,
     # The front's deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
     # BentoML's own cap (429) is a backstop above the engine cap checked in `generate`.
     traffic={
@@ -229,11 +229,11 @@ class LLMService:
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         usage = UsageContext.OPENAI_API_SERVER
-        if settings.engine_clients == 1:
+        if settings.engine_client_count == 1:
             slot = None
             self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
         else:
-            slot = EngineClientSlot.of_this_worker(settings.engine_clients)
+            slot = EngineClientSlot.of_this_worker(settings.engine_client_count)
             self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
         self.engine_load = EngineLoad(slot)
         self.input_errors = _input_errors()

@@ -48,6 +48,15 @@ def check_tool_choice(request: ChatCompletionRequest, tool_parsing: bool) -> Non
     )
 
 
+def make_tool_call_id() -> str:
+    """A tool call's id as vLLM makes it (`chatcmpl-tool-` and 32 hex digits)."""
+    try:
+        from vllm.renderers.chat_utils import make_tool_call_id as make
+    except ImportError:  # vLLM 0.26 (the GPU image)
+        from vllm.entrypoints.chat_utils import make_tool_call_id as make
+    return make()
+
+
 def _vllm_request_class():
     try:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmRequest
@@ -166,8 +175,6 @@ class ParsedChat:
     def message(self, text: str, token_ids: list[int], prompt_ids: list[int]) -> tuple[dict[str, Any], bool]:
         """(reasoning, content, tool_calls) of a finished choice as vLLM's full generator builds
         its message, and whether its finish reason becomes "tool_calls" for auto tool choice."""
-        from vllm.renderers.chat_utils import make_tool_call_id
-
         parser = self.parser()
         parser.set_prompt_token_ids(prompt_ids)
         reasoning, content, tool_calls = parser.parse(
