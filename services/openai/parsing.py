@@ -176,7 +176,8 @@ class ParsedChat:
         """(reasoning, content, tool_calls) of a finished choice as vLLM's full generator builds
         its message, and whether its finish reason becomes "tool_calls" for auto tool choice."""
         parser = self.parser()
-        parser.set_prompt_token_ids(prompt_ids)
+        if hasattr(parser, "set_prompt_token_ids"):  # vLLM 0.26's parse() does not read the prompt
+            parser.set_prompt_token_ids(prompt_ids)
         reasoning, content, tool_calls = parser.parse(
             text, self.request, enable_auto_tools=self.parsing.enable_auto_tools, model_output_token_ids=token_ids
         )
