@@ -33,6 +33,11 @@ export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 BENTOML_DO_NOT_TRAC
 mkdir -p "$R"
 [ -d "$MODELS/smol" ] && [ -d "$MODELS/llama7b" ] || python3 scripts/gpu_tp_check.py models --dest "$MODELS" || exit 1
 log() { echo "$(date -u +%T) $*" | tee -a "$R/progress.log"; }
+# Stopped (a device call's time limit: `timeout` signals this script only): pass it on to the
+# phase's bench.py, which stops its servers; a server left running keeps the GPU's memory from the
+# next call.
+stop() { trap '' TERM INT; log "stopped by a signal"; kill -TERM 0 2>/dev/null; wait; exit 143; }
+trap stop TERM INT
 nvidia-smi >"$R/nvidia-smi.txt" 2>&1; lscpu >"$R/lscpu.txt" 2>&1
 nvidia-smi dmon -s u -d 2 >"$R/gpu-util.txt" 2>&1 &
 dmon=$!
@@ -70,8 +75,9 @@ for phase in $phases; do
                tests/unit/test_engine_clients.py tests/unit/test_request_life.py ;;
     # the CPU tier's own costs per core on this (quiet) machine's processor
     costs)   python3 scripts/bench_pipeline_costs.py --model "$MODELS/smol" --out "$R/costs/pipeline-costs.json" ;;
-    *) log "unknown phase $phase"; continue ;;
-  esac > "$R/$phase.log" 2>&1
+    *) log "unknown phase $phase" ;;
+  esac > "$R/$phase.log" 2>&1 &
+  wait $!  # in the background, so that a signal reaches stop() at once
   log "phase $phase ends, rc $?: $(grep -c ' ok, ' "$R/$phase.log") load levels measured"
 done
 kill $dmon 2>/dev/null
