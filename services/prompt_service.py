@@ -26,7 +26,7 @@ from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.metrics import front_metrics
 from services.model_store import model_reference, sampling_defaults
-from services.openai.router import app as openai_app
+from services.openai.router import app as openai_app, attach_lora_routes
 from services.openai.serving import OpenAIServing
 from services.protocol import StructuredOutputs
 from services.security import BearerAuthMiddleware
@@ -36,6 +36,10 @@ from services.text.tokenizer import load_tokenizer
 logger = logging.getLogger("bentoml.service.prompt")
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
+
+
+if settings.allow_runtime_lora_updating:  # /v1/load_lora_adapter, /v1/unload_lora_adapter
+    attach_lora_routes()
 
 
 def _one_of(schema: dict) -> None:

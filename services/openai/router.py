@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.config import settings
 from services.errors import RequestError
 from services.openai.protocol import (
     ChatCompletionRequest,
@@ -182,10 +181,14 @@ async def unload_lora_adapter(request: UnloadAdapterRequest, raw_request: Reques
     return adapter_response(await serving(raw_request).update_adapter(request))
 
 
-if settings.allow_runtime_lora_updating:  # vLLM attaches them only with VLLM_ALLOW_RUNTIME_LORA_UPDATING
+def attach_lora_routes() -> None:
+    """Serve the two routes (PromptService does when PIPELINE_ALLOW_RUNTIME_LORA_UPDATING is set, as
+    vLLM attaches them only with VLLM_ALLOW_RUNTIME_LORA_UPDATING); again does nothing."""
+    attached = {getattr(route, "path", None) for route in app.routes}
     for path, handler in (("/v1/load_lora_adapter", load_lora_adapter), ("/v1/unload_lora_adapter", unload_lora_adapter)):
-        app.post(path, responses={200: {"content": {"text/plain": {}}, "description": "a success message"}, **ERRORS},
-                 summary=handler.__doc__.split(" (")[0], tags=["OpenAI"])(handler)
+        if path not in attached:
+            app.post(path, responses={200: {"content": {"text/plain": {}}, "description": "a success message"}, **ERRORS},
+                     summary=handler.__doc__.split(" (")[0], tags=["OpenAI"])(handler)
 
 
 @app.post(
