@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
 from services.errors import RequestError
-from services.lora import AdapterExists, AdapterRegistry
+from services.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.metrics import engine_metrics
 from services.model_store import adapter_reference, model_reference
 from services.protocol import (
@@ -338,11 +338,11 @@ class LLMService:
         except Exception as error:
             not_found = str(LoRAAdapterNotFoundError(name, path))
             if not_found in str(error):
-                return AdapterUpdate(status=404, message=not_found, type="NotFoundError")
+                return AdapterUpdate(status=404, message=sanitize_message(not_found), type="NotFoundError")
             # vLLM's server answers 500 here (a rank over the maximum, a folder that is not an
             # adapter); it is the request's fault, and the engine goes on serving: 400
             logger.warning("LoRA adapter %r (%s) refused: %s", name, path, error)
-            return AdapterUpdate(status=400, message=str(error), type="BadRequestError")
+            return AdapterUpdate(status=400, message=sanitize_message(str(error)), type="BadRequestError")
         logger.info("LoRA adapter %r loaded from %s (id %d)", name, adapter.path, adapter.id)
         return AdapterUpdate(message=f"Success: LoRA adapter '{name}' added successfully.")
 

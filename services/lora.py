@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,16 @@ def resolve_adapter_path(path: str) -> str:
         except Exception:  # not in the store (or not a valid tag): left to vLLM
             pass
     return path
+
+
+def sanitize_message(message: str) -> str:
+    """An engine error as a client may see it: no memory addresses, tracebacks or server paths
+    (vLLM 0.32's `sanitize_message`, same patterns, so the messages match its server's)."""
+    message = re.sub(r" at 0x[0-9a-fA-F]+>", ">", message)
+    message = re.sub(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?', "", message)
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    message = re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message)
+    return message.strip()
 
 
 def default_registry_path() -> str:
