@@ -216,8 +216,11 @@ def http(gpu):
     server.server.config.lifespan = "on"
     with server:
         wait_for(lambda: served.monitor.ready, what="the front seeing the GPU tier ready")
-        with httpx.Client(base_url=server.url, timeout=15, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-            yield client
+        try:
+            with httpx.Client(base_url=server.url, timeout=15, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+                yield client
+        finally:
+            openai_app.state.serving = None  # as before any front was built (test_openai_protocol's 503)
 
 
 def chat(model: str) -> dict:
