@@ -46,6 +46,8 @@ def compare(runs: dict[str, dict[int, dict]]) -> list[dict]:
     rows = []
     for c in levels:
         figures = {t: summarize(runs[t][c]) for t in TARGETS if c in runs.get(t, {})}
+        if not figures:
+            continue
         row: dict = {"concurrency": c, "figures": {}, "errors": {}, "cpu": {}, "server_metrics": {}}
         for name in next(iter(figures.values())):
             entry = {t: figures[t][name] for t in figures}
@@ -65,6 +67,48 @@ def compare(runs: dict[str, dict[int, dict]]) -> list[dict]:
             row["tpot_p50_ratio"] = f["tpot_p50_ms"]["ratio"]
         rows.append(row)
     return rows
+
+
+def best_configurations(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """Every configuration of each server (`pipeline-ecN`, `vllm-apiN`, ...) at each level, and the
+    best pipeline's ratio to the best vLLM configuration and to vLLM's default (`vllm`) where measured."""
+    rows = []
+    for c in sorted(set().union(*(set(r) for r in runs.values()))):
+        figures = {t: summarize(runs[t][c]) for t in sorted(runs) if c in runs[t]}
+        best = {}
+        for kind in ("pipeline", "vllm"):
+            mine = [t for t in figures if t.split("-")[0] == kind]
+            if mine:
+                best[kind] = max(mine, key=lambda t: figures[t]["output_throughput"])
+        row = {"concurrency": c, "best": best,
+               "configs": {t: {k: f[k] for k in ("output_throughput", "ttft_p50_ms", "tpot_p50_ms", "failed")}
+                           for t, f in figures.items()}}
+        if len(best) == 2:
+            ours, theirs = figures[best["pipeline"]], figures[best["vllm"]]
+            row["throughput_ratio_to_best_vllm"] = _ratio(ours["output_throughput"], theirs["output_throughput"])
+            row["ttft_p50_delta_ms_to_best_vllm"] = ours["ttft_p50_ms"] - theirs["ttft_p50_ms"]
+            if "vllm" in figures:
+                row["throughput_ratio_to_vllm_default"] = _ratio(ours["output_throughput"], figures["vllm"]["output_throughput"])
+        rows.append(row)
+    return rows
+
+
+def configurations_markdown(rows: list[dict], title: str) -> str:
+    lines = [f"### {title}" if title else "", "", "| c | server | output tok/s | TTFT p50 ms | TPOT p50 ms | failed |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        for target, f in r["configs"].items():
+            mark = " (best)" if target in r["best"].values() else ""
+            lines.append(f"| {r['concurrency']} | {target}{mark} | {_fmt(f['output_throughput'], 'output_throughput')} | "
+                         f"{_fmt(f['ttft_p50_ms'])} | {_fmt(f['tpot_p50_ms'])} | {f['failed']} |")
+    lines += ["", "| c | best pipeline / best vLLM (throughput) | TTFT p50 difference ms | best pipeline / `vllm serve` default |",
+              "|---|---|---|---|"]
+    for r in rows:
+        ratio, default = r.get("throughput_ratio_to_best_vllm"), r.get("throughput_ratio_to_vllm_default")
+        delta = r.get("ttft_p50_delta_ms_to_best_vllm")
+        lines.append(f"| {r['concurrency']} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{'-' if delta is None else f'{delta:+.1f}'} | {'-' if default is None else f'{default:.3f}'} |")
+    return "\n".join(lines).strip() + "\n"
 
 
 def check_targets(rows: list[dict], gpu: bool, small_model: bool) -> list[dict]:
@@ -172,7 +216,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_report(results: Path, out: Path, title: str = "") -> dict:
     meta = json.loads((results / "meta.json").read_text())
-    rows = compare(load_runs(results))
+    runs = load_runs(results)
+    rows = compare(runs)
     gpu = bool(meta["machine"]["gpus"]) and not meta["engine"].get("cpu")
     small = int(json.loads((Path(meta["engine"]["model"]) / "config.json").read_text()).get("hidden_size", 0)) < 1024 \
         if Path(meta["engine"]["model"]).is_dir() else "smol" in meta["engine"]["served_name"]
@@ -180,7 +225,11 @@ def write_report(results: Path, out: Path, title: str = "") -> dict:
     gen = loadgen_check(rows)
     out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows, "targets": checks, "load_generator": gen}
+    if set(runs) - set(TARGETS):  # several configurations of a server: compare the best of each
+        result["configurations"] = best_configurations(runs)
+        (out / "configurations.md").write_text(configurations_markdown(result["configurations"], title))
     (out / "comparison.json").write_text(json.dumps(result, indent=1))
-    (out / "table.md").write_text(markdown(rows, checks, gen, title))
-    plot(rows, out / "plots.png", title)
+    if rows:
+        (out / "table.md").write_text(markdown(rows, checks, gen, title))
+        plot(rows, out / "plots.png", title)
     return result

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -332,6 +333,8 @@ TIER_DEFAULTS = {
     "PIPELINE_ENABLE_AUTO_TOOL_CHOICE": "true",
     "PIPELINE_TOOL_CALL_PARSER": "hermes",
     "PIPELINE_CHAT_TEMPLATE": "hermes",
+    # LLMService as two engine-client processes on one engine (as `vllm serve --api-server-count 2`)
+    "PIPELINE_ENGINE_CLIENTS": "2",
 }
 
 
@@ -432,10 +435,14 @@ def cpu_engine_env(settings: EngineSettings) -> dict[str, str]:
     return cpu_engine_environment(settings.cpu_kvcache_gib)
 
 
-def vllm_command(settings: EngineSettings, port: int) -> tuple[list[str], dict[str, str]]:
+def vllm_command(settings: EngineSettings, port: int, api_servers: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """vLLM's OpenAI server; with `api_servers`, through the `vllm serve` CLI with
+    `--api-server-count` (the module entry point accepts that flag and ignores it)."""
+    start = ["-m", "vllm.entrypoints.openai.api_server", "--model", settings.model]
+    if api_servers is not None:
+        start = ["-m", "bench.vllm_cli", "serve", settings.model, "--api-server-count", str(api_servers)]
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", settings.model,
+        sys.executable, *start,
         "--served-model-name", settings.served_name,
         "--dtype", settings.dtype,
         "--max-model-len", str(settings.max_model_len),
@@ -451,7 +458,8 @@ def vllm_command(settings: EngineSettings, port: int) -> tuple[list[str], dict[s
     return argv, cpu_engine_env(settings)
 
 
-def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int) -> tuple[list[str], dict[str, str]]:
+def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int,
+                     engine_clients: int | None = None) -> tuple[list[str], dict[str, str]]:
     env = {
         "PIPELINE_MODEL": settings.model,
         "PIPELINE_SERVED_MODEL_NAME": settings.served_name,
@@ -468,18 +476,63 @@ def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int) -
     }
     if settings.max_num_seqs:
         env["PIPELINE_MAX_NUM_SEQS"] = str(settings.max_num_seqs)
+    if engine_clients is not None:
+        env["PIPELINE_ENGINE_CLIENTS"] = str(engine_clients)
     return serve_command(port), env
+
+
+TARGET = re.compile(r"vllm(?:-api(?P<api_servers>[1-9][0-9]*))?|pipeline(?:-ec(?P<engine_clients>[1-9][0-9]*))?")
+
+
+def parse_target(target: str) -> tuple[str, int | None]:
+    """`vllm`, `vllm-apiN` (`vllm serve --api-server-count N`), `pipeline`, `pipeline-ecN`
+    (PIPELINE_ENGINE_CLIENTS=N): the server kind and its process count, if given."""
+    match = TARGET.fullmatch(target)
+    if not match:
+        raise ValueError(f"unknown target {target!r}: vllm, vllm-apiN, pipeline or pipeline-ecN")
+    count = match["api_servers"] or match["engine_clients"]
+    return target.split("-")[0], int(count) if count else None
 
 
 def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path, prompt_workers: int = 1,
                 vllm_args: Sequence[str] = ()) -> Server:
-    """vLLM's own OpenAI server (`vllm`, with `vllm_args` added to its command line) or the
-    pipeline (`pipeline`), not started yet."""
-    if target == "vllm":
-        argv, env = vllm_command(settings, port)
-        return Server("vllm", [*argv, *vllm_args], env, port, log_dir / "server-vllm.log", ready_path="/health",
+    """vLLM's own OpenAI server (`vllm` or `vllm-apiN`, with `vllm_args` added to its command
+    line) or the pipeline (`pipeline` or `pipeline-ecN`), not started yet."""
+    kind, count = parse_target(target)
+    if kind == "vllm":
+        argv, env = vllm_command(settings, port, api_servers=count)
+        return Server(target, [*argv, *vllm_args], env, port, log_dir / f"server-{target}.log", ready_path="/health",
                       live_path=None)
-    if target == "pipeline":
-        argv, env = pipeline_command(settings, port, prompt_workers)
-        return Server("pipeline", argv, env, port, log_dir / "server-pipeline.log")
-    raise ValueError(f"unknown target {target!r}")
+    argv, env = pipeline_command(settings, port, prompt_workers, engine_clients=count)
+    return Server(target, argv, env, port, log_dir / f"server-{target}.log")
+
+
+def gpu_host_processes(server: Server) -> list[psutil.Process]:
+    """What runs on the GPU machine: all of vLLM's server, or the pipeline's LLMService workers
+    and their engine processes (PromptService could run elsewhere)."""
+    if server.name.startswith("vllm"):
+        return server.tree()
+    return [p for worker in server.workers().get("LLMService", []) for p in [worker, *worker.children(recursive=True)]]
+
+
+def pin(processes: list[psutil.Process], cpus: set[int]) -> int:
+    """Every thread of `processes` onto `cpus` (threads they start later inherit it); returns
+    the number of threads pinned."""
+    pinned = 0
+    for process in processes:
+        for thread in Path(f"/proc/{process.pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(thread.name), cpus)
+                pinned += 1
+            except OSError:
+                pass
+    return pinned
+
+
+def parse_cpus(text: str) -> set[int]:
+    """`0-1,4` -> {0, 1, 4} (taskset's list form)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
 from bench.server_metrics import level_means_ms, metrics_urls, scrape  # noqa: E402
-from bench.servers import EngineSettings, free_port, make_server  # noqa: E402
+from bench.servers import EngineSettings, free_port, gpu_host_processes, make_server, parse_cpus, parse_target, pin  # noqa: E402
 
 
 def clients_for(concurrency: int, per_client: int) -> int:
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         "label": args.label,
         "servers": {},
     }
+    if args.pin_rest:  # the servers and load generators started from here inherit it
+        os.sched_setaffinity(0, parse_cpus(args.pin_rest))
+        meta["pinned"] = {"gpu_host": args.pin_gpu_host, "rest": args.pin_rest}
     servers = {}
     for i, target in enumerate(args.targets):
         servers[target] = make_server(target, settings, free_port(), out / "logs", args.prompt_workers)
@@ -75,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 ready = server.wait_ready(args.ready_timeout)
                 log(f"{target} ready after {ready:.0f} s")
+                if args.pin_gpu_host:  # what would run on the GPU machine, onto its CPU budget
+                    threads = pin(gpu_host_processes(server), parse_cpus(args.pin_gpu_host))
+                    log(f"{target}: {threads} threads pinned to CPUs {args.pin_gpu_host}")
                 env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
                 meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
                 sweep(args, target, server, settings.model, out)
@@ -123,6 +130,14 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
         )
 
 
+def target_name(text: str) -> str:
+    try:
+        parse_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
+
+
 def report(args: argparse.Namespace) -> int:
     from bench.report import write_report
 
@@ -138,7 +153,8 @@ def main() -> int:
     r.add_argument("--served-name", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--label", default="", help="free text kept in meta.json (e.g. the card)")
-    r.add_argument("--targets", nargs="+", default=["vllm", "pipeline"], choices=["vllm", "pipeline"])
+    r.add_argument("--targets", nargs="+", default=["vllm", "pipeline"], type=target_name,
+                   help="vllm, vllm-apiN (`vllm serve --api-server-count N`), pipeline, pipeline-ecN (PIPELINE_ENGINE_CLIENTS=N)")
     r.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     r.add_argument("--input-len", type=int, default=512)
     r.add_argument("--output-len", type=int, default=256)
@@ -161,6 +177,10 @@ def main() -> int:
         "--devices", nargs="+", metavar="CUDA_VISIBLE_DEVICES",
         help="one GPU list per target (e.g. 0 1): start the servers together, each on its own GPUs, then measure one at a time",
     )  # fmt: skip
+    r.add_argument("--pin-gpu-host", metavar="CPUS", help="after start, pin what runs on the GPU machine (all of vLLM's "
+                   "server; the pipeline's LLMService and engine) to these CPUs, e.g. 0-1")
+    r.add_argument("--pin-rest", metavar="CPUS", help="pin this script, the load generators and the rest of the servers "
+                   "(the pipeline's PromptService) to these CPUs, e.g. 2-15")
     r.set_defaults(func=run)
     p = sub.add_parser("report", help="compare the two servers' runs: JSON, markdown table, plots")
     p.add_argument("results", help="the --out folder of `run`")

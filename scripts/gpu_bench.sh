@@ -6,7 +6,8 @@
 # with tensor_parallel_size=2 over two GPUs (eager mode, see below). Dummy weights of the
 # Llama-2-7B and SmolLM2-135M shapes.
 #
-#   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]    (phases: llama7b smol tp2 costs; default all)
+#   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]
+#   (phases: llama7b smol tp2 costs, and clients pinned2 pinned4 features unit; default the first four)
 #
 # Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md), and the model's
 # config + tokenizer in .gpu/model-src (`scripts/gpu_tp_check.py prepare`, carried), from which it
@@ -20,6 +21,9 @@ MODELS=${MODELS:-/tmp/models}
 # are measured one at a time; with one GPU (DEVICES="") each starts, is measured and stops in turn.
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 DEVICES=${DEVICES-$([ "$gpus" -ge 2 ] && echo "0 1")}
+CLIENT_TARGETS=${CLIENT_TARGETS:-pipeline-ec4 vllm-api8 pipeline-ec2}
+PINNED2_TARGETS=${PINNED2_TARGETS:-pipeline-ec1 vllm-api1 vllm-api2}
+PINNED4_TARGETS=${PINNED4_TARGETS:-pipeline-ec2 vllm-api2 vllm-api4}
 EXTRA=${BENCH_EXTRA:-}  # appended to every run (a CPU dry run: "--cpu --concurrency 1 --output-len 8 ...")
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 # NVLink multicast stays off (the lent machines' rule: it can take a shared host's GPUs down).
@@ -47,6 +51,23 @@ for phase in $phases; do
     # collectives through symmetric memory, so nothing can reach for multicast
     tp2)     CUDA_VISIBLE_DEVICES=0,1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 python3 scripts/bench.py run --enforce-eager --model "$MODELS/llama7b" --served-name llama7b \
                "${common[@]}" --tensor-parallel-size 2 --targets pipeline --concurrency 1 16 64 --out "$R/tp2" $EXTRA ;;
+    # issue 13: LLMService over N engine-client processes against `vllm serve --api-server-count N`
+    clients) python3 scripts/bench.py run --targets $CLIENT_TARGETS --model "$MODELS/smol" --served-name smol \
+               "${common[@]}" --concurrency 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/clients" $EXTRA ;;
+    # the GPU host held to 2 then 4 CPUs (all of vLLM's server; the pipeline's LLMService and engine),
+    # the load generators and PromptService on the others
+    pinned2) python3 scripts/bench.py run --targets $PINNED2_TARGETS --pin-gpu-host 0-1 --pin-rest 2-$(($(nproc) - 1)) \
+               --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
+               --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned2" $EXTRA ;;
+    pinned4) python3 scripts/bench.py run --targets $PINNED4_TARGETS --pin-gpu-host 0-3 --pin-rest 4-$(($(nproc) - 1)) \
+               --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
+               --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned4" $EXTRA ;;
+    # structured outputs, tool calling and several engine clients on this vLLM, through both tiers
+    features) python3 scripts/gpu_feature_check.py --model "$MODELS/smol" --out "$R/features/features.json" ;;
+    # the unit tests (vLLM's parsers, structured-output checks and messages) on this vLLM
+    unit)    PIPELINE_MODEL="$MODELS/smol" python3 -m pytest -q -p no:cacheprovider --junitxml "$R/unit/junit.xml" \
+               tests/unit/test_structured_outputs.py tests/unit/test_sampling_parity.py tests/unit/test_openai_protocol.py \
+               tests/unit/test_engine_clients.py tests/unit/test_request_life.py ;;
     # the CPU tier's own costs per core on this (quiet) machine's processor
     costs)   python3 scripts/bench_pipeline_costs.py --model "$MODELS/smol" --out "$R/costs/pipeline-costs.json" ;;
     *) log "unknown phase $phase"; continue ;;

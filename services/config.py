@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         2, ge=1, description="KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE unless it is set)."
     )
     load_format: str = Field("auto", description="vLLM load format; `dummy` gives random weights for speed tests.")
+    engine_clients: int = Field(
+        1, ge=1, le=64, description="LLMService worker processes, each an engine client of the one engine (as `vllm "
+        "serve --api-server-count`): past one process, the Python between the engine and the streams is spread over "
+        "several cores. Worker 1 launches the engine; the others connect to it (docs/architecture.md).",
+    )
+    engine_start_timeout_s: float = Field(
+        1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
+    )
 
     # --- LoRA adapters (services/lora.py) ---------------------------------------------------------
     lora_modules: Annotated[list[LoraModule], NoDecode] = Field(
@@ -69,7 +77,7 @@ class Settings(BaseSettings):
     )
     lora_registry_path: str | None = Field(
         None, description="The JSON file in which LLMService's workers share the adapter name -> id map of one engine "
-        "(runtime loads); unset means a file in a fresh temporary folder of each worker process."
+        "(runtime loads); unset means a file in the replica's run directory (PIPELINE_ENGINE_RUN_DIR), new at each start."
     )
 
     # --- the front tier (PromptService) ----------------------------------------------------------

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
+from services.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
 from services.errors import RequestError
 from services.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.metrics import engine_metrics
@@ -205,10 +206,15 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
     return deltas
 
 
+if settings.engine_clients > 1:
+    share_run_dir()  # in the `bentoml serve` process, before it starts the workers
+
+
 @bentoml.service(
     name="LLMService",
     resources={"gpu": settings.tensor_parallel_size},
-    workers=1,
+    # one engine-client process per worker, all on one engine (services/engine_clients.py)
+    workers=settings.engine_clients,
     # The front's deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
     # BentoML's own cap (429) is a backstop above the engine cap checked in `generate`.
     traffic={
@@ -230,7 +236,14 @@ class LLMService:
 
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
-        self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=UsageContext.OPENAI_API_SERVER)
+        usage = UsageContext.OPENAI_API_SERVER
+        if settings.engine_clients == 1:
+            slot = None
+            self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
+        else:
+            slot = EngineClientSlot.of_this_worker(settings.engine_clients)
+            self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
+        self.engine_load = EngineLoad(slot)
         self.input_errors = _input_errors()
         model_config = self.engine.model_config
         self.info = ModelInfo(
@@ -278,7 +291,7 @@ class LLMService:
         if self.engine.errored:
             raise ServiceUnavailable("the engine has stopped; the service is restarting")
         cap = settings.max_engine_requests
-        if cap is not None and self._unfinished_requests() >= cap:
+        if cap is not None and self.engine_load.total() >= cap:
             engine_metrics().refused.inc()
             raise BentoMLException(
                 f"the engine holds its limit of {cap} requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
@@ -298,6 +311,7 @@ class LLMService:
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
         own_engine_request(request.request_id, self.engine.abort)
+        self.engine_load.set_own(self.engine_load.own + 1)
         try:
             async for output in stream:
                 if output.finished:
@@ -306,6 +320,8 @@ class LLMService:
         except self.input_errors as error:  # vLLM's own input checks (grammars too), raised before the first output
             release_engine_request(request.request_id)
             raise InvalidArgument(str(error)) from error
+        finally:
+            self.engine_load.set_own(self.engine_load.own - 1)
 
     @bentoml.api
     async def load_lora_adapter(self, request: LoadAdapterRequest) -> AdapterUpdate:
@@ -365,8 +381,8 @@ class LLMService:
 
     @bentoml.api
     async def load(self) -> dict[str, int]:
-        """Requests the engine holds now (running or waiting)."""
-        return {"unfinished_requests": self._unfinished_requests()}
+        """Requests the engine holds now (running or waiting), over all its engine clients."""
+        return {"unfinished_requests": self.engine_load.total()}
 
     def _eos_token_ids(self) -> list[int]:
         """The ids the engine ends a generation on by itself: its tokenizer's EOS (it has one, for
@@ -387,10 +403,6 @@ class LLMService:
 
         return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path,
                            base_model_name=adapter.base_model_name)
-
-    def _unfinished_requests(self) -> int:
-        # through the output processor: AsyncLLM.get_num_unfinished_requests is missing in vLLM 0.26
-        return self.engine.output_processor.get_num_unfinished_requests()
 
     def _check(self, request: GenerateRequest) -> None:
         limit, vocab = self.info.max_model_len, self.info.vocab_size

@@ -10,8 +10,8 @@ engine lives (it would serve the cached weights of the old one).
 - the configured adapters (`PIPELINE_LORA_MODULES`, vLLM's `--lora-modules`) get ids 1..k in
   configuration order;
 - adapters loaded at run time (`/v1/load_lora_adapter`) get the next id never used, and are kept,
-  with every unload, in a small JSON file (`PIPELINE_LORA_REGISTRY_PATH`; by default a file in a
-  fresh temporary folder of this process), written atomically (a new file renamed over the old)
+  with every unload, in a small JSON file (`PIPELINE_LORA_REGISTRY_PATH`; by default a file in the
+  replica's run directory, `PIPELINE_ENGINE_RUN_DIR`, shared by its engine clients), written atomically (a new file renamed over the old)
   under an `fcntl` lock, and read again whenever it changed (its inode and mtime), so a load
   through one worker is seen by all the workers that share the file.
 
@@ -117,8 +117,14 @@ def sanitize_message(message: str) -> str:
 
 
 def default_registry_path() -> str:
-    """A file in a fresh folder of this process: right for one engine client (one worker)."""
-    return str(Path(tempfile.mkdtemp(prefix="lora-registry-")) / "adapters.json")
+    """The replica's run directory, which all its engine clients share and which is new each
+    time the replica starts (services/engine_clients.py); without one (one engine client, or
+    outside `bentoml serve`), a fresh folder of this process."""
+    from services.engine_clients import RUN_DIR_ENV
+
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    folder = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="lora-registry-"))
+    return str(folder / "lora-adapters.json")
 
 
 class AdapterRegistry:

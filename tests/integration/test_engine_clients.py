@@ -1,0 +1,96 @@
+"""LLMService over several engine-client processes on one engine (PIPELINE_ENGINE_CLIENTS, which
+the test tiers set to 2: bench/servers.py TIER_DEFAULTS, so the whole suite runs that way).
+
+- the front's requests reach every LLMService worker, and each answers (their access logs);
+- the engine's load is the sum over the workers;
+- when the EngineCore dies, every worker turns not ready and the front answers 503: no stream
+  waits on a dead engine.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from bench.servers import Server, own_bentoml_home, poll, serve_pipeline
+
+CHAT = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 24, "temperature": 0}
+WORKER = re.compile(r"\[service:LLMService:(\d+)\].*path=/generate")
+
+
+def generate_calls_by_worker(server: Server) -> dict[str, int]:
+    """/generate calls in LLMService's access log, by worker."""
+    calls: dict[str, int] = {}
+    for worker in WORKER.findall(server.log.read_text(errors="replace")):
+        calls[worker] = calls.get(worker, 0) + 1
+    return calls
+
+
+def llm_readiness(server: Server) -> list[int]:
+    """LLMService's /readyz 8 times, each on a new connection (so from any of its workers)."""
+    with server.llm_tier(timeout_s=5) as llm:
+        return [llm.get("/readyz", headers={"Connection": "close"}).status_code for _ in range(8)]
+
+
+def test_the_pipeline_runs_two_engine_clients_on_one_engine(pipeline: Server):
+    assert len(pipeline.workers()["LLMService"]) == 2
+    engine_cores = [p for p in pipeline.engine_processes() if "EngineCore" in p.name()]
+    assert len(engine_cores) == 1, [p.name() for p in pipeline.engine_processes()]
+
+
+def test_a_burst_is_served_by_every_engine_client(pipeline: Server):
+    before = generate_calls_by_worker(pipeline)
+    with httpx.Client(base_url=pipeline.url, timeout=120, limits=httpx.Limits(max_connections=16)) as client:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=CHAT), range(32)))
+    assert [a.status_code for a in answers] == [200] * 32
+    assert all(a.json()["choices"][0]["message"]["content"] for a in answers)
+    # the access log is written as each call ends: wait for all 32 lines
+    after = poll(lambda: generate_calls_by_worker(pipeline),
+                 lambda calls: sum(calls.values()) - sum(before.values()) >= 32, within_s=10)
+    served = {worker: after.get(worker, 0) - before.get(worker, 0) for worker in ("1", "2")}
+    assert sum(served.values()) == 32
+    assert min(served.values()) > 0, f"one engine client served the whole burst: {served}"
+
+
+def test_the_engine_load_is_summed_over_the_engine_clients(pipeline: Server):
+    """Requests in flight on either worker count in /load, whichever worker answers it."""
+    body = {**CHAT, "max_tokens": 200, "ignore_eos": True}
+    with httpx.Client(base_url=pipeline.url, timeout=300, limits=httpx.Limits(max_connections=8)) as client:
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(4)]
+            loads = poll(lambda: [pipeline.engine_load() for _ in range(6)], lambda seen: min(seen) == 4, within_s=60)
+            assert min(loads) == 4, f"/load from the workers saw {loads} of 4 requests in flight"
+            assert all(future.result().status_code == 200 for future in running)
+    assert pipeline.wait_engine_idle(within_s=10)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def own_pipeline(tmp_path_factory):
+    """A pipeline of this module's own: the test below kills its engine."""
+    served = serve_pipeline(log=tmp_path_factory.mktemp("engine-clients") / "pipeline.log",
+                            env={"BENTOML_HOME": own_bentoml_home(tmp_path_factory.mktemp("home"))})
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def test_every_engine_client_turns_not_ready_when_the_engine_core_dies(own_pipeline: Server):
+    with own_pipeline.client() as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert llm_readiness(own_pipeline) == [200] * 8
+    [engine_core] = [p for p in own_pipeline.engine_processes() if "EngineCore" in p.name()]
+    engine_core.kill()
+    started = time.monotonic()
+    codes = poll(lambda: llm_readiness(own_pipeline), lambda seen: 200 not in seen, within_s=30)
+    assert 200 not in codes, f"an engine client still says ready {time.monotonic() - started:.0f} s after: {codes}"
+    with own_pipeline.client(timeout_s=30) as client:
+        status = poll(lambda: client.post("/v1/chat/completions", json=CHAT).status_code, lambda code: code == 503,
+                      within_s=30)
+    assert status == 503

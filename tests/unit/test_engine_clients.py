@@ -1,0 +1,70 @@
+"""services/engine_clients.py without an engine: the sockets each engine client binds, the run
+directory the workers share, and the engine's load summed over the workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.servers import parse_cpus, parse_target
+from services import engine_clients
+from services.engine_clients import EngineClientSlot, EngineLoad
+
+
+def test_each_engine_client_has_its_own_sockets_in_the_run_directory(tmp_path: Path):
+    slot = EngineClientSlot(run_dir=tmp_path, count=3, index=1)
+    addresses = [slot.addresses(i) for i in range(3)]
+    every = [a for pair in addresses for a in pair.values()]
+    assert len(set(every)) == 6
+    assert all(a.startswith(f"ipc://{tmp_path}/") for a in every)
+    assert not slot.launches_engine and EngineClientSlot(tmp_path, 3, 0).launches_engine
+
+
+def test_the_socket_paths_fit_a_unix_socket(monkeypatch):
+    """At most 107 bytes: the run directory is a short temp folder."""
+    monkeypatch.delenv(engine_clients.RUN_DIR_ENV, raising=False)
+    engine_clients.share_run_dir()
+    slot = EngineClientSlot(Path(os.environ[engine_clients.RUN_DIR_ENV]), count=64, index=63)
+    assert len(slot.addresses(63)["output_address"].removeprefix("ipc://")) < 107
+
+
+def test_the_run_directory_is_made_once_and_then_inherited(monkeypatch):
+    monkeypatch.delenv(engine_clients.RUN_DIR_ENV, raising=False)
+    engine_clients.share_run_dir()
+    first = os.environ[engine_clients.RUN_DIR_ENV]
+    engine_clients.share_run_dir()  # a worker importing the module again keeps its parent's
+    assert os.environ[engine_clients.RUN_DIR_ENV] == first and Path(first).is_dir()
+
+
+def test_the_engine_load_is_the_sum_over_the_workers(tmp_path: Path):
+    workers = [EngineLoad(EngineClientSlot(tmp_path, 3, index)) for index in range(3)]
+    assert [w.total() for w in workers] == [0, 0, 0]
+    workers[0].set_own(2)
+    workers[2].set_own(5)
+    assert [w.total() for w in workers] == [7, 7, 7]
+    workers[2].set_own(workers[2].own - 5)
+    assert workers[1].total() == 2
+
+
+def test_one_engine_client_counts_its_own_requests():
+    alone = EngineLoad(None)
+    alone.set_own(3)
+    assert alone.total() == 3
+
+
+@pytest.mark.parametrize("target, parsed", [("vllm", ("vllm", None)), ("vllm-api8", ("vllm", 8)),
+                                            ("pipeline", ("pipeline", None)), ("pipeline-ec4", ("pipeline", 4))])
+def test_benchmark_targets(target, parsed):
+    assert parse_target(target) == parsed
+
+
+@pytest.mark.parametrize("target", ["vllm-ec2", "pipeline-api2", "pipeline-ec0", "sglang"])
+def test_unknown_benchmark_targets_are_refused(target):
+    with pytest.raises(ValueError):
+        parse_target(target)
+
+
+def test_cpu_lists_read_as_taskset_does():
+    assert parse_cpus("0-1,4") == {0, 1, 4} and parse_cpus("3") == {3}
