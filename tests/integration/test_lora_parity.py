@@ -9,8 +9,8 @@ a folder that is not an adapter).
 vLLM's server: the flags of test_openai_parity.py's server plus `--enable-lora --max-lora-rank 8
 --max-loras 3 --lora-modules a=... b=...` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1. The pipeline:
 `bentoml serve` with PIPELINE_LORA_MODULES, PIPELINE_MAX_LORA_RANK, PIPELINE_MAX_LORAS,
-PIPELINE_ALLOW_RUNTIME_LORA_UPDATING, and two front workers, so a load through one front worker
-must be seen by the other. One of each for the whole module; short answers.
+PIPELINE_ALLOW_RUNTIME_LORA_UPDATING, two front workers and two LLMService engine clients
+(PIPELINE_ENGINE_CLIENTS=2), so a load through one worker of each tier must be seen by the other. One of each for the whole module; short answers.
 
 Greedy answers must be identical (text, finish reason, token counts), also when the base model
 and both adapters run interleaved in one concurrent burst. Where vLLM's server answers a bad
@@ -81,6 +81,7 @@ def servers(adapters, tmp_path_factory: pytest.TempPathFactory):
             "PIPELINE_MAX_LORAS": str(MAX_LORAS),
             "PIPELINE_ALLOW_RUNTIME_LORA_UPDATING": "true",
             "PIPELINE_PROMPT_WORKERS": "2",
+            "PIPELINE_ENGINE_CLIENTS": "2",  # two LLMService workers: an adapter loaded through one is served by both
         }, ready_timeout_s=START_TIMEOUT_S)
         vllm.wait_ready(START_TIMEOUT_S)
         yield pipeline, vllm
@@ -182,8 +183,9 @@ def test_an_adapter_loaded_and_unloaded_at_run_time(servers, adapters):
     assert models(pipeline.url)[1:] == models(vllm.url)[1:]
     assert "c" in [name for name, _, _ in models(pipeline.url)]
     body = {"model": "c", "temperature": 0, "max_tokens": 24, "messages": [{"role": "user", "content": QUESTIONS[1]}]}
+    assert len(pipeline.workers()["LLMService"]) == 2
     reference = summary(call(vllm.url, "/v1/chat/completions", body)[1])
-    for _ in range(2):  # two front workers: the load went through one of them
+    for _ in range(4):  # two front workers and two engine clients: the load went through one of each
         assert summary(call(pipeline.url, "/v1/chat/completions", body)[1]) == reference
     same_update(servers, "/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(adapters["c"])})  # 400
     same_update(servers, "/v1/unload_lora_adapter", {"lora_name": "c"})
