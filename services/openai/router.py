@@ -156,7 +156,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
 
 @app.get("/v1/models", response_model=ModelList, summary="The served model and its LoRA adapters", tags=["OpenAI"])
 async def show_available_models(raw_request: Request):
-    return JSONResponse(serving(raw_request).models().model_dump())
+    return JSONResponse((await serving(raw_request).models()).model_dump())
 
 
 # --- LoRA adapters at run time (vLLM's routes, only with PIPELINE_ALLOW_RUNTIME_LORA_UPDATING) -----

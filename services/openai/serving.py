@@ -236,8 +236,12 @@ class OpenAIServing:
 
     # --- /v1/models, /tokenize, /detokenize ----------------------------------------------------
 
-    def models(self) -> ModelList:
-        """The base model, then each adapter with the base as its parent (vLLM's cards)."""
+    async def models(self) -> ModelList:
+        """The base model, then each adapter with the base as its parent (vLLM's cards). When
+        adapters change at run time, asked of the GPU tier each time (another front worker may
+        have taken the load)."""
+        if self.refresh_models is not None:
+            await self.refresh_models()
         base = ModelCard(id=self.model_name, max_model_len=self.generation.context_length, root=self.model_root,
                          permission=[ModelPermission()])
         adapters = [ModelCard(id=a.name, root=a.path, parent=a.parent, permission=[ModelPermission()])

@@ -286,6 +286,15 @@ def test_an_adapter_loaded_through_another_worker_is_found(http, gpu):
         gpu.adapters.pop()
 
 
+def test_models_lists_an_adapter_loaded_through_another_worker(http, gpu):
+    gpu.adapters.append(AdapterInfo(name="listed", path="/adapters/listed", parent="fake"))
+    try:
+        assert "listed" in [card["id"] for card in http.get("/v1/models").json()["data"]]
+    finally:
+        gpu.adapters.pop()
+    assert "listed" not in [card["id"] for card in http.get("/v1/models").json()["data"]]
+
+
 def test_an_adapter_unloaded_through_another_worker_is_a_404(http, gpu):
     """Still in this worker's view: the GPU tier's 404 comes back as vLLM's unknown-model answer."""
     gpu.adapters.append(AdapterInfo(name="going", path="/adapters/going", parent="fake"))
