@@ -104,7 +104,7 @@ def summarize(runs: list[dict], wall_s: float | None) -> dict:
 def run_server(env: dict, name: str, work) -> dict:
     logs = ROOT / ".cache" / "bench-logs"
     server = serve_pipeline(log=logs / f"{name}.log", env={"BENTOML_HOME": own_bentoml_home(logs / name),
-                                                           "PIPELINE_PROMPT_WORKERS": "1", **env})
+                                                           "PIPELINE_PROMPT_WORKERS": "1", "PIPELINE_ENGINE_CLIENTS": "1", **env})
     try:
         return asyncio.run(work(server.url)) | {"ready_after_s": round(server.ready_after_s or 0, 1)}
     finally:
@@ -140,7 +140,8 @@ def main() -> None:
 
     results = {
         "what": "streamed /v1/completions, greedy, ignore_eos; prompt 20 tokens, 64 output tokens; rank-8 adapters on "
-                "q_proj and v_proj; the pipeline (bentoml serve, 1 front worker), float32 CPU engine, eager",
+                "q_proj and v_proj; the pipeline (bentoml serve, 1 front worker, 1 engine client), float32 CPU engine, eager; "
+                "sequential: base and adapter requests alternate, after one warm-up each",
         "machine": describe_machine(),
         "lora_pipeline": run_server(lora_env, "lora-bench-lora", with_lora),
         "no_lora_pipeline": run_server({}, "lora-bench-plain", without_lora),
