@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.lora import LoraModule, check_lora_modules, parse_lora_modules
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -57,6 +59,26 @@ class Settings(BaseSettings):
     )
     engine_start_timeout_s: float = Field(
         1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
+    )
+
+    # --- LoRA adapters (services/lora.py) ---------------------------------------------------------
+    lora_modules: Annotated[list[LoraModule], NoDecode] = Field(
+        default_factory=list, description="vLLM's --lora-modules: adapters served next to the base model, `name=path` "
+        "items separated by spaces or commas (a path may be a BentoML model-store tag), or JSON objects with name, "
+        "path and base_model_name. Clients pick one with the OpenAI `model` field."
+    )
+    max_loras: int = Field(1, ge=1, description="vLLM's --max-loras: adapters in one engine batch.")
+    max_lora_rank: int = Field(16, ge=1, description="vLLM's --max-lora-rank: the largest adapter rank the engine takes "
+                               "(one of vLLM's sizes: 1, 8, 16, 32, 64, 128, 256, 320, 512).")
+    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM's --max-cpu-loras: adapters kept in CPU memory; "
+                                      "unset means max_loras.")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: serve /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter (per replica; behind the API keys when set). Also turns LoRA on in the engine."
+    )
+    lora_registry_path: str | None = Field(
+        None, description="The JSON file in which LLMService's workers share the adapter name -> id map of one engine "
+        "(runtime loads); unset means a file in the replica's run directory (PIPELINE_ENGINE_RUN_DIR), new at each start."
     )
 
     # --- the front tier (PromptService) ----------------------------------------------------------
@@ -158,6 +180,25 @@ class Settings(BaseSettings):
             raise ValueError("PIPELINE_ENABLE_AUTO_TOOL_CHOICE needs PIPELINE_TOOL_CALL_PARSER (vLLM: "
                              "--enable-auto-tool-choice requires --tool-call-parser)")
         return self
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_modules_from_env(cls, value: object) -> object:
+        return parse_lora_modules(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _adapters_named_apart(self) -> Settings:
+        check_lora_modules(self.lora_modules, self.model_name)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"PIPELINE_MAX_CPU_LORAS ({self.max_cpu_loras}) must not be below PIPELINE_MAX_LORAS "
+                             f"({self.max_loras}) (vLLM: max_cpu_loras must be >= max_loras)")
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        """The engine starts with LoRA on (vLLM's --enable-lora) when adapters are configured or
+        may be loaded at run time."""
+        return bool(self.lora_modules) or self.allow_runtime_lora_updating
 
     @field_validator("prompt_workers", mode="before")
     @classmethod

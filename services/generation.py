@@ -126,10 +126,13 @@ class TextGeneration:
     # --- token ids -> text -----------------------------------------------------------------------
 
     async def stream(
-        self, token_ids: list[int], params: SamplingParams, options: TextOptions = TextOptions()
+        self, token_ids: list[int], params: SamplingParams, options: TextOptions = TextOptions(),
+        adapter: str | None = None,
     ) -> AsyncIterator[TextChunk]:
-        """Text chunks of every choice as the engine produces them, ending each with its finish."""
-        request = GenerateRequest(request_id=uuid.uuid4().hex, token_ids=token_ids, sampling_params=params)
+        """Text chunks of every choice as the engine produces them, ending each with its finish;
+        `adapter` names the LoRA adapter to run with (None: the base model)."""
+        request = GenerateRequest(request_id=uuid.uuid4().hex, token_ids=token_ids, sampling_params=params,
+                                  adapter=adapter)
         decoders = [
             IncrementalDetokenizer(
                 self.tokenizer.backend_tokenizer,
@@ -157,6 +160,8 @@ class TextGeneration:
                     yield chunk
         finally:
             metrics.completion_tokens.inc(completion_tokens)
+            if adapter is not None:
+                metrics.count_adapter_request(adapter, len(token_ids), completion_tokens)
             if completion_tokens > first_tokens:
                 metrics.time_per_output_token.observe((last - first) / (completion_tokens - first_tokens))
 

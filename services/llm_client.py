@@ -26,7 +26,15 @@ import aiohttp
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.health import TierMonitor, is_local_exhaustion
-from services.protocol import DeltaDecoder, GenerateDelta, GenerateRequest, ModelInfo
+from services.protocol import (
+    AdapterUpdate,
+    DeltaDecoder,
+    GenerateDelta,
+    GenerateRequest,
+    LoadAdapterRequest,
+    ModelInfo,
+    UnloadAdapterRequest,
+)
 from services.security import internal_auth_header
 
 logger = logging.getLogger("bentoml.service.prompt")
@@ -153,6 +161,21 @@ class LLMClient:
             if response.status != 200:
                 raise _error_from(response.status, response.headers, body)
             return ModelInfo.model_validate_json(body)
+
+    async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest, timeout_s: float = 300.0) -> AdapterUpdate:
+        """Load or unload a LoRA adapter on the GPU tier (its outcome, vLLM's status included)."""
+        if self.monitor is not None:
+            self.monitor.require()
+        route = "/load_lora_adapter" if isinstance(request, LoadAdapterRequest) else "/unload_lora_adapter"
+        try:
+            async with self._http.post(route, json={"request": request.model_dump()},
+                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise _error_from(response.status, response.headers, body)
+                return AdapterUpdate.model_validate_json(body)
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise self._call_failed(error) from error
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -28,13 +28,18 @@ from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
 from services.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
 from services.errors import RequestError
+from services.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.metrics import engine_metrics
-from services.model_store import model_reference
+from services.model_store import adapter_reference, model_reference
 from services.protocol import (
+    AdapterInfo,
+    AdapterUpdate,
     GenerateDelta,
     GenerateRequest,
+    LoadAdapterRequest,
     ModelInfo,
     TokenLogprobs,
+    UnloadAdapterRequest,
     encode_frame,
 )
 from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
@@ -135,6 +140,9 @@ def engine_args(config: Settings):
         # so that a grammar applies after the reasoning ends, as in `vllm serve --reasoning-parser`
         "reasoning_parser": config.reasoning_parser,
     }
+    if config.lora_enabled:  # vLLM's --enable-lora and its limits (services/lora.py)
+        optional |= {"enable_lora": True, "max_loras": config.max_loras, "max_lora_rank": config.max_lora_rank,
+                     "max_cpu_loras": config.max_cpu_loras}
     return AsyncEngineArgs(
         model=config.model_path,
         served_model_name=config.model_name,
@@ -244,8 +252,21 @@ class LLMService:
             vocab_size=model_config.get_vocab_size(),
             eos_token_ids=self._eos_token_ids(),
         )
+        # LoRA adapters by name (None without LoRA: nothing of it on a request's path)
+        self.adapters = AdapterRegistry(settings.lora_modules, settings.lora_registry_path) if settings.lora_enabled else None
         engine_metrics()  # created now, so they read 0 rather than being absent until first used
         logger.info("engine ready: %s", self.info)
+
+    @bentoml.on_startup
+    async def load_configured_adapters(self) -> None:
+        """Load each configured adapter now, as `vllm serve --lora-modules` does: a bad one stops
+        the start with its reason instead of failing the first request that names it."""
+        for adapter in self.adapters.adapters() if self.adapters is not None else []:
+            try:
+                await self.engine.add_lora(self._lora_request(adapter.name))
+            except Exception as error:
+                raise RuntimeError(f"LoRA adapter {adapter.name!r} ({adapter.path}) could not be loaded: {error}") from error
+            logger.info("LoRA adapter %r loaded from %s (id %d)", adapter.name, adapter.path, adapter.id)
 
     async def __is_ready__(self) -> bool:
         return not self.engine.errored
@@ -255,8 +276,13 @@ class LLMService:
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:
-        """The served model's name, context length, vocabulary size and EOS ids."""
-        return self.info
+        """The served model's name, context length, vocabulary size and EOS ids, and the LoRA
+        adapters it serves now."""
+        if self.adapters is None:
+            return self.info
+        adapters = [AdapterInfo(name=a.name, path=a.path, parent=a.base_model_name or self.info.model)
+                    for a in self.adapters.adapters()]
+        return self.info.model_copy(update={"adapters": adapters})
 
     @bentoml.api
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[str, None]:
@@ -280,6 +306,7 @@ class LLMService:
             tokens_input(request.token_ids),
             vllm_sampling_params(request),
             request_id=request.request_id,
+            lora_request=self._lora_request(request.adapter) if request.adapter is not None else None,
         )
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
@@ -297,6 +324,62 @@ class LLMService:
             self.engine_load.set_own(self.engine_load.own - 1)
 
     @bentoml.api
+    async def load_lora_adapter(self, request: LoadAdapterRequest) -> AdapterUpdate:
+        """Load a LoRA adapter into the engine (vLLM's /v1/load_lora_adapter: its checks, statuses
+        and messages), and serve it under its name from every worker of this replica. The outcome,
+        an error included, comes back as a 200 carrying the status for the client."""
+        if not settings.allow_runtime_lora_updating or self.adapters is None:
+            return AdapterUpdate(status=404, message="Not Found", type="NotFoundError")
+        name, path = request.lora_name, request.lora_path
+        if not name or not path:
+            return AdapterUpdate(status=400, message="Both 'lora_name' and 'lora_path' must be provided.",
+                                 type="InvalidUserInput")
+        if name == self.info.model:
+            return AdapterUpdate(status=400, message=f"The lora adapter '{name}' conflicts with a served base model.",
+                                 type="InvalidUserInput")
+        from vllm.exceptions import LoRAAdapterNotFoundError
+        from vllm.lora.request import LoRARequest
+
+        try:
+            adapter = self.adapters.reserve(name, path, inplace=request.load_inplace)
+            # eager, so that a bad folder or rank is refused here (requests load it lazily, from
+            # its path, in an engine that evicted it since)
+            await self.engine.add_lora(LoRARequest(lora_name=name, lora_int_id=adapter.id, lora_path=adapter.path,
+                                                   load_inplace=request.load_inplace))
+            self.adapters.commit(adapter, inplace=request.load_inplace)
+        except AdapterExists:
+            return AdapterUpdate(status=400, type="InvalidUserInput", message=(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True."))
+        except Exception as error:
+            not_found = str(LoRAAdapterNotFoundError(name, path))
+            if not_found in str(error):
+                return AdapterUpdate(status=404, message=sanitize_message(not_found), type="NotFoundError")
+            # vLLM's server answers 500 here (a rank over the maximum, a folder that is not an
+            # adapter); it is the request's fault, and the engine goes on serving: 400
+            logger.warning("LoRA adapter %r (%s) refused: %s", name, path, error)
+            return AdapterUpdate(status=400, message=sanitize_message(str(error)), type="BadRequestError")
+        logger.info("LoRA adapter %r loaded from %s (id %d)", name, adapter.path, adapter.id)
+        return AdapterUpdate(message=f"Success: LoRA adapter '{name}' added successfully.")
+
+    @bentoml.api
+    async def unload_lora_adapter(self, request: UnloadAdapterRequest) -> AdapterUpdate:
+        """Stop serving a LoRA adapter (vLLM's /v1/unload_lora_adapter). As in vLLM, the engine
+        keeps its weights until its cache evicts them, so requests already running on it finish."""
+        if not settings.allow_runtime_lora_updating or self.adapters is None:
+            return AdapterUpdate(status=404, message="Not Found", type="NotFoundError")
+        if not request.lora_name:
+            return AdapterUpdate(status=400, message="'lora_name' needs to be provided to unload a LoRA adapter.",
+                                 type="InvalidUserInput")
+        try:
+            self.adapters.remove(request.lora_name)
+        except KeyError:
+            return AdapterUpdate(status=404, message=f"The lora adapter '{request.lora_name}' cannot be found.",
+                                 type="NotFoundError")
+        logger.info("LoRA adapter %r unloaded", request.lora_name)
+        return AdapterUpdate(message=f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+    @bentoml.api
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting), over all its engine clients."""
         return {"unfinished_requests": self.engine_load.total()}
@@ -310,6 +393,16 @@ class LLMService:
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
             ids.append(tokenizer.eos_token_id)
         return ids
+
+    def _lora_request(self, name: str):
+        """vLLM's LoRARequest for the adapter served as `name` (404 when there is none)."""
+        adapter = self.adapters.get(name) if self.adapters is not None else None
+        if adapter is None:
+            raise BentoMLException(f"The model `{name}` does not exist.", error_code=HTTPStatus.NOT_FOUND)
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path,
+                           base_model_name=adapter.base_model_name)
 
     def _check(self, request: GenerateRequest) -> None:
         limit, vocab = self.info.max_model_len, self.info.vocab_size
@@ -326,6 +419,12 @@ class LLMService:
         if bad_stop:
             raise InvalidArgument(f"stop_token_ids must be in [0, {vocab}); got {bad_stop[:5]}")
 
+
+# `bentoml build` packs the adapters that come from the model store, as it packs the model.
+LLMService.models.extend(
+    reference for module in settings.lora_modules
+    if (reference := adapter_reference(module.path)) is not None
+)
 
 # Outermost first: who is calling (401), what they send (415), then the call's engine requests.
 LLMService.add_asgi_middleware(BearerAuthMiddleware, keys=[settings.internal_token.get_secret_value()],

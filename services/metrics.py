@@ -65,6 +65,18 @@ class FrontMetrics:
             "1 while the front's last check of the GPU tier (its /readyz) succeeded, else 0.",
             multiprocess_mode="livemin",
         )
+        # LoRA adapters (services/lora.py): one series per adapter name, the base model not counted
+        # here (the totals above count every request)
+        self.lora_requests = Counter("pipeline_lora_requests", "Generation requests per LoRA adapter.", ["adapter"])
+        self.lora_prompt_tokens = Counter("pipeline_lora_prompt_tokens", "Prompt tokens per LoRA adapter.", ["adapter"])
+        self.lora_completion_tokens = Counter(
+            "pipeline_lora_completion_tokens", "Completion tokens per LoRA adapter.", ["adapter"]
+        )
+
+    def count_adapter_request(self, adapter: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.lora_requests.labels(adapter).inc()
+        self.lora_prompt_tokens.labels(adapter).inc(prompt_tokens)
+        self.lora_completion_tokens.labels(adapter).inc(completion_tokens)
 
 
 class EngineMetrics:

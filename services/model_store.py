@@ -49,3 +49,11 @@ def sampling_defaults(model_path: str) -> dict[str, float | int]:
     except OSError:  # no generation_config.json
         return {}
     return {name: values[name] for name in GENERATION_SAMPLING_DEFAULTS if values.get(name) is not None}
+
+
+def adapter_reference(path: str) -> BentoModel | None:
+    """The model-store reference of a LoRA adapter given by its store tag (packed by `bentoml
+    build`), or None for a folder or a Hugging Face id (vLLM reads those itself)."""
+    if Path(path).is_dir() or "/" in path or path.startswith("."):
+        return None
+    return BentoModel(path)

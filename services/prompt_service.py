@@ -26,7 +26,7 @@ from services.llm_client import LLMClient
 from services.llm_service import LLMService
 from services.metrics import front_metrics
 from services.model_store import model_reference, sampling_defaults
-from services.openai.router import app as openai_app
+from services.openai.router import app as openai_app, attach_lora_routes
 from services.openai.serving import OpenAIServing
 from services.protocol import StructuredOutputs
 from services.security import BearerAuthMiddleware
@@ -36,6 +36,10 @@ from services.text.tokenizer import load_tokenizer
 logger = logging.getLogger("bentoml.service.prompt")
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
+
+
+if settings.allow_runtime_lora_updating:  # /v1/load_lora_adapter, /v1/unload_lora_adapter
+    attach_lora_routes()
 
 
 def _one_of(schema: dict) -> None:
@@ -112,10 +116,13 @@ class PromptService:
                 tool_parser_plugin=settings.tool_parser_plugin,
                 reasoning_parser=settings.reasoning_parser,
             )
-        openai_app.state.serving = OpenAIServing(
+        self.serving = OpenAIServing(
             self.generation, model_name=settings.model_name, model_root=settings.model,
             sampling_defaults=model_defaults, parsing=parsing,
+            # adapters loaded at run time may come through another worker: ask before a 404
+            refresh_models=self.refresh_models if settings.allow_runtime_lora_updating else None,
         )
+        openai_app.state.serving = self.serving
 
     @bentoml.on_startup
     async def watch_gpu_tier(self) -> None:
@@ -128,6 +135,17 @@ class PromptService:
             logger.info("GPU tier serves %s", info)
             self.engine_info = info
         self.generation.use_engine(info)
+        self.serving.use_engine(info)
+
+    async def refresh_models(self) -> None:
+        """The GPU tier's adapters now (after a load or unload, or for a name not known here)."""
+        try:
+            info = await self.llm_client.model_info()
+        except Exception as error:  # the request goes on with what is known; the tier monitor sees outages
+            logger.warning("could not refresh the GPU tier's model info: %r", error)
+            return
+        self.engine_info = info
+        self.serving.use_engine(info)
 
     async def __is_ready__(self) -> bool:
         return gpu_tier.ready
@@ -158,17 +176,23 @@ class PromptService:
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         structured_outputs: StructuredOutputs | None = None,
+        model: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncGenerator[str, None]:
         """Stream the model's answer to `prompt`, rendered with the chat template.
 
         `tokens`, an already tokenized prompt, is sent as it is (no template). Sampling fields and
         their defaults are vLLM's; `structured_outputs` (vLLM's: json, regex, choice, grammar,
-        json_object or structural_tag) constrains the text. Errors before the first chunk are HTTP
+        json_object or structural_tag) constrains the text. `model` (or `adapter`) names a LoRA adapter
+        the GPU tier serves (404 for an unknown name); unset, or the base model's name: the base model. Errors before the first chunk are HTTP
         4xx/5xx with the reason; an error after it cuts the stream short (no final chunk), so clients
         raise instead of taking the text as complete.
         """
         started = False
         try:
+            if model is not None and adapter is not None and model != adapter:
+                raise RequestError("give the adapter's name as `model` or as `adapter`, not two names", param="adapter")
+            lora = await self.serving.adapter_for(adapter or model)
             if tokens is not None:
                 token_ids = self.generation.token_prompt(tokens)
             else:
@@ -195,7 +219,7 @@ class PromptService:
                 include_stop_str_in_output=include_stop_str_in_output,
                 skip_special_tokens=skip_special_tokens,
             )
-            async for chunk in self.generation.stream(token_ids, params, options):
+            async for chunk in self.generation.stream(token_ids, params, options, adapter=lora):
                 if chunk.text:
                     started = True
                     yield chunk.text

@@ -98,6 +98,7 @@ class GenerateRequest(BaseModel):
     token_ids: list[int] = Field(min_length=1)
     sampling_params: SamplingParams
     stream: bool = True
+    adapter: str | None = Field(None, min_length=1, description="the LoRA adapter to run with, by name; none: the base model")
 
 
 class TokenLogprobs(BaseModel):
@@ -136,6 +137,14 @@ class GenerateDelta(BaseModel):
         )
 
 
+class AdapterInfo(BaseModel):
+    """A LoRA adapter the engine serves: what `/v1/models` lists for it (vLLM's card)."""
+
+    name: str
+    path: str
+    parent: str
+
+
 class ModelInfo(BaseModel):
     """What the front tier needs to know about the engine it talks to: its limits as the engine
     derived them (the setting, rope scaling, sliding windows), and the token ids it ends a
@@ -145,6 +154,30 @@ class ModelInfo(BaseModel):
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int] = Field(default_factory=list)
+    adapters: list[AdapterInfo] = Field(default_factory=list, description="the LoRA adapters served now")
+
+
+# --- LoRA adapters at run time (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter bodies) --
+
+
+class LoadAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class AdapterUpdate(BaseModel):
+    """What a load or unload did: vLLM's status, message and error type (None on success). The GPU
+    tier answers 200 with this either way, so the front can pass vLLM's exact answer on."""
+
+    status: int = 200
+    message: str
+    type: str | None = None
 
 
 # --- framing -----------------------------------------------------------------------------------

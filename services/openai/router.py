@@ -18,7 +18,7 @@ from typing import Annotated, Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,6 +39,7 @@ from services.openai.protocol import (
     TokenizeResponse,
 )
 from services.openai.serving import OpenAIServing, error_response
+from services.protocol import AdapterUpdate, LoadAdapterRequest, UnloadAdapterRequest
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status.value: {"model": ErrorResponse, "description": status.phrase}
@@ -153,9 +154,41 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
     return respond(result)
 
 
-@app.get("/v1/models", response_model=ModelList, summary="The served model", tags=["OpenAI"])
+@app.get("/v1/models", response_model=ModelList, summary="The served model and its LoRA adapters", tags=["OpenAI"])
 async def show_available_models(raw_request: Request):
-    return JSONResponse(serving(raw_request).models().model_dump())
+    return JSONResponse((await serving(raw_request).models()).model_dump())
+
+
+# --- LoRA adapters at run time (vLLM's routes, only with PIPELINE_ALLOW_RUNTIME_LORA_UPDATING) -----
+
+
+def adapter_response(update: AdapterUpdate) -> Response:
+    """vLLM's answers: the message as a plain body on success, its error body otherwise."""
+    if update.status == 200:
+        return Response(update.message, status_code=200)
+    body = ErrorResponse(error=ErrorInfo(message=update.message, type=update.type or "BadRequestError", code=update.status))
+    return JSONResponse(body.model_dump(), status_code=update.status)
+
+
+async def load_lora_adapter(request: LoadAdapterRequest, raw_request: Request):
+    """Load a LoRA adapter on this replica (vLLM's /v1/load_lora_adapter); then it is served
+    under `lora_name` in the `model` field."""
+    return adapter_response(await serving(raw_request).update_adapter(request))
+
+
+async def unload_lora_adapter(request: UnloadAdapterRequest, raw_request: Request):
+    """Stop serving a LoRA adapter on this replica (vLLM's /v1/unload_lora_adapter)."""
+    return adapter_response(await serving(raw_request).update_adapter(request))
+
+
+def attach_lora_routes() -> None:
+    """Serve the two routes (PromptService does when PIPELINE_ALLOW_RUNTIME_LORA_UPDATING is set, as
+    vLLM attaches them only with VLLM_ALLOW_RUNTIME_LORA_UPDATING); again does nothing."""
+    attached = {getattr(route, "path", None) for route in app.routes}
+    for path, handler in (("/v1/load_lora_adapter", load_lora_adapter), ("/v1/unload_lora_adapter", unload_lora_adapter)):
+        if path not in attached:
+            app.post(path, responses={200: {"content": {"text/plain": {}}, "description": "a success message"}, **ERRORS},
+                     summary=handler.__doc__.split(" (")[0], tags=["OpenAI"])(handler)
 
 
 @app.post(

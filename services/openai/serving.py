@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from services.errors import RequestError, openai_error
 from services.generation import TextChunk, TextGeneration, TextOptions
 from services.openai.logprobs import LogprobsBuilder, TokenStrings
 from services.openai.parsing import ChatParsing, ParsedChat, check_tool_choice
+from services.protocol import AdapterInfo, AdapterUpdate, LoadAdapterRequest, ModelInfo, UnloadAdapterRequest
 from services.openai.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionRequest,
@@ -129,6 +130,7 @@ class OpenAIServing:
         model_root: str | None = None,
         sampling_defaults: dict[str, Any] | None = None,
         parsing: ChatParsing | None = None,
+        refresh_models: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.generation = generation
         # vLLM's tool and reasoning parsers, when configured (services/openai/parsing.py)
@@ -138,14 +140,52 @@ class OpenAIServing:
         # what a request leaves unset: the model's generation_config.json first (services/model_store.py)
         self.sampling_defaults = sampling_defaults or {}
         self.strings = TokenStrings(generation.tokenizer)
+        # the LoRA adapters the GPU tier serves, as its /model_info last said (`use_engine`), and
+        # how to ask it again (a name not known here may have been loaded through another worker)
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.refresh_models = refresh_models
+
+    def use_engine(self, info: ModelInfo) -> None:
+        self.adapters = {adapter.name: adapter for adapter in info.adapters}
 
     # --- shared checks -----------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise RequestError(
-                f"The model `{model}` does not exist. Valid aliases: {self.model_name}.", param="model", status=404
-            )
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter `model` names, None for the base model; 404 for a name not served."""
+        if not model or model == self.model_name:
+            return None
+        if model in self.adapters:
+            return model
+        raise self.unknown_model(model)
+
+    def unknown_model(self, model: str) -> RequestError:
+        return RequestError(
+            f"The model `{model}` does not exist. Valid aliases: {self.model_name}.", param="model", status=404
+        )
+
+    async def adapter_for(self, model: str | None) -> str | None:
+        """`check_model`, asking the GPU tier again before a 404 when adapters may change at run
+        time (loaded through another front worker). A generation request only: the base model and
+        known adapters cost no call."""
+        try:
+            return self.check_model(model)
+        except RequestError:
+            if self.refresh_models is None:
+                raise
+        await self.refresh_models()
+        return self.check_model(model)
+
+    async def stream_started(self, adapter: str | None, streams: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`started`, where the GPU tier's 404 for an adapter unloaded since `check_model` looks
+        like vLLM's answer for an unknown model."""
+        try:
+            return await started(streams)
+        except RequestError as error:
+            if adapter is None or error.status != 404:
+                raise
+            if self.refresh_models is not None:
+                await self.refresh_models()
+            raise self.unknown_model(adapter) from error
 
     def max_tokens(self, prompt_tokens: int, requested: int | None, param: str) -> int:
         """vLLM's rule: clamp to what the context leaves; refuse only what can never fit."""
@@ -196,17 +236,24 @@ class OpenAIServing:
 
     # --- /v1/models, /tokenize, /detokenize ----------------------------------------------------
 
-    def models(self) -> ModelList:
-        return ModelList(
-            data=[
-                ModelCard(
-                    id=self.model_name,
-                    max_model_len=self.generation.context_length,
-                    root=self.model_root,
-                    permission=[ModelPermission()],
-                )
-            ]
-        )
+    async def models(self) -> ModelList:
+        """The base model, then each adapter with the base as its parent (vLLM's cards). When
+        adapters change at run time, asked of the GPU tier each time (another front worker may
+        have taken the load)."""
+        if self.refresh_models is not None:
+            await self.refresh_models()
+        base = ModelCard(id=self.model_name, max_model_len=self.generation.context_length, root=self.model_root,
+                         permission=[ModelPermission()])
+        adapters = [ModelCard(id=a.name, root=a.path, parent=a.parent, permission=[ModelPermission()])
+                    for a in self.adapters.values()]
+        return ModelList(data=[base, *adapters])
+
+    async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest) -> AdapterUpdate:
+        """Load or unload a LoRA adapter on the GPU tier, then take its new list of adapters."""
+        update = await self.generation.llm.update_adapter(request)
+        if self.refresh_models is not None:
+            await self.refresh_models()
+        return update
 
     def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self.check_model(request.model)
@@ -234,7 +281,7 @@ class OpenAIServing:
     async def chat(
         self, request: ChatCompletionRequest, request_id: str | None = None
     ) -> ChatCompletionResponse | AsyncIterator[str]:
-        self.check_model(request.model)
+        adapter = await self.adapter_for(request.model)
         parsing = self.parsing
         check_tool_choice(request, parsing is not None and parsing.tool_parsing)
         parsed = parsing.start(request) if parsing is not None and parsing.wants(request) else None
@@ -259,7 +306,7 @@ class OpenAIServing:
         if request.echo and messages and messages[-1]["role"] == role:
             echo = messages[-1]["content"]
         response_id = f"chatcmpl-{request_id or request.request_id}"
-        source = await started(self.generation.stream(ids, params, self.options(request, parsed)))
+        source = await self.stream_started(adapter, self.generation.stream(ids, params, self.options(request, parsed), adapter=adapter))
         if request.stream:
             return self._chat_stream(request, source, response_id, role, echo, ids, parsed)
         return await self._chat_full(request, source, response_id, role, echo, ids, parsed)
@@ -305,7 +352,7 @@ class OpenAIServing:
         completion_tokens = sum(f.completion_tokens for f in finished if f)
         return ChatCompletionResponse(
             id=response_id,
-            model=self.model_name,
+            model=request.model or self.model_name,
             choices=choices,
             usage=UsageInfo(
                 prompt_tokens=len(prompt_ids),
@@ -329,7 +376,7 @@ class OpenAIServing:
 
         def chunk_json(choice: ChatCompletionResponseStreamChoice, completion_tokens: int | None = None, **extra: Any) -> str:
             response = ChatCompletionStreamResponse(
-                id=response_id, object="chat.completion.chunk", created=created, model=self.model_name,
+                id=response_id, object="chat.completion.chunk", created=created, model=request.model or self.model_name,
                 choices=[choice], **extra,
             )
             if request.continuous_usage and completion_tokens is not None:
@@ -391,7 +438,7 @@ class OpenAIServing:
             if request.include_usage:
                 completion_tokens = sum(tokens_so_far)
                 usage = ChatCompletionStreamResponse(
-                    id=response_id, object="chat.completion.chunk", created=created, model=self.model_name, choices=[],
+                    id=response_id, object="chat.completion.chunk", created=created, model=request.model or self.model_name, choices=[],
                     usage=UsageInfo(
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,
@@ -407,7 +454,7 @@ class OpenAIServing:
     async def completion(
         self, request: CompletionRequest, request_id: str | None = None
     ) -> CompletionResponse | AsyncIterator[str]:
-        self.check_model(request.model)
+        adapter = await self.adapter_for(request.model)
         assert request.max_tokens is not None
         prompts: list[tuple[list[int], str]] = []  # token ids, and the text echo shows
         for prompt in request.prompts():
@@ -426,9 +473,9 @@ class OpenAIServing:
                 len(ids), max_tokens, **request.sampling_fields(self.sampling_defaults), logprobs=request.logprobs,
                 structured_outputs=grammar,
             )
-            sources.append(self.generation.stream(ids, params, self.options(request)))
+            sources.append(self.generation.stream(ids, params, self.options(request), adapter=adapter))
         response_id = f"cmpl-{request_id or request.request_id}"
-        source = await started(merged(sources))
+        source = await self.stream_started(adapter, merged(sources))
         if request.stream:
             return self._completion_stream(request, source, response_id, prompts, echo_only)
         return await self._completion_full(request, source, response_id, prompts, echo_only)
@@ -480,7 +527,7 @@ class OpenAIServing:
         completion_tokens = sum(f.completion_tokens for f in finished if f)
         return CompletionResponse(
             id=response_id,
-            model=self.model_name,
+            model=request.model or self.model_name,
             choices=choices,
             usage=UsageInfo(
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -519,7 +566,7 @@ class OpenAIServing:
                         logprobs = builders[k].completion(chunk.token_ids, chunk.logprobs or [], request.logprobs)
                     tokens_so_far[k] = chunk.completion_tokens
                     response = CompletionStreamResponse(
-                        id=response_id, object="text_completion", created=created, model=self.model_name,
+                        id=response_id, object="text_completion", created=created, model=request.model or self.model_name,
                         choices=[
                             CompletionResponseStreamChoice(
                                 index=k, text=text, logprobs=logprobs,
@@ -540,7 +587,7 @@ class OpenAIServing:
                 prompt_tokens = sum(len(ids) for ids, _ in prompts)
                 completion_tokens = sum(tokens_so_far)
                 usage = CompletionStreamResponse(
-                    id=response_id, created=created, model=self.model_name, choices=[],
+                    id=response_id, created=created, model=request.model or self.model_name, choices=[],
                     usage=UsageInfo(
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,

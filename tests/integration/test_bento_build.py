@@ -181,3 +181,28 @@ def test_the_image_entry_point_starts_each_tier_from_the_bento(exported, tmp_pat
             front.stop()
     finally:
         llm.stop()
+
+
+def test_adapters_from_the_model_store_are_packed_with_llm_service(tmp_path: Path, monkeypatch):
+    """`PIPELINE_LORA_MODULES` naming a store tag: LLMService's models in bento.yaml include it next
+    to the base model, so export, push and containerize carry its files (docs/deployment.md)."""
+    from bench.lora_adapters import make_adapter
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / MODEL).symlink_to(model_store() / MODEL, target_is_directory=True)
+    adapter = make_adapter(str(model_store() / MODEL / stored_model_version()), tmp_path / "adapter", seed=1)
+    script = ("import bentoml, shutil, sys\n"
+              "with bentoml.models.create('test-adapter') as m:\n"
+              f"    shutil.copytree({str(adapter)!r}, m.path, dirs_exist_ok=True)\n"
+              "print(m.tag)\n")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    stored = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                            check=True).stdout.strip()
+    monkeypatch.setenv("PIPELINE_LORA_MODULES", "sql=test-adapter")
+    tag = re.search(r"__tag__:(\S+)", bentoml_cli("build", ".", "--output", "tag", home=home)).group(1)
+    name, version = tag.split(":")
+    manifest = yaml.safe_load((home / "bentos" / name / version / "bento.yaml").read_text())
+    models = {service["name"]: [model["tag"] for model in service["models"]] for service in manifest["services"]}
+    assert models["LLMService"] == [f"{MODEL}:{stored_model_version()}", stored]
+    assert models["PromptService"] == [f"{MODEL}:{stored_model_version()}"]

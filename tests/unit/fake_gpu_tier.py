@@ -21,7 +21,16 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from services.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
-from services.protocol import GenerateDelta, GenerateRequest, ModelInfo, encode_frame
+from services.protocol import (
+    AdapterInfo,
+    AdapterUpdate,
+    GenerateDelta,
+    GenerateRequest,
+    LoadAdapterRequest,
+    ModelInfo,
+    UnloadAdapterRequest,
+    encode_frame,
+)
 from services.security import BearerAuthMiddleware, JsonOnlyMiddleware
 
 TOKEN = "fake-internal-token-0123456789"
@@ -48,13 +57,16 @@ class FakeGpuTier:
     aborted: list[str] = field(default_factory=list)
     open_streams: int = 0
     peak_streams: int = 0
+    adapters: list[AdapterInfo] = field(default_factory=list)  # LoRA adapters it serves
+    adapter_of: dict[str, str | None] = field(default_factory=dict)  # request id -> the adapter it named
 
     def app(self) -> Starlette:
         async def readyz(_: Request) -> PlainTextResponse:
             return PlainTextResponse("ok" if self.ready else "no", status_code=200 if self.ready else 503)
 
         async def model_info(_: Request) -> JSONResponse:
-            info = ModelInfo(model="fake", max_model_len=CONTEXT, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids)
+            info = ModelInfo(model="fake", max_model_len=CONTEXT, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids,
+                             adapters=self.adapters)
             return JSONResponse(info.model_dump())
 
         async def load(_: Request) -> JSONResponse:
@@ -69,11 +81,30 @@ class FakeGpuTier:
                 return JSONResponse({"error": "busy"}, status_code=429, headers={"Retry-After": "3"})
             if behaviour == Behaviour.INVALID:
                 return JSONResponse(["the engine refused this"], status_code=400)
+            if generation.adapter is not None and generation.adapter not in {a.name for a in self.adapters}:
+                return JSONResponse([f"The model `{generation.adapter}` does not exist."], status_code=404)
             self.started.append(generation.request_id)
+            self.adapter_of[generation.request_id] = generation.adapter
             own_engine_request(generation.request_id, self._abort)
             return StreamingResponse(self._frames(generation, behaviour), media_type="application/x-ndjson")
 
+        async def load_lora_adapter(request: Request) -> JSONResponse:
+            load = LoadAdapterRequest.model_validate((await request.json())["request"])
+            if load.lora_name in {a.name for a in self.adapters}:
+                return JSONResponse(AdapterUpdate(status=400, message="already loaded", type="InvalidUserInput").model_dump())
+            self.adapters.append(AdapterInfo(name=load.lora_name, path=load.lora_path, parent="fake"))
+            return JSONResponse(AdapterUpdate(message=f"Success: LoRA adapter '{load.lora_name}' added successfully.").model_dump())
+
+        async def unload_lora_adapter(request: Request) -> JSONResponse:
+            unload = UnloadAdapterRequest.model_validate((await request.json())["request"])
+            if unload.lora_name not in {a.name for a in self.adapters}:
+                return JSONResponse(AdapterUpdate(status=404, message="cannot be found", type="NotFoundError").model_dump())
+            self.adapters = [a for a in self.adapters if a.name != unload.lora_name]
+            return JSONResponse(AdapterUpdate(message="removed").model_dump())
+
         app = Starlette(routes=[
+            Route("/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+            Route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
             Route("/readyz", readyz), Route("/model_info", model_info, methods=["POST"]),
             Route("/load", load, methods=["POST"]), Route("/generate", generate, methods=["POST"]),
         ])
