@@ -241,6 +241,16 @@ class Server:
                 continue
         return engines
 
+    def engine_cores(self) -> list[psutil.Process]:
+        """vLLM's EngineCore processes under this server (one per engine)."""
+        return [process for process in self.engine_processes() if "EngineCore" in process.name()]
+
+    def llm_readiness(self, times: int = 8) -> list[int]:
+        """LLMService's /readyz `times` times, each on a new connection, so that any of its
+        workers (engine clients) may answer each."""
+        with self.llm_tier(timeout_s=5) as llm:
+            return [llm.get("/readyz", headers={"Connection": "close"}).status_code for _ in range(times)]
+
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM the process group and every descendant; SIGKILL what is left after timeout_s.
 

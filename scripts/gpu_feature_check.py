@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -34,13 +35,6 @@ def chat(client: httpx.Client, **body) -> httpx.Response:
     messages = [{"role": "user", "content": "Answer."}]
     return client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 24,
                                                      "temperature": 0, **body})
-
-
-def readiness(server) -> list[int]:
-    """LLMService's /readyz, 8 times on fresh connections (so from more than one worker)."""
-    transport = httpx.HTTPTransport(uds=server.llm_socket())
-    with httpx.Client(transport=transport, base_url="http://llm", timeout=5, headers={"Connection": "close"}) as llm:
-        return [llm.get("/readyz").status_code for _ in range(8)]
 
 
 def checks(server) -> dict[str, dict]:
@@ -66,9 +60,7 @@ def checks(server) -> dict[str, dict]:
         check("auto tool choice answers", r.status_code == 200, r.text)
         # several engine clients: a burst spread over the LLMService workers, all answered
         with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as burst:
-            import concurrent.futures as cf
-
-            with cf.ThreadPoolExecutor(32) as pool:
+            with ThreadPoolExecutor(32) as pool:
                 codes = list(pool.map(lambda _: chat(burst, max_tokens=32).status_code, range(64)))
         check("a burst of 64 through every engine client", codes.count(200) == 64, codes)
     workers = server.workers().get("LLMService", [])
@@ -76,12 +68,12 @@ def checks(server) -> dict[str, dict]:
     cpu = [w.cpu_times().user + w.cpu_times().system for w in workers]
     check("every engine client worked", all(t > 1 for t in cpu), cpu)
     # the EngineCore dies: every worker turns not ready, none hangs
-    engines = [p for p in server.engine_processes() if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    engines = server.engine_cores()
     check("one EngineCore", len(engines) == 1, [p.name() for p in server.engine_processes()])
     if engines:
         engines[0].kill()
         started = time.monotonic()
-        down = poll(lambda: readiness(server), lambda codes: 200 not in codes, within_s=30)
+        down = poll(server.llm_readiness, lambda codes: 200 not in codes, within_s=30)
         check("all engine clients not ready after the EngineCore died", 200 not in down, f"{down} after {time.monotonic() - started:.1f} s")
         with server.client(timeout_s=30) as client:
             r = poll(lambda: chat(client).status_code, lambda code: code == 503, within_s=30)

@@ -184,15 +184,13 @@ class EngineLoad:
     of a small shared file; anyone reads the sum. With one client it is that client's count."""
 
     def __init__(self, slot: EngineClientSlot | None) -> None:
-        self.index = slot.index if slot else 0
+        self.index, self.count = (slot.index, slot.count) if slot else (0, 1)
         self.board = None
-        if slot is not None and slot.count > 1:
-            path = slot.run_dir / "load"
-            with open(path, "a+b") as file:  # every worker sizes it; the first one zero-fills it
-                if os.fstat(file.fileno()).st_size < SLOT.size * slot.count:
-                    file.truncate(SLOT.size * slot.count)
-                self.board = mmap.mmap(file.fileno(), SLOT.size * slot.count)
-            self.count = slot.count
+        if self.count > 1:
+            with open(slot.run_dir / "load", "a+b") as file:  # every worker sizes it; the first one zero-fills it
+                if os.fstat(file.fileno()).st_size < SLOT.size * self.count:
+                    file.truncate(SLOT.size * self.count)
+                self.board = mmap.mmap(file.fileno(), SLOT.size * self.count)
         self.own = 0
 
     def set_own(self, unfinished: int) -> None:

@@ -31,16 +31,9 @@ def generate_calls_by_worker(server: Server) -> dict[str, int]:
     return calls
 
 
-def llm_readiness(server: Server) -> list[int]:
-    """LLMService's /readyz 8 times, each on a new connection (so from any of its workers)."""
-    with server.llm_tier(timeout_s=5) as llm:
-        return [llm.get("/readyz", headers={"Connection": "close"}).status_code for _ in range(8)]
-
-
 def test_the_pipeline_runs_two_engine_clients_on_one_engine(pipeline: Server):
     assert len(pipeline.workers()["LLMService"]) == 2
-    engine_cores = [p for p in pipeline.engine_processes() if "EngineCore" in p.name()]
-    assert len(engine_cores) == 1, [p.name() for p in pipeline.engine_processes()]
+    assert len(pipeline.engine_cores()) == 1, [p.name() for p in pipeline.engine_processes()]
 
 
 def test_a_burst_is_served_by_every_engine_client(pipeline: Server):
@@ -84,11 +77,11 @@ def own_pipeline(tmp_path_factory):
 def test_every_engine_client_turns_not_ready_when_the_engine_core_dies(own_pipeline: Server):
     with own_pipeline.client() as client:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-    assert llm_readiness(own_pipeline) == [200] * 8
-    [engine_core] = [p for p in own_pipeline.engine_processes() if "EngineCore" in p.name()]
+    assert own_pipeline.llm_readiness() == [200] * 8
+    [engine_core] = own_pipeline.engine_cores()
     engine_core.kill()
     started = time.monotonic()
-    codes = poll(lambda: llm_readiness(own_pipeline), lambda seen: 200 not in seen, within_s=30)
+    codes = poll(own_pipeline.llm_readiness, lambda seen: 200 not in seen, within_s=30)
     assert 200 not in codes, f"an engine client still says ready {time.monotonic() - started:.0f} s after: {codes}"
     with own_pipeline.client(timeout_s=30) as client:
         status = poll(lambda: client.post("/v1/chat/completions", json=CHAT).status_code, lambda code: code == 503,
