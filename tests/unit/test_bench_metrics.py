@@ -6,7 +6,7 @@ import pytest
 
 from bench.loadgen import Workload, merge
 from bench.metrics import percentile, summarize
-from bench.report import check_targets, compare
+from bench.report import best_configurations, check_targets, compare
 
 
 def part(start: float, ttft: float, itl: list[float], output_len: int, error: str = "") -> dict:
@@ -78,3 +78,20 @@ def test_compare_gives_ratios_and_targets() -> None:
         "ITL p50 at most 3% above vLLM at c=1 (ratio)"
     ] is True
     assert checks["output throughput >= 98% of vLLM at c=1"] is False
+
+
+def test_best_configurations_compare_the_best_of_each_server() -> None:
+    def run(target: str, itl: float) -> dict:
+        record = merge([part(0.0, 0.05, [itl] * 9, 10)], Workload(10, 10, 1, 1))
+        record.pop("_window")
+        return record | {"target": target, "cpu": {}}
+
+    runs = {"pipeline-ec2": {1: run("pipeline-ec2", 0.012)}, "pipeline-ec8": {1: run("pipeline-ec8", 0.010)},
+            "vllm-api8": {1: run("vllm-api8", 0.011)}, "vllm": {1: run("vllm", 0.020)}}
+    [row] = best_configurations(runs)
+    assert row["best"] == {"pipeline": "pipeline-ec8", "vllm": "vllm-api8"}
+    # the best pipeline (ec8) against the best vLLM (api8), not against vLLM's default
+    assert row["throughput_ratio_to_best_vllm"] == pytest.approx((0.05 + 9 * 0.011) / (0.05 + 9 * 0.010))
+    assert row["throughput_ratio_to_vllm_default"] == pytest.approx((0.05 + 9 * 0.020) / (0.05 + 9 * 0.010))
+    # the two-server table has only `vllm` here (no plain `pipeline`): no ratio in it
+    assert "output_throughput_ratio" not in compare(runs)[0]

@@ -68,3 +68,22 @@ def test_unknown_benchmark_targets_are_refused(target):
 
 def test_cpu_lists_read_as_taskset_does():
     assert parse_cpus("0-1,4") == {0, 1, 4} and parse_cpus("3") == {3}
+
+
+def test_pinning_moves_every_thread_of_a_process():
+    import threading
+
+    import psutil
+
+    from bench.servers import pin
+
+    mine = os.sched_getaffinity(0)
+    started = threading.Event()
+    worker = threading.Thread(target=started.wait, daemon=True)
+    worker.start()
+    try:
+        assert pin([psutil.Process()], {min(mine)}) >= 2  # the main thread and the worker
+        assert os.sched_getaffinity(worker.native_id) == {min(mine)}
+    finally:
+        pin([psutil.Process()], mine)
+        started.set()
