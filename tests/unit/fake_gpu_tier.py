@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -162,3 +165,31 @@ class Server:
     def __exit__(self, *_) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def wait_for(condition, timeout_s: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} did not happen within {timeout_s} s")
+
+
+@contextmanager
+def served_gpu_tier(fake: FakeGpuTier) -> Iterator[FakeGpuTier]:
+    """The stand-in GPU tier on a loopback port (its `url` set while it runs)."""
+    with Server(fake.app()) as server:
+        fake.url = server.url
+        yield fake
+
+
+@contextmanager
+def served_front(front) -> Iterator[Server]:
+    """A front-tier app with its lifespan (so its tier monitor runs), once it sees the GPU tier ready."""
+    server = Server(front)
+    server.server.config.lifespan = "on"
+    with server:
+        wait_for(lambda: front.monitor.ready, what="the front seeing the GPU tier ready")
+        yield server
+

@@ -14,14 +14,14 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from fake_gpu_tier import FakeGpuTier, Server
+from fake_gpu_tier import FakeGpuTier, served_front, served_gpu_tier
 from services.config import Settings
 from services.lora import AdapterExists, AdapterRegistry, LoraModule, parse_lora_modules, resolve_adapter_path
 from services.openai.router import app as openai_app, attach_lora_routes
 from services.openai.serving import OpenAIServing
 from services.protocol import AdapterInfo
 from services.security import BearerAuthMiddleware
-from test_request_life import Front, wait_for
+from test_request_life import Front
 
 API_KEY = "lora-test-key"
 
@@ -203,19 +203,13 @@ class LoraFront(Front):
 
 @pytest.fixture(scope="module")
 def gpu():
-    fake = FakeGpuTier(adapters=[AdapterInfo(name="a", path="/adapters/a", parent="fake")])
-    with Server(fake.app()) as server:
-        fake.url = server.url
+    with served_gpu_tier(FakeGpuTier(adapters=[AdapterInfo(name="a", path="/adapters/a", parent="fake")])) as fake:
         yield fake
 
 
 @pytest.fixture(scope="module")
 def http(gpu):
-    served = LoraFront(gpu.url)
-    server = Server(served)
-    server.server.config.lifespan = "on"
-    with server:
-        wait_for(lambda: served.monitor.ready, what="the front seeing the GPU tier ready")
+    with served_front(LoraFront(gpu.url)) as server:
         try:
             with httpx.Client(base_url=server.url, timeout=15, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
                 yield client

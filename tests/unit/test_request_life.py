@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from fake_gpu_tier import CONTEXT, TOKEN, VOCAB, Behaviour, FakeGpuTier, Server
+from fake_gpu_tier import CONTEXT, TOKEN, VOCAB, Behaviour, FakeGpuTier, Server, served_front, served_gpu_tier, wait_for
 from services.admission import AdmissionMiddleware
 from services.config import settings
 from services.generation import TextGeneration
@@ -71,34 +71,20 @@ class Front:
         self.generation.use_engine(await self.client.model_info())
 
 
-def wait_for(condition, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {timeout_s} s")
-
-
 def aborted(reason: str) -> float:
     return REGISTRY.get_sample_value("pipeline_aborted_requests_total", {"reason": reason}) or 0.0
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    fake = FakeGpuTier()
-    with Server(fake.app()) as server:
-        fake.url = server.url
+    with served_gpu_tier(FakeGpuTier()) as fake:
         yield fake
 
 
 @pytest.fixture(scope="module")
 def front(gpu):
     served = Front(gpu.url)
-    server = Server(served)
-    server.server.config.lifespan = "on"
-    with server:
-        wait_for(lambda: served.monitor.ready, what="the front seeing the GPU tier ready")
+    with served_front(served) as server:
         served.url = server.url
         yield served
 
