@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         "auto", description="LLMService worker processes, each an engine client of the one engine (as `vllm serve "
         "--api-server-count`): past one process, the Python between the engine and the streams is spread over several "
         "cores. Worker 1 launches the engine; the others connect to it (docs/architecture.md). `auto`: 1 on the CPU "
-        "engine, else half the machine's cores up to 8 (8 was the best measured on a 16-core H200 host).",
+        "engine, else half the CPUs this process may run on, up to 8 (8 was the best measured on a 16-core H200 host).",
     )
     engine_start_timeout_s: float = Field(
         1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
@@ -229,7 +229,7 @@ class Settings(BaseSettings):
         """`engine_clients`, with `auto` resolved for this machine."""
         if self.engine_clients != "auto":
             return self.engine_clients
-        return 1 if is_cpu_build() else max(1, min(8, (os.cpu_count() or 2) // 2))
+        return 1 if is_cpu_build() else max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
     @cached_property
     def hf_config(self) -> dict:
