@@ -90,7 +90,11 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
     manager = None
     if slot.launches_engine:
         engine_file.unlink(missing_ok=True)
-        manager = _launch_engine(vllm_config, slot)
+        try:
+            manager = _launch_engine(vllm_config, slot)
+        except BaseException as error:  # the other workers stop waiting, with the reason
+            _write_atomically(engine_file, json.dumps({"error": f"{type(error).__name__}: {error}"}))
+            raise
         engine_pid = manager.processes[0].pid
         _write_atomically(engine_file, json.dumps({"pid": engine_pid}))
         vllm_config.parallel_config._api_process_rank = 0
@@ -133,12 +137,17 @@ def _launch_engine(vllm_config, slot: EngineClientSlot):
 
 
 def _wait_for_engine(engine_file: Path, timeout_s: float) -> int:
+    """The EngineCore's pid, once worker 1 has it up; raises if worker 1 could not start it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            return int(json.loads(engine_file.read_text())["pid"])
-        except (FileNotFoundError, ValueError, KeyError):
+            started = json.loads(engine_file.read_text())
+        except (FileNotFoundError, ValueError):
             time.sleep(0.2)
+            continue
+        if "error" in started:
+            raise RuntimeError(f"worker 1 could not start the engine: {started['error']}")
+        return int(started["pid"])
     raise RuntimeError(f"worker 1 did not start the engine within {timeout_s:.0f} s (no {engine_file})")
 
 

@@ -87,3 +87,16 @@ def test_pinning_moves_every_thread_of_a_process():
     finally:
         pin([psutil.Process()], mine)
         started.set()
+
+
+def test_the_other_workers_wait_for_the_engine_and_learn_why_it_did_not_start(tmp_path: Path):
+    from services.engine_clients import ENGINE_FILE, _wait_for_engine
+
+    engine_file = tmp_path / ENGINE_FILE
+    with pytest.raises(RuntimeError, match="did not start the engine within 0 s"):
+        _wait_for_engine(engine_file, timeout_s=0.3)
+    engine_file.write_text('{"pid": 4242}')
+    assert _wait_for_engine(engine_file, timeout_s=1) == 4242
+    engine_file.write_text('{"error": "ValueError: out of GPU memory"}')
+    with pytest.raises(RuntimeError, match="worker 1 could not start the engine: ValueError: out of GPU memory"):
+        _wait_for_engine(engine_file, timeout_s=60)  # at once, not after the timeout
