@@ -245,11 +245,20 @@ class Server:
         """vLLM's EngineCore processes under this server (one per engine)."""
         return [process for process in self.engine_processes() if "EngineCore" in process.name()]
 
-    def llm_readiness(self, times: int = 8) -> list[int]:
-        """LLMService's /readyz `times` times, each on a new connection, so that any of its
-        workers (engine clients) may answer each."""
-        with self.llm_tier(timeout_s=5) as llm:
-            return [llm.get("/readyz", headers={"Connection": "close"}).status_code for _ in range(times)]
+    def engine_client_readiness(self, within_s: float = 10) -> dict[int, int]:
+        """LLMService's /readyz status from each of its workers (engine clients), by number.
+
+        Each new connection goes to whichever worker accepts it; on each, /load says which
+        worker it is, then /readyz asks that worker. New connections are tried until every
+        worker has answered or `within_s` has passed."""
+        count = len(self.workers().get("LLMService", [])) or 1
+        statuses: dict[int, int] = {}
+        deadline = time.monotonic() + within_s
+        while len(statuses) < count and time.monotonic() < deadline:
+            with self.llm_tier(timeout_s=5) as llm:  # a new client: a new connection
+                worker = llm.post("/load", json={}).raise_for_status().json()["engine_client"]
+                statuses[worker] = llm.get("/readyz").status_code
+        return statuses
 
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM the process group and every descendant; SIGKILL what is left after timeout_s.

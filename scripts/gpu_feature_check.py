@@ -73,8 +73,9 @@ def checks(server) -> dict[str, dict]:
     if engines:
         engines[0].kill()
         started = time.monotonic()
-        down = poll(server.llm_readiness, lambda codes: 200 not in codes, within_s=30)
-        check("all engine clients not ready after the EngineCore died", 200 not in down, f"{down} after {time.monotonic() - started:.1f} s")
+        down = poll(server.engine_client_readiness, lambda seen: seen == {1: 503, 2: 503}, within_s=30)
+        check("all engine clients not ready after the EngineCore died", down == {1: 503, 2: 503},
+              f"{down} after {time.monotonic() - started:.1f} s")
         with server.client(timeout_s=30) as client:
             r = poll(lambda: chat(client).status_code, lambda code: code == 503, within_s=30)
             check("the front answers 503", r == 503, r)

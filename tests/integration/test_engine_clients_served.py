@@ -31,6 +31,17 @@ def generate_calls_by_worker(server: Server) -> dict[str, int]:
     return calls
 
 
+def loads_by_engine_client(server: Server, within_s: float = 10) -> dict[int, int]:
+    """/load as each LLMService worker answers it (a new connection each try, until both have)."""
+    loads: dict[int, int] = {}
+    deadline = time.monotonic() + within_s
+    while len(loads) < 2 and time.monotonic() < deadline:
+        with server.llm_tier() as llm:
+            answer = llm.post("/load", json={}).raise_for_status().json()
+            loads[answer["engine_client"]] = answer["unfinished_requests"]
+    return loads
+
+
 def test_the_pipeline_runs_two_engine_clients_on_one_engine(pipeline: Server):
     assert len(pipeline.workers()["LLMService"]) == 2
     assert len(pipeline.engine_cores()) == 1, [p.name() for p in pipeline.engine_processes()]
@@ -57,8 +68,8 @@ def test_the_engine_load_is_summed_over_the_engine_clients(pipeline: Server):
     with httpx.Client(base_url=pipeline.url, timeout=300, limits=httpx.Limits(max_connections=8)) as client:
         with ThreadPoolExecutor(4) as pool:
             running = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(4)]
-            loads = poll(lambda: [pipeline.engine_load() for _ in range(6)], lambda seen: min(seen) == 4, within_s=60)
-            assert min(loads) == 4, f"/load from the workers saw {loads} of 4 requests in flight"
+            loads = poll(lambda: loads_by_engine_client(pipeline), lambda seen: seen == {1: 4, 2: 4}, within_s=60)
+            assert loads == {1: 4, 2: 4}, f"/load from each worker, of 4 requests in flight: {loads}"
             assert all(future.result().status_code == 200 for future in running)
     assert pipeline.wait_engine_idle(within_s=10)[0] == 0
 
@@ -77,12 +88,14 @@ def own_pipeline(tmp_path_factory):
 def test_every_engine_client_turns_not_ready_when_the_engine_core_dies(own_pipeline: Server):
     with own_pipeline.client() as client:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-    assert own_pipeline.llm_readiness() == [200] * 8
+    assert own_pipeline.engine_client_readiness() == {1: 200, 2: 200}
     [engine_core] = own_pipeline.engine_cores()
     engine_core.kill()
     started = time.monotonic()
-    codes = poll(own_pipeline.llm_readiness, lambda seen: 200 not in seen, within_s=30)
-    assert 200 not in codes, f"an engine client still says ready {time.monotonic() - started:.0f} s after: {codes}"
+    # every worker answers for itself (the one that launched the engine, and the one that only
+    # watches its pid): both must turn not ready
+    statuses = poll(own_pipeline.engine_client_readiness, lambda seen: seen == {1: 503, 2: 503}, within_s=30)
+    assert statuses == {1: 503, 2: 503}, f"{time.monotonic() - started:.0f} s after the EngineCore died: {statuses}"
     with own_pipeline.client(timeout_s=30) as client:
         status = poll(lambda: client.post("/v1/chat/completions", json=CHAT).status_code, lambda code: code == 503,
                       within_s=30)
