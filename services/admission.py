@@ -52,6 +52,8 @@ class AdmissionMiddleware:
         generation = scope["path"] in GENERATION_PATHS and scope["method"] == "POST"
         try:
             if generation and self.tier is not None:
+                if not self.tier.ready:
+                    await self.tier.confirm_at_start()
                 self.tier.require()
             body = await read_body(scope, receive, self.max_body_bytes)
         except RequestError as error:

@@ -48,11 +48,13 @@ class TierMonitor:
         self.interval_s = interval_s
         self.retry_after_s = retry_after_s
         self.ready = False
+        self.seen_ready = False  # this worker has seen the tier ready at least once
         self.reason = "not checked yet"
         self.since = time.monotonic()
         self._check: Callable[[], Awaitable[bool]] | None = None
         self._on_ready: Callable[[], Awaitable[None]] | None = None
         self._task: asyncio.Task | None = None
+        self._confirming: asyncio.Future | None = None
 
     def watch(self, check: Callable[[], Awaitable[bool]], on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
         """Start polling `check` (a bounded readiness call) in the running event loop; `on_ready`
@@ -79,6 +81,17 @@ class TierMonitor:
                 f"try again in {self.retry_after_s} s",
                 retry_after_s=self.retry_after_s,
             )
+
+    async def confirm_at_start(self) -> None:
+        """Before this worker refuses work on a tier it has never seen ready, check now (one check
+        for all the requests that wait on it). A front whose other worker already answered its
+        /readyz gets traffic within the poll interval of this worker's next check, and must not
+        answer 503 then. Once the tier has been seen ready, an outage costs a quick 503 again."""
+        if self.ready or self.seen_ready or self._check is None:
+            return
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self.check_now())
+        await asyncio.shield(self._confirming)
 
     async def check_now(self) -> None:
         """One readiness check (the poll loop runs this every `interval_s`)."""
@@ -108,3 +121,4 @@ class TierMonitor:
             self.since = time.monotonic()
             front_metrics().gpu_tier_ready.set(1 if ready else 0)  # on a change only: off the request path
         self.ready, self.reason = ready, reason
+        self.seen_ready = self.seen_ready or ready

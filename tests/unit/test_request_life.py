@@ -236,6 +236,34 @@ def test_a_gpu_tier_stream_cut_short_is_an_error_not_a_short_answer(front, http)
     assert aborted("gpu_tier") == before + 2
 
 
+def test_a_worker_that_has_not_yet_seen_the_tier_ready_checks_before_refusing(gpu):
+    """At start-up one front worker may answer /readyz while another's last poll still said not
+    ready: that worker checks again before a 503, once for all waiting requests; after the tier
+    was seen ready, a down tier is refused at once, with no check."""
+    async def scenario():
+        monitor = TierMonitor("fake", interval_s=60)
+        client = LLMClient(gpu.url, token=TOKEN, timeout_s=5, monitor=monitor)
+        checks = 0
+
+        async def counted_check() -> bool:
+            nonlocal checks
+            checks += 1
+            return await client.is_ready()
+
+        monitor._check = counted_check  # as `watch` sets it, without the poll loop
+        monitor.reason = "its /readyz does not answer 200"  # a first poll made before the tier was up
+        await asyncio.gather(*(monitor.confirm_at_start() for _ in range(5)))
+        first = (monitor.ready, checks)
+        monitor.mark_down("a call failed")
+        await monitor.confirm_at_start()
+        await client.close()
+        return first, (monitor.ready, checks)
+
+    (ready, checks), (after_outage, checks_after) = asyncio.run(scenario())
+    assert (ready, checks) == (True, 1)
+    assert (after_outage, checks_after) == (False, 1)
+
+
 def test_a_worker_out_of_sockets_does_not_mark_the_gpu_tier_down():
     monitor = TierMonitor("fake")
     monitor.ready = True
