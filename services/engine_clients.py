@@ -202,10 +202,11 @@ class EngineLoad:
                 self.board = mmap.mmap(file.fileno(), SLOT.size * self.count)
         self.own = 0
 
-    def set_own(self, unfinished: int) -> None:
-        self.own = unfinished
+    def add(self, change: int) -> None:
+        """This worker's requests in the engine went up (+1) or down (-1)."""
+        self.own += change
         if self.board is not None:
-            SLOT.pack_into(self.board, SLOT.size * self.index, unfinished)
+            SLOT.pack_into(self.board, SLOT.size * self.index, self.own)
 
     def total(self) -> int:
         if self.board is None:

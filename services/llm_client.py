@@ -20,9 +20,11 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import aiohttp
+from pydantic import BaseModel
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.health import TierMonitor, is_local_exhaustion
@@ -38,6 +40,8 @@ from services.protocol import (
 from services.security import internal_auth_header
 
 logger = logging.getLogger("bentoml.service.prompt")
+
+T = TypeVar("T", bound=BaseModel)
 
 _END = object()  # the GPU tier's stream ended normally
 _EXPIRED = object()  # the request's deadline passed
@@ -156,11 +160,7 @@ class LLMClient:
     async def model_info(self, timeout_s: float = 5.0) -> ModelInfo:
         """What the engine serves: its context length, vocabulary and EOS ids (authenticated: a
         401 here means the tiers hold different internal tokens)."""
-        async with self._http.post("/model_info", json={}, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise _error_from(response.status, response.headers, body)
-            return ModelInfo.model_validate_json(body)
+        return await self._call("/model_info", {}, ModelInfo, timeout_s)
 
     async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest, timeout_s: float = 300.0) -> AdapterUpdate:
         """Load or unload a LoRA adapter on the GPU tier (its outcome, vLLM's status included)."""
@@ -168,14 +168,17 @@ class LLMClient:
             self.monitor.require()
         route = "/load_lora_adapter" if isinstance(request, LoadAdapterRequest) else "/unload_lora_adapter"
         try:
-            async with self._http.post(route, json={"request": request.model_dump()},
-                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise _error_from(response.status, response.headers, body)
-                return AdapterUpdate.model_validate_json(body)
+            return await self._call(route, {"request": request.model_dump()}, AdapterUpdate, timeout_s)
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
             raise self._call_failed(error) from error
+
+    async def _call(self, route: str, body: dict, answer: type[T], timeout_s: float) -> T:
+        """One JSON call to the GPU tier: its answer as `answer`, or its refusal as an error."""
+        async with self._http.post(route, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            content = await response.read()
+            if response.status != 200:
+                raise _error_from(response.status, response.headers, content)
+            return answer.model_validate_json(content)
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -312,7 +312,7 @@ class LLMService:
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
         own_engine_request(request.request_id, self.engine.abort)
-        self.engine_load.set_own(self.engine_load.own + 1)
+        self.engine_load.add(+1)
         try:
             async for output in stream:
                 if output.finished:
@@ -322,7 +322,7 @@ class LLMService:
             release_engine_request(request.request_id)
             raise InvalidArgument(str(error)) from error
         finally:
-            self.engine_load.set_own(self.engine_load.own - 1)
+            self.engine_load.add(-1)
 
     @bentoml.api
     async def load_lora_adapter(self, request: LoadAdapterRequest) -> AdapterUpdate:

@@ -41,16 +41,20 @@ def test_the_run_directory_is_made_once_and_then_inherited(monkeypatch):
 def test_the_engine_load_is_the_sum_over_the_workers(tmp_path: Path):
     workers = [EngineLoad(EngineClientSlot(tmp_path, 3, index)) for index in range(3)]
     assert [w.total() for w in workers] == [0, 0, 0]
-    workers[0].set_own(2)
-    workers[2].set_own(5)
+    workers[0].add(+1)
+    workers[0].add(+1)
+    for _ in range(5):
+        workers[2].add(+1)
     assert [w.total() for w in workers] == [7, 7, 7]
-    workers[2].set_own(workers[2].own - 5)
+    for _ in range(5):
+        workers[2].add(-1)
     assert workers[1].total() == 2
 
 
 def test_one_engine_client_counts_its_own_requests():
     alone = EngineLoad(None)
-    alone.set_own(3)
+    for _ in range(3):
+        alone.add(+1)
     assert alone.total() == 3
 
 
