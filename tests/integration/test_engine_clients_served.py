@@ -1,7 +1,7 @@
 """LLMService over several engine-client processes on one engine (PIPELINE_ENGINE_CLIENTS, which
 the test tiers set to 2: bench/servers.py TIER_DEFAULTS, so the whole suite runs that way).
 
-- the front's requests reach every LLMService worker, and each answers (their access logs);
+- every LLMService worker streams generations, and a burst through the front is answered;
 - the engine's load is the sum over the workers;
 - when the EngineCore dies, every worker turns not ready and the front answers 503: no stream
   waits on a dead engine.
@@ -9,6 +9,7 @@ the test tiers set to 2: bench/servers.py TIER_DEFAULTS, so the whole suite runs
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,19 +48,34 @@ def test_the_pipeline_runs_two_engine_clients_on_one_engine(pipeline: Server):
     assert len(pipeline.engine_cores()) == 1, [p.name() for p in pipeline.engine_processes()]
 
 
-def test_a_burst_is_served_by_every_engine_client(pipeline: Server):
+def test_every_engine_client_streams_generations(pipeline: Server):
+    """Each LLMService worker, reached on a connection it accepted (/load says which), streams
+    a generation of its own; and a burst through the front is answered in full. (Which worker
+    accepts the front's pooled connections is the kernel's choice: the fresh-clone run once saw
+    all 32 of a burst on one worker, so the spread is measured in benchmarks, not asserted.)"""
+    served: dict[int, int] = {}
+    deadline = time.monotonic() + 10
+    while len(served) < 2 and time.monotonic() < deadline:
+        with pipeline.llm_tier(timeout_s=60) as llm:  # a new client: a new connection
+            worker = llm.post("/load", json={}).raise_for_status().json()["engine_client"]
+            if worker in served:
+                continue
+            body = {"request": {"request_id": f"client-{worker}", "token_ids": [504, 3575, 282, 4649, 314],
+                                "sampling_params": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}}
+            response = llm.post("/generate", json=body)
+            assert response.status_code == 200, response.text
+            frames = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+            served[worker] = frames[-1]["completion_tokens"]
+    assert served == {1: 8, 2: 8}, f"tokens streamed by each engine client: {served}"
     before = generate_calls_by_worker(pipeline)
     with httpx.Client(base_url=pipeline.url, timeout=120, limits=httpx.Limits(max_connections=16)) as client:
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=CHAT), range(32)))
     assert [a.status_code for a in answers] == [200] * 32
     assert all(a.json()["choices"][0]["message"]["content"] for a in answers)
-    # the access log is written as each call ends: wait for all 32 lines
     after = poll(lambda: generate_calls_by_worker(pipeline),
                  lambda calls: sum(calls.values()) - sum(before.values()) >= 32, within_s=10)
-    served = {worker: after.get(worker, 0) - before.get(worker, 0) for worker in ("1", "2")}
-    assert sum(served.values()) == 32
-    assert min(served.values()) > 0, f"one engine client served the whole burst: {served}"
+    assert sum(after.values()) - sum(before.values()) == 32, "every answer went through an engine client"
 
 
 def test_the_engine_load_is_summed_over_the_engine_clients(pipeline: Server):
