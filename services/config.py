@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         None, ge=16, description="Context length (prompt + output tokens); unset means the model's own."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="vLLM's --kv-cache-memory-bytes: the GPU KV cache's size in bytes, set instead of measured "
+        "(no memory profiling at start-up, so several engines can share one GPU); unset means what "
+        "gpu_memory_utilization leaves. Not used on CPU (cpu_kvcache_space_gib)."
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; also the GPU count LLMService asks for.")
     enforce_eager: bool | None = Field(
         None, description="Skip torch.compile and CUDA graphs; unset means eager on CPU, compiled on GPU."

@@ -137,6 +137,7 @@ def engine_args(config: Settings):
     optional = {
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": config.enable_prefix_caching,
+        "kv_cache_memory_bytes": None if on_cpu else config.kv_cache_memory_bytes,
         # so that a grammar applies after the reasoning ends, as in `vllm serve --reasoning-parser`
         "reasoning_parser": config.reasoning_parser,
     }

