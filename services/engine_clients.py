@@ -27,11 +27,13 @@ image) share, with the one difference between them (`launch_core_engines`) handl
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -48,9 +50,11 @@ SLOT = struct.Struct("q")
 
 def share_run_dir() -> None:
     """Make the replica's run directory when none is set. Called in the `bentoml serve` process
-    as it imports LLMService, before it starts the workers, which inherit the environment."""
+    as it imports LLMService, before it starts the workers, which inherit the environment. The
+    process that made it removes it when it exits (the workers have stopped by then)."""
     if not os.environ.get(RUN_DIR_ENV):
         os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="pipeline-engine-")
+        atexit.register(shutil.rmtree, os.environ[RUN_DIR_ENV], ignore_errors=True)
 
 
 @dataclass(frozen=True)

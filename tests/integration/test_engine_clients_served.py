@@ -53,6 +53,7 @@ def test_every_engine_client_streams_generations(pipeline: Server):
     a generation of its own; and a burst through the front is answered in full. (Which worker
     accepts the front's pooled connections is the kernel's choice: the fresh-clone run once saw
     all 32 of a burst on one worker, so the spread is measured in benchmarks, not asserted.)"""
+    start = generate_calls_by_worker(pipeline)
     served: dict[int, int] = {}
     deadline = time.monotonic() + 10
     while len(served) < 2 and time.monotonic() < deadline:
@@ -67,7 +68,9 @@ def test_every_engine_client_streams_generations(pipeline: Server):
             frames = [json.loads(line) for line in response.text.splitlines() if line.strip()]
             served[worker] = frames[-1]["completion_tokens"]
     assert served == {1: 8, 2: 8}, f"tokens streamed by each engine client: {served}"
-    before = generate_calls_by_worker(pipeline)
+    # the access log's line for a call comes after its response: wait for the two calls above
+    before = poll(lambda: generate_calls_by_worker(pipeline),
+                  lambda calls: sum(calls.values()) >= sum(start.values()) + len(served), within_s=10)
     with httpx.Client(base_url=pipeline.url, timeout=120, limits=httpx.Limits(max_connections=16)) as client:
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=CHAT), range(32)))

@@ -5,11 +5,13 @@ starts."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.servers import parse_cpus, parse_target
+from bench.servers import ROOT, parse_cpus, parse_target
 from services import engine_clients, llm_service
 from services.config import Settings
 from services.engine_clients import EngineClientSlot, EngineLoad
@@ -38,6 +40,16 @@ def test_the_run_directory_is_made_once_and_then_inherited(monkeypatch):
     first = os.environ[engine_clients.RUN_DIR_ENV]
     engine_clients.share_run_dir()  # a worker importing the module again keeps its parent's
     assert os.environ[engine_clients.RUN_DIR_ENV] == first and Path(first).is_dir()
+
+
+def test_the_run_directory_goes_when_the_process_that_made_it_exits():
+    code = ("import os; from services import engine_clients as e; e.share_run_dir(); "
+            "d = os.environ[e.RUN_DIR_ENV]; open(os.path.join(d, 'engine.json'), 'w').write('{}'); print(d)")
+    env = {k: v for k, v in os.environ.items() if k != engine_clients.RUN_DIR_ENV}
+    made = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run_dir = Path(made.stdout.strip())
+    assert made.returncode == 0 and run_dir.name.startswith("pipeline-engine-"), made.stderr
+    assert not run_dir.exists()
 
 
 def test_the_engine_load_is_the_sum_over_the_workers(tmp_path: Path):
