@@ -66,7 +66,7 @@ class CpuSampler(threading.Thread):
             for pid in pids:
                 try:
                     process = psutil.Process(pid)
-                    self._processes[f"{group}:{_label(process)}:{pid}"] = process
+                    self._processes[f"{group}:{process_label(process)}:{pid}"] = process
                     process.cpu_percent(None)
                 except psutil.Error:
                     pass
@@ -97,15 +97,17 @@ class CpuSampler(threading.Thread):
         return out
 
 
-def _label(process: psutil.Process) -> str:
+def process_label(process: psutil.Process) -> str:
+    """What a process is: a BentoML worker (`service#worker`), the load generator, vLLM's API server, ..."""
     name = process.name()
     cmdline = process.cmdline()
     if "--service-name" in cmdline:
         service = cmdline[cmdline.index("--service-name") + 1]
         worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
         return f"{service}#{worker}"
-    if "bench.vllm_cli" in cmdline:
-        return "vllm-bench-serve"
+    if "bench.vllm_cli" in cmdline:  # vLLM's CLI: the load generator, or `vllm serve --api-server-count N`
+        command = cmdline[cmdline.index("bench.vllm_cli") + 1:]
+        return "vllm-bench-serve" if command[:1] == ["bench"] else "vllm-serve"
     if "vllm.entrypoints.openai.api_server" in cmdline:
         return "vllm-api-server"
     if "bentoml" in cmdline and "serve" in cmdline:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from bench.loadgen import process_label
+
 
 NATIVE = "(native code: no Python frame)"
 
@@ -29,16 +31,11 @@ def py_spy() -> str | None:
 
 
 def label(process: psutil.Process) -> str:
-    """A file-name-safe name: the process title (VLLM::EngineCore, a BentoML worker) and pid."""
+    """A file-name-safe name: what the process is (bench/loadgen.py) and its pid."""
     try:
-        cmdline = process.cmdline()
-        name = process.name()
+        name = process_label(process)
     except psutil.Error:
-        return f"gone-{process.pid}"
-    if "--service-name" in cmdline:
-        service = cmdline[cmdline.index("--service-name") + 1]
-        worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "0"
-        name = f"{service}-{worker}"
+        name = "gone"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) + f"-{process.pid}"
 
 
