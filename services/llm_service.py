@@ -251,7 +251,6 @@ class LLMService:
             slot = EngineClientSlot.of_this_worker(settings.engine_client_count)
             self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
         self.engine_load = EngineLoad(slot)
-        self.engine_client = slot.index + 1 if slot else 1  # which of the replica's engine clients this is
         self.input_errors = _input_errors()
         model_config = self.engine.model_config
         self.info = ModelInfo(
@@ -391,7 +390,7 @@ class LLMService:
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting), over all its engine clients, and
         which engine client (worker) answered."""
-        return {"unfinished_requests": self.engine_load.total(), "engine_client": self.engine_client}
+        return {"unfinished_requests": self.engine_load.total(), "engine_client": self.engine_load.index + 1}
 
     def _eos_token_ids(self) -> list[int]:
         """The ids the engine ends a generation on by itself: its tokenizer's EOS (it has one, for
