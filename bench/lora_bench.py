@@ -10,7 +10,7 @@ Every request is a streamed /v1/completions, greedy, 64 tokens with ignore_eos, 
 - 16 at once (c=16), 48 requests, each on the next of the three adapters in turn, against the
   same burst on the base model: output tokens per second, TTFT and time per output token.
 
-Run it alone, under the engine lock:  flock /work/locks/engine.lock python -m bench.lora_bench
+Run it alone, under the engine lock:  flock "${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}" python -m bench.lora_bench
 """
 
 from __future__ import annotations

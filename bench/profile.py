@@ -22,7 +22,6 @@ import psutil
 
 from bench.loadgen import process_label
 
-
 NATIVE = "(native code: no Python frame)"
 
 

@@ -402,7 +402,7 @@ def start_tier(service: str, *, log: Path, depends: dict[str, str] | None = None
 
 def serve_command(port: int) -> list[str]:
     """`bentoml serve` of the whole pipeline, on the loopback interface."""
-    return [sys.executable, "-m", "bentoml", "serve", "services.prompt_service:PromptService",
+    return [sys.executable, "-m", "bentoml", "serve", "services.front.prompt_service:PromptService",
             "--host", "127.0.0.1", "--port", str(port)]
 
 
@@ -450,7 +450,7 @@ def cpu_engine_env(settings: EngineSettings) -> dict[str, str]:
     if not settings.cpu:
         return {}
     # The same values the pipeline's LLMService sets for itself.
-    from services.llm_service import cpu_engine_environment
+    from services.gpu.llm_service import cpu_engine_environment
 
     return cpu_engine_environment(settings.cpu_kvcache_gib)
 

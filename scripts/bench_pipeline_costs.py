@@ -3,7 +3,7 @@
     python scripts/bench_pipeline_costs.py --out docs/benchmarks/pipeline-costs.json [--model DIR]
 
 1. CPU tier, per core (one thread, in-process, per second of CPU time): chat template + tokenization, requests/s, for a
-   short and a long prompt; incremental detokenization (services/text/detokenizer.py), tokens/s,
+   short and a long prompt; incremental detokenization (services/front/text/detokenizer.py), tokens/s,
    one token per push and 8 per push, with and without a stop string; the tier contract's frame
    encoding (GPU tier) and decoding (CPU tier), frames/s.
 2. Round trips (with --serve): the two tiers under `bentoml serve`, then
@@ -51,10 +51,10 @@ def per_second(fn, *, seconds: float = 2.0) -> float:
 
 
 def cpu_tier_costs(model_path: str) -> dict:
+    from services.front.text.detokenizer import IncrementalDetokenizer
+    from services.front.text.templates import ChatFormatter, load_chat_template
+    from services.front.text.tokenizer import encode, load_tokenizer
     from services.protocol import DeltaDecoder, GenerateDelta, encode_frame
-    from services.text.detokenizer import IncrementalDetokenizer
-    from services.text.templates import ChatFormatter, load_chat_template
-    from services.text.tokenizer import encode, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     formatter = ChatFormatter(tokenizer, load_chat_template("model", tokenizer.chat_template))
@@ -167,7 +167,7 @@ def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path
     }
     server = serve_pipeline(log=log, env=env, port=port, ready_timeout_s=600)
     try:
-        from services.text.tokenizer import encode, load_tokenizer
+        from services.front.text.tokenizer import encode, load_tokenizer
 
         token_ids = encode(load_tokenizer(model), "What is the capital of France?", add_special_tokens=False)
         return asyncio.run(round_trips(server, token_ids, n))

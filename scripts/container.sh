@@ -8,6 +8,10 @@
 #   ./scripts/container.sh --no-check  # build only
 #   ./scripts/container.sh --no-build  # check the last image built (llm-pipeline-cpu:latest)
 #   ./scripts/container.sh --clean   # delete what this script built (images, Bentos, daemon data)
+#   ./scripts/container.sh --trust-host-cas  # the base image also trusts this machine's extra CAs
+#                                    # (/usr/local/share/ca-certificates/*.crt): only where a
+#                                    # TLS-inspecting proxy stands between the build and PyPI; the
+#                                    # images would trust that proxy too (docs/deployment.md)
 #
 # From a fresh clone: scripts/setup.sh --dev (the venv, the model), then
 # 1. a Docker engine: the one at $DOCKER_HOST or /var/run/docker.sock if it answers; otherwise
@@ -28,17 +32,19 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 work=${CONTAINER_WORK:-$root/build/container}
 out=${CONTAINER_OUT:-$root/docs/container}
-lock=${ENGINE_LOCK:-/work/locks/engine.lock}
+# The engine lock: one engine at a time on a shared machine (ENGINE_LOCK, as the other scripts).
+lock=${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}
 base_image=python:3.11-slim
 built_by=llm-pipeline.built-by=scripts/container.sh
-gpu=0 check=1 clean=0 build=1
+gpu=0 check=1 clean=0 build=1 host_cas=0
 for arg in "$@"; do
   case $arg in
     --gpu) gpu=1 ;;
     --no-check) check=0 ;;
     --no-build) build=0 ;;
     --clean) clean=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --trust-host-cas) host_cas=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -100,7 +106,17 @@ docker_up() {
 
 # --- the base image: python:3.11-slim from Debian's packages -------------------------------------
 base_up() {
-  if docker image inspect "$base_image" >/dev/null 2>&1; then log "base image $base_image present"; return; fi
+  # A present base image is used, unless this script made it with the other CA choice (its label);
+  # one made elsewhere (the official image, pulled) has no such label and is used as it is.
+  local present
+  present=$(docker image inspect -f '{{index .Config.Labels "llm-pipeline.host-cas"}}' "$base_image" 2>/dev/null) || present=absent
+  case $present in
+    absent) ;;
+    0|1) if [ "$present" = "$host_cas" ]; then log "base image $base_image present (host CAs: $host_cas)"; return; fi
+         log "base image $base_image was made with host CAs=$present: making it again"
+         docker image rm -f "$base_image" >/dev/null ;;
+    *) log "base image $base_image present (not made here)"; return ;;
+  esac
   local rootfs=$work/rootfs started=$(date +%s)
   log "making $base_image with debootstrap (Debian 12, its Python 3.11, pip)"
   if [ ! -e "$rootfs.done" ]; then  # kept until imported: a failed import does not debootstrap again
@@ -113,14 +129,19 @@ base_up() {
   # As the official python:*-slim images: `python` and `pip` on the PATH, pip not blocked by
   # Debian's EXTERNALLY-MANAGED marker (BentoML's Dockerfile installs uv with pip), no apt lists.
   ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
-  # This machine's extra certificate authorities (a TLS-inspecting egress proxy here): without them
-  # pip and uv inside the build cannot reach PyPI. Public certificates, no secrets; on a machine
-  # without extra CAs nothing is added. uv reads SSL_CERT_FILE (pip uses the system bundle).
-  local extra_cas=(/usr/local/share/ca-certificates/*.crt)
-  if [ -e "${extra_cas[0]}" ]; then
-    cp "${extra_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
-    chroot "$rootfs" update-ca-certificates >/dev/null
-    log "base image trusts this machine's extra CAs: ${extra_cas[*]##*/}"
+  # Only with --trust-host-cas: this machine's extra certificate authorities, for a TLS-inspecting
+  # proxy between the build and PyPI (without them pip and uv inside the build cannot reach it).
+  # Off by default: every image built on this base would trust that proxy. uv reads SSL_CERT_FILE
+  # (pip uses the system bundle).
+  if [ "$host_cas" = 1 ]; then
+    local extra_cas=(/usr/local/share/ca-certificates/*.crt)
+    if [ -e "${extra_cas[0]}" ]; then
+      cp "${extra_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
+      chroot "$rootfs" update-ca-certificates >/dev/null
+      log "base image trusts this machine's extra CAs (--trust-host-cas): ${extra_cas[*]##*/}"
+    else
+      log "--trust-host-cas: this machine has no extra CAs in /usr/local/share/ca-certificates"
+    fi
   fi
   rm -f "$rootfs"/usr/lib/python3.*/EXTERNALLY-MANAGED
   cat >"$rootfs/etc/apt/sources.list" <<'EOF'
@@ -133,7 +154,7 @@ EOF
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
     --change 'CMD ["python3"]' \
-    --change "LABEL $built_by org.opencontainers.image.description=\"Debian 12 minbase + python3 (debootstrap)\"" \
+    --change "LABEL $built_by llm-pipeline.host-cas=$host_cas org.opencontainers.image.description=\"Debian 12 minbase + python3 (debootstrap)\"" \
     - "$base_image" >/dev/null
   rm -rf "$rootfs" "$rootfs.done"
   log "made $base_image in $(seconds "$started") s: $(docker image inspect -f '{{.Id}} {{.Size}}' "$base_image")"

@@ -3,7 +3,7 @@
 # FUZZ_EXAMPLES (default 300) per route and mode, FUZZ_GENERATION_EXAMPLES (150) of valid inputs
 # per generation route (each one runs the engine), about 2,500 requests; writes the counts to
 # docs/operator/fuzz.json. It starts the real pipeline: on a shared machine, run it under the
-# engine lock (flock /work/locks/engine.lock ./scripts/fuzz_api.sh).
+# engine lock (flock "${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}" ./scripts/fuzz_api.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

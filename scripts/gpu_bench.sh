@@ -88,8 +88,8 @@ for phase in $phases; do
     features) python3 scripts/gpu_feature_check.py --model "$MODELS/smol" --out "$R/features/features.json" ;;
     # the unit tests (vLLM's parsers, structured-output checks and messages) on this vLLM
     unit)    PIPELINE_MODEL="$MODELS/smol" python3 -m pytest -q -p no:cacheprovider --junitxml "$R/unit/junit.xml" \
-               tests/unit/test_structured_outputs.py tests/unit/test_sampling_parity.py tests/unit/test_openai_protocol.py \
-               tests/unit/test_engine_clients.py tests/unit/test_request_life.py ;;
+               tests/unit/test_structured_outputs.py tests/unit/gpu/test_sampling_parity.py tests/unit/front/test_openai_protocol.py \
+               tests/unit/gpu/test_engine_clients.py tests/unit/front/test_request_life.py ;;
     # the CPU tier's own costs per core on this (quiet) machine's processor
     costs)   python3 scripts/bench_pipeline_costs.py --model "$MODELS/smol" --out "$R/costs/pipeline-costs.json" ;;
     *) log "unknown phase $phase" ;;

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.servers import start_tier  # noqa: E402
+
 SHAPES = {  # as ../shared/gpu/mkmodel.py; head counts divisible by 2, 4 and 8
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A real Prometheus scrapes a running pipeline; the series operators need must be there and move.
 
-    flock /work/locks/engine.lock .venv/bin/python scripts/prometheus_check.py   (starts the engine)
+    flock "${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}" .venv/bin/python scripts/prometheus_check.py
     .venv/bin/python scripts/prometheus_check.py --render-only                   (the picture again)
 
 1. Starts each tier alone, as its container in deploy/kubernetes/ does (LLMService, then

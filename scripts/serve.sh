@@ -4,4 +4,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
 cd "$root"
-exec "$root/.venv/bin/bentoml" serve services.prompt_service:PromptService --port "${PORT:-3000}" "$@"
+exec "$root/.venv/bin/bentoml" serve services.front.prompt_service:PromptService --port "${PORT:-3000}" "$@"

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from services.lora import LoraModule, check_lora_modules, parse_lora_modules
+from services.lora_modules import LoraModule, check_lora_modules, parse_lora_modules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
     )
 
-    # --- LoRA adapters (services/lora.py) ---------------------------------------------------------
+    # --- LoRA adapters (services/lora_modules.py, served by services/gpu/lora.py) ---------------------------------------------------------
     lora_modules: Annotated[list[LoraModule], NoDecode] = Field(
         default_factory=list, description="vLLM's --lora-modules: adapters served next to the base model, `name=path` "
         "items separated by spaces or commas (a path may be a BentoML model-store tag), or JSON objects with name, "
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     chat_template: str = Field(
         "model",
         description="`model` (the model's own chat template), a named template from "
-        "services/text/chat_templates/ (llama2, plain, hermes: ChatML that renders `tools` for hermes tool calling), "
+        "services/front/text/chat_templates/ (llama2, plain, hermes: ChatML that renders `tools` for hermes tool calling), "
         "or a path to a Jinja template file.",
     )
     enable_auto_tool_choice: bool = Field(

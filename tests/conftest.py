@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.config import settings
-from services.text.tokenizer import load_tokenizer
+from services.front.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -201,9 +201,8 @@ def test_bentocloud_config_structures_with_bentomls_schema(cloud):
 
 
 def test_bentocloud_config_overrides_are_valid_service_traffic_settings(cloud):
-    from pydantic import TypeAdapter
-
     from _bentoml_sdk.service.config import ServiceConfig, TrafficSchema
+    from pydantic import TypeAdapter
 
     for name, service in cloud["services"].items():
         overrides = service["config_overrides"]

@@ -75,7 +75,7 @@ def test_build_is_quick(bento, record_property):
 
 
 def test_both_services_are_in_the_bento_with_the_entry_service_first(manifest):
-    assert manifest["service"] == "services.prompt_service:PromptService"
+    assert manifest["service"] == "services.front.prompt_service:PromptService"
     assert manifest["entry_service"] == "PromptService"
     services = {service["name"]: service for service in manifest["services"]}
     assert set(services) == {"PromptService", "LLMService"}
@@ -109,7 +109,7 @@ def test_only_the_service_code_and_templates_are_packed(bento):
         if path.is_file() and path.suffix in {".py", ".jinja"} and "__pycache__" not in path.parts
     }
     assert packed == expected | {"bentofile.yaml"}
-    assert "services/text/chat_templates/llama2.jinja" in packed
+    assert "services/front/text/chat_templates/llama2.jinja" in packed
 
 
 def test_requirements_are_the_gpu_ones(bento):

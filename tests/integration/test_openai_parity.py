@@ -3,7 +3,7 @@
 vLLM's server is started once for this module (`python -m vllm.entrypoints.openai.api_server`,
 same engine settings as the pipeline: max_model_len 2048, eager, float32 on CPU, both cores, and
 the pipeline's tool calling: `--enable-auto-tool-choice --tool-call-parser hermes --chat-template
-services/text/chat_templates/hermes.jinja`) and stopped in teardown. Each case sends the same
+services/front/text/chat_templates/hermes.jinja`) and stopped in teardown. Each case sends the same
 request to both servers, one at a time, and compares
 what a client sees: the text of every choice, its finish reason and stop reason, the token counts
 (usage), and for logprobs the tokens and their values.
@@ -30,11 +30,10 @@ import httpx
 import pytest
 
 from bench.servers import ROOT, EngineSettings, free_port, make_server
-
-from services.llm_service import CPU_DTYPE
+from services.gpu.llm_service import CPU_DTYPE
 
 MODEL_NAME = "smollm2-135m-instruct"
-HERMES_TEMPLATE = ROOT / "services" / "text" / "chat_templates" / "hermes.jinja"
+HERMES_TEMPLATE = ROOT / "services" / "front" / "text" / "chat_templates" / "hermes.jinja"
 START_TIMEOUT_S = 300
 
 LONG_TEXT = " ".join(

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from services.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
+from services.gpu.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
 from services.protocol import (
     AdapterInfo,
     AdapterUpdate,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.profile import NATIVE, summarize
 from bench.servers import ROOT, EngineSettings, make_server
-from services import llm_service
+from services.gpu import llm_service
 from services.config import Settings
 
 

@@ -1,5 +1,5 @@
 """LoRA adapters without an engine: PIPELINE_LORA_MODULES, the adapter registry LLMService's
-workers share (services/lora.py), and the front tier's side (the `model` field, /v1/models, the
+workers share (services/gpu/lora.py), and the front tier's side (the `model` field, /v1/models, the
 load and unload routes) against the stand-in GPU tier. The real engine: tests/integration/test_lora_parity.py.
 """
 
@@ -11,17 +11,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_gpu_tier import FakeGpuTier, served_front, served_gpu_tier
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
+from test_request_life import Front
 
-from fake_gpu_tier import FakeGpuTier, served_front, served_gpu_tier
 from services.config import Settings
-from services.lora import AdapterExists, AdapterRegistry, LoraModule, parse_lora_modules, resolve_adapter_path
-from services.openai.router import app as openai_app, attach_lora_routes
-from services.openai.serving import OpenAIServing
+from services.front.openai.router import app as openai_app
+from services.front.openai.router import attach_lora_routes
+from services.front.openai.serving import OpenAIServing
+from services.gpu.lora import AdapterExists, AdapterRegistry, resolve_adapter_path
+from services.lora_modules import LoraModule, parse_lora_modules
 from services.protocol import AdapterInfo
 from services.security import BearerAuthMiddleware
-from test_request_life import Front
 
 API_KEY = "lora-test-key"
 

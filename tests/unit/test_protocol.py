@@ -66,7 +66,7 @@ def test_request_needs_prompt_tokens():
 
 @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12), with_logprobs=st.booleans(), data=st.data())
 def test_consecutive_frames_of_a_choice_merge_into_one(sizes, with_logprobs, data):
-    """What the front tier does with frames that queued up (services/llm_client.py): however they
+    """What the front tier does with frames that queued up (services/front/llm_client.py): however they
     are grouped, the merged frame holds every token and logprob in order, and the last counts."""
     frames, produced = [], 0
     for i, size in enumerate(sizes):

@@ -8,14 +8,14 @@ import json
 
 import pytest
 from pydantic import ValidationError
+from test_openai_protocol import refusal  # the ProtocolError behind a refused request body
 
 from services.errors import RequestError
-from services.llm_service import vllm_sampling_params
-from services.openai.parsing import ChatParsing, check_tool_choice
-from services.openai.protocol import ChatCompletionRequest, CompletionRequest
+from services.front.openai.parsing import ChatParsing, check_tool_choice
+from services.front.openai.protocol import ChatCompletionRequest, CompletionRequest
+from services.front.text.templates import ChatFormatter, load_chat_template
+from services.gpu.llm_service import vllm_sampling_params
 from services.protocol import GenerateRequest, SamplingParams, StructuredOutputs
-from services.text.templates import ChatFormatter, load_chat_template
-from test_openai_protocol import refusal  # the ProtocolError behind a refused request body
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",

