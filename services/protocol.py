@@ -10,7 +10,7 @@ ever end a frame.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -155,6 +155,10 @@ class ModelInfo(BaseModel):
     vocab_size: int
     eos_token_ids: list[int] = Field(default_factory=list)
     adapters: list[AdapterInfo] = Field(default_factory=list, description="the LoRA adapters served now")
+    # The engine's prefix cache, for routing (services/kv_blocks.py): None where prefix caching is off.
+    kv_block_size: int | None = Field(None, ge=1, description="tokens per KV-cache block")
+    kv_cache_blocks: int | None = Field(None, ge=0, description="blocks the engine's KV cache holds in all")
+    kv_events: bool = Field(False, description="whether /kv_events streams the engine's own cache events")
 
 
 # --- LoRA adapters at run time (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter bodies) --
@@ -180,28 +184,66 @@ class AdapterUpdate(BaseModel):
     type: str | None = None
 
 
+# --- a replica's KV cache, for routing (docs/architecture.md, "Routing") --------------------------
+
+
+class ReplicaLoad(BaseModel):
+    """How busy a replica's engine is, as the replica last measured it (over all its engine
+    clients, so over every front worker and PromptService replica that sends it work)."""
+
+    running: int = Field(0, ge=0, description="requests the engine is running")
+    waiting: int = Field(0, ge=0, description="requests waiting in the engine's queue")
+    kv_usage: float = Field(0.0, ge=0, le=1, description="the share of the KV cache's blocks in use")
+
+
+class CacheEvents(BaseModel):
+    """One frame of LLMService's `/kv_events` stream: what its engine's prefix cache holds, as
+    block keys (services/kv_blocks.py), and its load.
+
+    The first frame of a stream is a snapshot: `cleared`, then every block held in `stored`; each
+    later frame is the change since the one before, applied in order: `cleared` (the engine dropped
+    every block), then `removed`, then `stored`. A frame with only `load` is the engine's load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cleared: bool = False
+    removed: list[int] = Field(default_factory=list)
+    stored: list[int] = Field(default_factory=list)
+    load: ReplicaLoad | None = None
+
+
 # --- framing -----------------------------------------------------------------------------------
 
-
-def encode_frame(delta: GenerateDelta) -> str:
-    """One delta as one line of newline-delimited JSON (ASCII only: no character can be split)."""
-    return delta.model_dump_json(exclude_defaults=True) + "\n"
+Frame = TypeVar("Frame", bound=BaseModel)
 
 
-class DeltaDecoder:
-    """Reassembles frames from transport chunks of any size and any boundary."""
+def encode_frame(frame: BaseModel) -> str:
+    """One frame as one line of newline-delimited JSON (ASCII only: no character can be split)."""
+    return frame.model_dump_json(exclude_defaults=True) + "\n"
 
-    def __init__(self) -> None:
+
+class FrameDecoder(Generic[Frame]):
+    """Reassembles frames of one type from transport chunks of any size and any boundary."""
+
+    def __init__(self, frame: type[Frame]) -> None:
+        self._frame = frame
         self._buffer = b""
 
-    def feed(self, chunk: bytes | str) -> list[GenerateDelta]:
+    def feed(self, chunk: bytes | str) -> list[Frame]:
         if isinstance(chunk, str):
             chunk = chunk.encode()
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
-        return [GenerateDelta.model_validate_json(line) for line in lines if line.strip()]
+        return [self._frame.model_validate_json(line) for line in lines if line.strip()]
 
     @property
     def pending(self) -> bool:
         """True when bytes of an unfinished frame are waiting (a stream cut short)."""
         return bool(self._buffer.strip())
+
+
+class DeltaDecoder(FrameDecoder[GenerateDelta]):
+    """The frames of a `/generate` stream."""
+
+    def __init__(self) -> None:
+        super().__init__(GenerateDelta)
