@@ -131,14 +131,15 @@ def test_the_llm_startup_probe_allows_a_slow_engine_start():
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
 
 
-@pytest.mark.parametrize("name", ["llm-service", "prompt-service"])
-def test_each_service_selects_exactly_its_deployment(name):
+@pytest.mark.parametrize("name, deployment_name", [("llm-service", "llm-service"), ("prompt-service", "prompt-service"),
+                                                   ("llm-service-replicas", "llm-service")])
+def test_each_service_selects_exactly_its_deployment(name, deployment_name):
     service = find("Service", name)
     selector = service["spec"]["selector"].items()
     selected = [doc["metadata"]["name"] for _, doc in DOCUMENTS
                 if doc["kind"] == "Deployment" and selector <= doc["spec"]["template"]["metadata"]["labels"].items()]
-    assert selected == [name]
-    deployment = find("Deployment", name)
+    assert selected == [deployment_name]
+    deployment = find("Deployment", deployment_name)
     assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] in {port["name"] for port in container(deployment)["ports"]}
 
@@ -161,13 +162,49 @@ def test_llm_tier_is_reachable_only_inside_the_cluster_and_only_from_the_prompt_
     assert [port["port"] for port in rule["ports"]] == [start_args(find("Deployment", "llm-service"))["port"]]
 
 
-def test_only_the_cpu_tier_has_an_hpa():
-    hpas = [doc for _, doc in DOCUMENTS if doc["kind"] == "HorizontalPodAutoscaler"]
-    assert [hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas] == ["prompt-service"]
-    spec = hpas[0]["spec"]
-    assert spec["scaleTargetRef"]["kind"] == "Deployment"
-    assert 1 <= spec["minReplicas"] <= spec["maxReplicas"]
-    assert spec["metrics"][0]["resource"]["name"] == "cpu"
+def test_each_tier_has_its_own_hpa():
+    """The CPU tier scales on CPU; the GPU tier on its engines' waiting queue (an External metric
+    from the Prometheus adapter), one replica at a time, slower down than up."""
+    hpas = {doc["spec"]["scaleTargetRef"]["name"]: doc["spec"] for _, doc in DOCUMENTS
+            if doc["kind"] == "HorizontalPodAutoscaler"}
+    assert sorted(hpas) == ["llm-service", "prompt-service"]
+    for spec in hpas.values():
+        assert spec["scaleTargetRef"]["kind"] == "Deployment"
+        assert 1 <= spec["minReplicas"] <= spec["maxReplicas"]
+    assert hpas["prompt-service"]["metrics"][0]["resource"]["name"] == "cpu"
+    (metric,) = hpas["llm-service"]["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == "llm_pipeline_engine_requests_waiting"
+    assert metric["external"]["target"]["type"] == "AverageValue"
+    behavior = hpas["llm-service"]["behavior"]
+    assert [policy["value"] for policy in behavior["scaleUp"]["policies"]] == [1]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"]["stabilizationWindowSeconds"]
+
+
+def test_the_adapter_rule_serves_the_metric_the_gpu_hpa_reads():
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "adapter-rules.yaml").read_text())
+    (rule,) = rules["rules"]["external"]
+    assert rule["name"]["as"] == "llm_pipeline_engine_requests_waiting"
+    assert rule["seriesQuery"].startswith("vllm:num_requests_waiting{")
+    assert "max by (namespace, pod)" in rule["metricsQuery"], "each pod counted once, whatever its engine clients"
+
+
+def test_the_prompt_tier_finds_every_ready_gpu_replica_through_a_headless_service():
+    """PIPELINE_GPU_TIER_REPLICAS names the headless Service (one DNS record per ready pod, no
+    kube-proxy pinning a pooled connection to one pod), on the port the GPU tier serves."""
+    headless = find("Service", "llm-service-replicas")["spec"]
+    assert headless["clusterIP"] == "None" and not headless.get("publishNotReadyAddresses", False)
+    assert headless["selector"] == find("Service", "llm-service")["spec"]["selector"]
+    discovery = env_of(find("Deployment", "prompt-service"))["PIPELINE_GPU_TIER_REPLICAS"]
+    assert discovery == f"dns://llm-service-replicas:{headless['ports'][0]['port']}"
+    assert headless["ports"][0]["port"] == start_args(find("Deployment", "llm-service"))["port"]
+
+
+def test_a_gpu_pod_has_time_to_finish_its_streams_when_scaled_in():
+    """terminationGracePeriodSeconds covers the longest stream: the pipeline's deadline."""
+    config = find("ConfigMap", "llm-pipeline-config")["data"]
+    grace = find("Deployment", "llm-service")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(config["PIPELINE_REQUEST_TIMEOUT_S"])
 
 
 # --- BentoCloud ------------------------------------------------------------------------------

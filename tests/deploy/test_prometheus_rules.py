@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+RULES = PROMETHEUS / "pipeline-rules.yml"
 
 
 def pipeline_metric_names() -> set[str]:
     """The pipeline_* metrics both tiers define (services/front/metrics.py, services/gpu/metrics.py)."""
     return {name for tier in ("front", "gpu")
             for name in re.findall(r'"(pipeline_\w+)"', (ROOT / "services" / tier / "metrics.py").read_text())}
-PROMETHEUS = ROOT / "deploy" / "prometheus"
-RULES = PROMETHEUS / "pipeline-rules.yml"
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +89,11 @@ def test_both_tiers_are_annotated_for_scraping():
 
 
 def test_the_grafana_dashboard_queries_are_valid_promql(promtool, tmp_path):
-    """deploy/grafana/llm-pipeline.json: one row per tier plus the engine, and every panel's query
+    """deploy/grafana/llm-pipeline.json: one row per tier, the engine and the routing over GPU replicas, and every panel's query
     parses (promtool checks them as recording rules) and reads only series the pipeline exports."""
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "llm-pipeline.json").read_text())
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Front tier (PromptService)", "GPU tier (LLMService)", "Engine (vLLM)"]
+    assert rows == ["Front tier (PromptService)", "GPU tier (LLMService)", "Engine (vLLM)", "GPU replicas (routing)"]
     exprs = [target["expr"].replace("$__rate_interval", "1m")
              for panel in dashboard["panels"] if panel["type"] != "row" for target in panel["targets"]]
     assert len(exprs) >= 20
