@@ -44,7 +44,6 @@ from bench.servers import (  # noqa: E402
     cpu_engine_env,
     free_port,
     make_server,
-    own_bentoml_home,
     parse_target,
     pipeline_command,
     poll,
@@ -58,7 +57,8 @@ def llm_service(settings: EngineSettings, engine_clients: int | None, port: int,
                 cache: Path) -> Server:
     """LLMService alone, started as its container starts it (start-http-server)."""
     _, env = pipeline_command(settings, port, prompt_workers=1, engine_clients=engine_clients)
-    env |= {"PIPELINE_CACHE_DIR": str(cache), "BENTOML_HOME": own_bentoml_home(home), "BENTOML_DO_NOT_TRACK": "true"}
+    home.mkdir(parents=True, exist_ok=True)  # its own (metrics folder); the model is a folder, not in the store
+    env |= {"PIPELINE_CACHE_DIR": str(cache), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     return Server("LLMService", tier_command("LLMService", port), env, port, log)
 
 
