@@ -81,8 +81,8 @@ def stream_first_token(server: Server, settings: EngineSettings, prompt: list[in
     first = None
     tokens = 0
     if server.name == "LLMService":
-        body = {"request_id": uuid.uuid4().hex, "token_ids": prompt, "stream": True,
-                "sampling_params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}}
+        body = {"request": {"request_id": uuid.uuid4().hex, "token_ids": prompt, "stream": True,  # the API's one argument
+                            "sampling_params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}}}
         with server.llm_tier(timeout_s) as http, http.stream("POST", "/generate", json=body) as response:
             response.raise_for_status()
             for line in response.iter_lines():
@@ -124,6 +124,7 @@ def measure(server: Server, settings: EngineSettings, prompt: list[int], args) -
     server.start()
     try:
         ready = server.wait_ready(args.ready_timeout)
+        print(f"  ready after {ready:.1f} s", flush=True)
         ttft, tokens = stream_first_token(server, settings, prompt, args.max_tokens)
         following = [stream_first_token(server, settings, prompt[1:] + prompt[:1], args.max_tokens)[0]
                      for _ in range(args.next_requests)]
