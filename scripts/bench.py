@@ -31,6 +31,7 @@ from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
 from bench.server_metrics import level_means_ms, metrics_urls, scrape  # noqa: E402
 from bench.servers import EngineSettings, free_port, gpu_host_processes, make_server, parse_cpus, parse_target, pin  # noqa: E402
+from services.gpu.caches import cache_environment  # noqa: E402
 
 
 def clients_for(concurrency: int, per_client: int) -> int:
@@ -74,33 +75,48 @@ def run(args: argparse.Namespace) -> int:
             # each compiles into its own cache: two servers of the same engine settings compiling into one
             # folder at the same moment would race on its files
             servers[target].env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"vllm-cache-{target}")
+        if args.cache_root:  # every compile cache of each server in a folder of its own (services/gpu/caches.py)
+            servers[target].env |= cache_environment(Path(args.cache_root) / target)
     if args.devices:
         for target, server in servers.items():
             log(f"starting {target}: {' '.join(server.argv)} (CUDA_VISIBLE_DEVICES={server.env['CUDA_VISIBLE_DEVICES']})")
             server.start()
     status = 0
+    failed: set[str] = set()
+    order = list(servers)
     try:
-        for target, server in servers.items():
-            if not args.devices:
-                log(f"starting {target}: {' '.join(server.argv)}")
-                server.start()
-            try:
-                ready = server.wait_ready(args.ready_timeout)
-                log(f"{target} ready after {ready:.0f} s")
-                if args.pin_gpu_host:  # what would run on the GPU machine, onto its CPU budget
-                    threads = pin(gpu_host_processes(server), parse_cpus(args.pin_gpu_host))
-                    log(f"{target}: {threads} threads pinned to CPUs {args.pin_gpu_host}")
-                env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
-                meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
-                sweep(args, target, server, settings.model, out)
-            except Exception:
-                traceback.print_exc()
-                meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
-                status = 1
-            finally:
-                server.stop()
-                log(f"stopped {target}")
-            (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        # With --rounds R (servers up side by side), every level is measured R times, the servers taking
+        # turns and the one that went first in a round going last in the next.
+        for round_index in range(1, args.rounds + 1):
+            for target in order:
+                if target in failed:
+                    continue
+                server = servers[target]
+                try:
+                    if round_index == 1:
+                        if not args.devices:
+                            log(f"starting {target}: {' '.join(server.argv)}")
+                            server.start()
+                        ready = server.wait_ready(args.ready_timeout)
+                        log(f"{target} ready after {ready:.0f} s")
+                        if args.pin_gpu_host:  # what would run on the GPU machine, onto its CPU budget
+                            threads = pin(gpu_host_processes(server), parse_cpus(args.pin_gpu_host))
+                            log(f"{target}: {threads} threads pinned to CPUs {args.pin_gpu_host}")
+                        env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
+                        meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
+                    suffix = f"-r{round_index}" if args.rounds > 1 else ""
+                    sweep(args, target, server, settings.model, out, suffix=suffix, warm_up=round_index == 1)
+                except Exception:
+                    traceback.print_exc()
+                    meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
+                    failed.add(target)
+                    status = 1
+                finally:
+                    if args.rounds == 1 or target in failed:
+                        server.stop()
+                        log(f"stopped {target}")
+                (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            order = order[1:] + order[:1]
     finally:
         for server in servers.values():
             server.stop()
@@ -111,11 +127,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) -> None:
-    """A warm-up at the highest concurrency, then every load level; one record per level."""
-    warm = min(max(args.concurrency), args.warmup_concurrency)
-    warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
-    run_load(server.url, args.served_name, model, warmup, out / "logs" / f"{target}-warmup", server.pids())
+def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path, suffix: str = "",
+          warm_up: bool = True) -> None:
+    """A warm-up at the highest concurrency, then every load level; one record per level (its file
+    named `<target>-c<N><suffix>.json`)."""
+    if warm_up:
+        warm = min(max(args.concurrency), args.warmup_concurrency)
+        warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
+        run_load(server.url, args.served_name, model, warmup, out / "logs" / f"{target}-warmup", server.pids())
     for concurrency in args.concurrency:
         prompts = max(args.min_prompts, concurrency * args.prompts_per_concurrency)
         workload = Workload(
@@ -125,16 +144,16 @@ def sweep(args: argparse.Namespace, target: str, server, model: str, out: Path) 
         before = scrape(urls)
         profiling = contextlib.nullcontext()
         if args.py_spy:
-            profiling = profile.record(gpu_host_processes(server), out / "profiles" / f"{target}-c{concurrency}")
+            profiling = profile.record(gpu_host_processes(server), out / "profiles" / f"{target}-c{concurrency}{suffix}")
         with profiling:
             record = run_load(server.url, args.served_name, model, workload, out / "logs" / target, server.pids())
         record["target"] = target
         record["server_metrics"] = level_means_ms(before, scrape(urls))
-        (out / "runs" / f"{target}-c{concurrency}.json").write_text(json.dumps(record))
+        (out / "runs" / f"{target}-c{concurrency}{suffix}.json").write_text(json.dumps(record))
         f = summarize(record)
         loadgen = [v["mean"] for k, v in record["cpu"].items() if k.startswith("loadgen:")]
         log(
-            f"{target} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
+            f"{target}{suffix} c={concurrency}: {f['completed']} ok, {f['failed']} failed, "
             f"{f['output_throughput']:.1f} out tok/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms, "
             f"ITL p50 {f['itl_p50_ms']:.2f} ms, TPOT p50 {f['tpot_p50_ms']:.2f} ms, "
             f"{f['tokens_per_chunk']:.2f} tokens/chunk, load generator CPU {loadgen} %, errors {errors(record)}, "
@@ -190,6 +209,10 @@ def main() -> int:
         help="one GPU list per target (e.g. 0 1, or 0 0 0 to share one GPU: then give --kv-cache-memory-bytes): "
         "start the servers together, then measure one at a time",
     )  # fmt: skip
+    r.add_argument("--cache-root", help="each server's compile caches in CACHE_ROOT/<target> (kept: a later run "
+                   "with the same folder starts warm), instead of the libraries' defaults")
+    r.add_argument("--rounds", type=int, default=1, help="measure every level this many times, the servers taking "
+                   "turns (needs --devices: all up side by side); files <target>-c<N>-r<k>.json")
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--kv-cache-memory-bytes", type=int, help="vLLM's --kv-cache-memory-bytes (PIPELINE_KV_CACHE_MEMORY_BYTES): "
                    "a set KV-cache size and no start-up memory profiling, for servers that share a GPU")
@@ -210,6 +233,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if getattr(args, "devices", None) and len(args.devices) != len(args.targets):
         parser.error("--devices needs one entry per target")
+    if getattr(args, "rounds", 1) > 1 and not args.devices:
+        parser.error("--rounds needs --devices: the servers are up side by side and take turns")
     shared = getattr(args, "devices", None) and len(set(args.devices)) < len(args.devices)
     if shared and not args.cpu and not args.kv_cache_memory_bytes:
         parser.error("servers sharing a GPU need --kv-cache-memory-bytes (and a --gpu-memory-utilization that leaves "

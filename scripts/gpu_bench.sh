@@ -7,7 +7,8 @@
 # Llama-2-7B and SmolLM2-135M shapes.
 #
 #   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]
-#   (phases: llama7b smol tp2 costs, and clients pinned2 pinned4 features unit; default the first four)
+#   (phases: llama7b smol tp2 costs, and clients pinned2 pinned4 features unit, and issue 23's
+#   startup_smol startup_llama7b ttft1 repeats; default the first four)
 #
 # Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md), and the model's
 # config + tokenizer in .gpu/model-src (`scripts/gpu_tp_check.py prepare`, carried), from which it
@@ -25,6 +26,12 @@ CLIENT_TARGETS=${CLIENT_TARGETS:-pipeline-ec4 vllm-api8 pipeline-ec2}
 PINNED2_TARGETS=${PINNED2_TARGETS:-pipeline-ec1 vllm-api1 vllm-api2}
 PINNED4_TARGETS=${PINNED4_TARGETS:-pipeline-ec2 vllm-api2 vllm-api4}
 LLAMA_TARGETS=${LLAMA_TARGETS:-pipeline vllm}
+STARTUP_TARGETS=${STARTUP_TARGETS:-pipeline-ec8 vllm-api8}
+STARTUP_PLAN=${STARTUP_PLAN:-cold warm warm}
+TTFT_TARGETS=${TTFT_TARGETS:-pipeline-ec8 vllm-api8}
+ROUNDS=${ROUNDS:-3}
+CACHES=${CACHES:-/tmp/caches}  # compile caches, kept between phases (and calls, on a warm machine)
+PINNED_CONCURRENCY=${PINNED_CONCURRENCY:-64 256}
 # SHARE_GPU=1: a phase's servers start together on GPU 0, each with a set KV cache (SMOL_KV_BYTES,
 # LLAMA_KV_BYTES: no start-up memory profile, which the others' allocations would upset), then are
 # measured one at a time as before; one start-up's wait per phase instead of one per server.
@@ -79,11 +86,27 @@ for phase in $phases; do
     # the GPU host held to 2 then 4 CPUs (all of vLLM's server; the pipeline's LLMService and engine),
     # the load generators and PromptService on the others
     pinned2) python3 scripts/bench.py run --targets $PINNED2_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED2_TARGETS) --pin-gpu-host 0-1 --pin-rest 2-$(($(nproc) - 1)) \
-               --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
+               --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency $PINNED_CONCURRENCY --min-prompts 32 \
                --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned2" $EXTRA ;;
     pinned4) python3 scripts/bench.py run --targets $PINNED4_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED4_TARGETS) --pin-gpu-host 0-3 --pin-rest 4-$(($(nproc) - 1)) \
                --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
                --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned4" $EXTRA ;;
+    # issue 23: a new replica's start, LLMService alone against `vllm serve`, from a cold and a warm
+    # compile cache (each server's caches in $CACHES/<shape>/<target>, outside the results)
+    startup_smol|startup_llama7b)
+             shape=${phase#startup_}
+             python3 scripts/startup_bench.py --model "$MODELS/$shape" --served-name $shape --load-format dummy \
+               --targets $STARTUP_TARGETS --plan $STARTUP_PLAN --first $([ $shape = smol ] && echo 0 || echo 1) \
+               --caches "$CACHES/$shape" --out "$R/$phase" $EXTRA ;;
+    # issue 23: the first token at c=1 on the 7B shape, rounds alternating, py-spy on both EngineCores;
+    # the servers' caches are the startup phase's (warm if it ran)
+    ttft1)   python3 scripts/bench.py run --targets $TTFT_TARGETS $(side_by_side $LLAMA_KV_BYTES $TTFT_TARGETS) \
+               --model "$MODELS/llama7b" --served-name llama7b "${common[@]}" --concurrency 1 --min-prompts 10 \
+               --rounds $ROUNDS --cache-root "$CACHES/llama7b" --out "$R/ttft1" $EXTRA ;;
+    # issue 23: the clients phase (c=64 and c=256) as $ROUNDS alternating rounds per server
+    repeats) python3 scripts/bench.py run --targets $CLIENT_TARGETS $(side_by_side $SMOL_KV_BYTES $CLIENT_TARGETS) --model "$MODELS/smol" --served-name smol \
+               "${common[@]}" --concurrency 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 \
+               --rounds $ROUNDS --cache-root "$CACHES/smol" --out "$R/repeats" $EXTRA ;;
     # structured outputs, tool calling and several engine clients on this vLLM, through both tiers
     features) python3 scripts/gpu_feature_check.py --model "$MODELS/smol" --out "$R/features/features.json" ;;
     # the unit tests (vLLM's parsers, structured-output checks and messages) on this vLLM

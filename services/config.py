@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         "cores. Worker 1 launches the engine; the others connect to it (docs/architecture.md). `auto`: 1 on the CPU "
         "engine, else half the CPUs this process may run on, up to 8 (8 was the best measured on a 16-core H200 host).",
     )
+    cache_dir: str | None = Field(
+        None, description="One folder for the engine's compile and kernel caches (sets VLLM_CACHE_ROOT, "
+        "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, FLASHINFER_WORKSPACE_BASE and CUDA_CACHE_PATH under it, unless "
+        "they are set): on a volume that outlives the replica, a new replica reuses what an earlier one compiled. "
+        "Unset means each library's own default (mostly under ~/.cache and /tmp).",
+    )
     engine_start_timeout_s: float = Field(
         1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
     )

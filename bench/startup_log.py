@@ -1,0 +1,64 @@
+"""A server's start-up, broken down from its log (vLLM 0.26-0.32 and BentoML 1.4 messages).
+
+`phases(log_text, started_at)` gives
+- milestones: seconds from the process's start (`started_at`, a time.time()) to the first (or,
+  for `clients_ready`, the last) line that marks each step, read from the lines' own timestamps
+  (whole seconds: BentoML's `2026-11-29T17:15:56+0000`, vLLM's local `11-29 17:16:50`);
+- durations: what vLLM itself reports for weights, Dynamo, Inductor, loading compiled graphs,
+  torch.compile in all, CUDA-graph capture and the engine's whole initialisation.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+BENTOML_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4})")
+VLLM_TIME = re.compile(r"(?:INFO|WARNING|DEBUG|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d)")
+
+# name -> (pattern, which occurrence)
+MILESTONES = {
+    "api_processes_started": (r"Started \d+ API server processes", "first"),
+    "engine_core_start": (r"Initializing a V1 LLM engine", "first"),
+    "weights_loaded": (r"Model loading took", "first"),
+    "compile_done": (r"torch\.compile took", "first"),
+    "graphs_done": (r"Graph capturing finished", "first"),
+    "engine_ready": (r"init engine \(profile, create kv cache, warmup model\) took", "first"),
+    "clients_ready": (r"engine ready: model=|Application startup complete", "last"),
+}
+DURATIONS = {
+    "weights_s": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
+    "dynamo_s": r"Dynamo bytecode transform time: ([\d.]+) s",
+    "inductor_s": r"Compiling a graph for compile range .* takes ([\d.]+) s",
+    "compile_load_s": r"Directly load the compiled graph\(s\) .* took ([\d.]+) s",
+    "torch_compile_s": r"torch\.compile took ([\d.]+) s in total",
+    "cuda_graphs_s": r"Graph capturing finished in ([\d.]+) secs",
+    "init_engine_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+}
+
+
+def line_time(line: str, year: int) -> float | None:
+    if match := BENTOML_TIME.search(line):
+        return datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    if match := VLLM_TIME.search(line):
+        return datetime.strptime(f"{year}-{match[1]}", "%Y-%m-%d %H:%M:%S").timestamp()  # local time
+    return None
+
+
+def phases(log_text: str, started_at: float) -> dict[str, float]:
+    year = datetime.fromtimestamp(started_at).year
+    found: dict[str, float] = {}
+    first_line = None
+    for line in log_text.splitlines():
+        stamp = line_time(line, year)
+        if stamp is not None and first_line is None:
+            first_line = stamp
+        for name, (pattern, which) in MILESTONES.items():
+            if stamp is not None and re.search(pattern, line) and (which == "last" or name not in found):
+                found[name] = round(stamp - started_at, 1)
+        for name, pattern in DURATIONS.items():
+            if name not in found and (match := re.search(pattern, line)):
+                found[name] = float(match[1])
+    if first_line is not None:
+        found["first_log_line"] = round(first_line - started_at, 1)
+    return found
