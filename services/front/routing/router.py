@@ -68,11 +68,15 @@ class ReplicaRouter:
             replica = self.route(prompt, exclude=tried)
             replica.inflight += 1
             replica.metrics.inflight.inc()
-            started = False
+            started, unfinished = False, request.sampling_params.n
             try:
                 async with aclosing(replica.client.generate(request, deadline=deadline, timeout_s=timeout_s)) as deltas:
                     async for delta in deltas:
                         started = True
+                        if delta.finish_reason is not None:
+                            unfinished -= 1
+                            if unfinished == 0:  # the engine is done with it, whenever the reader closes
+                                self._release(replica)
                         yield delta
                 return
             except RequestError as error:
@@ -83,9 +87,13 @@ class ReplicaRouter:
                 replica.metrics.retries.inc()
                 tried = (replica,)
             finally:
-                replica.inflight -= 1
-                replica.metrics.inflight.dec()
-                self.replicas.released(replica)
+                if unfinished > 0:
+                    self._release(replica)
+
+    def _release(self, replica: Replica) -> None:
+        replica.inflight -= 1
+        replica.metrics.inflight.dec()
+        self.replicas.released(replica)
 
     async def model_info(self, timeout_s: float = 5.0) -> ModelInfo:
         """Every ready replica's model info as one (each replica keeps its own)."""
