@@ -233,9 +233,11 @@ def test_the_front_is_ready_while_one_replica_is_and_each_is_watched_on_its_own(
         assert front.monitor.ready
         assert metric("pipeline_replica_ready", fakes[0]) == 0 and metric("pipeline_replica_ready", fakes[1]) == 1
         before = [len(fake.started) for fake in fakes]
+        routed = metric("pipeline_replica_requests_total", fakes[0])
         for i in range(4):
             assert complete(front.http, [Behaviour.PACED, i]).status_code == 200
         assert served_by(fakes, before) == [0, 4]
+        assert metric("pipeline_replica_requests_total", fakes[0]) == routed  # not even tried there
         fakes[1].ready = False
         wait_for(lambda: not front.monitor.ready, what="the front not ready")
         refused = complete(front.http, [Behaviour.PACED, 1])
