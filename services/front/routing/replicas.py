@@ -117,7 +117,8 @@ class ReplicaSet:
         self.on_ready: Callable[[], Awaitable[None]] | None = None
         self._refresher: asyncio.Task | None = None
         self._confirming: asyncio.Future | None = None
-        self._announcements: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # announcements and closes, referenced until done
+        self._draining: set[Replica] = set()  # retired, closed when their last stream ends
 
     # --- life ---------------------------------------------------------------------------------------
 
@@ -132,10 +133,11 @@ class ReplicaSet:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
-        for task in self._announcements:
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*(replica.close() for replica in self.replicas.values()))
+        await asyncio.gather(*(replica.close() for replica in [*self.replicas.values(), *self._draining]))
         self.replicas.clear()
+        self._draining.clear()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -179,14 +181,19 @@ class ReplicaSet:
                        replica.name, replica.inflight)
         replica.retired = True
         replica.metrics.ready.set(0)
-        if replica.inflight == 0:
-            asyncio.get_running_loop().create_task(replica.close())
-        # else: the router closes it when its last stream ends (`released`)
+        self._draining.add(replica)
+        self.released(replica)  # at once when nothing runs on it; else when its last stream ends
 
     def released(self, replica: Replica) -> None:
         """A stream from `replica` ended: close a retired replica once nothing runs on it."""
-        if replica.retired and replica.inflight == 0:
-            asyncio.get_running_loop().create_task(replica.close())
+        if replica.retired and replica.inflight == 0 and replica in self._draining:
+            self._draining.discard(replica)
+            self._in_background(replica.close())
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _bring_up(self, replica: Replica) -> None:
         """Before a replica is marked ready: its model info, and the adapters the others serve."""
@@ -210,9 +217,7 @@ class ReplicaSet:
     def _changed(self, replica: Replica, ready: bool) -> None:
         replica.metrics.ready.set(1 if ready else 0)
         if ready and self.on_ready is not None:  # after the monitor marks it ready, so it is counted
-            task = asyncio.get_running_loop().create_task(self._announce())
-            self._announcements.add(task)
-            task.add_done_callback(self._announcements.discard)
+            self._in_background(self._announce())
         asyncio.get_running_loop().call_soon(self._report_readiness)
 
     async def _announce(self) -> None:

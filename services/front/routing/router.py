@@ -41,7 +41,6 @@ class ReplicaRouter:
     def __init__(self, replicas: ReplicaSet, policy: RoundRobin) -> None:
         self.replicas = replicas
         self.policy = policy
-        self.monitor = replicas  # what `LLMClient.monitor` is for one tier
 
     def route(self, prompt: Prompt, exclude: tuple[Replica, ...] = ()) -> Replica:
         """The replica that takes `prompt` now, counted there (metrics, load, predicted blocks)."""

@@ -22,7 +22,7 @@ from services.front.inflight import SequenceBudget
 from services.front.openai.router import app as openai_app
 from services.front.openai.router import attach_lora_routes
 from services.front.openai.serving import OpenAIServing
-from services.front.routing.discovery import FixedList, UrlFile, replica_name
+from services.front.routing.discovery import DnsRecords, FixedList, UrlFile, replica_name
 from services.front.routing.policy import make_policy
 from services.front.routing.replicas import ReplicaSet
 from services.front.routing.router import ReplicaRouter
@@ -273,6 +273,35 @@ def test_a_file_list_adds_and_retires_replicas_and_bad_input_is_not_ready_with_i
             for i in range(3):
                 assert complete(http, [Behaviour.PACED, i]).status_code == 200
             assert [len(fake.started) for fake in fakes] == [2, 5]
+
+
+def test_dns_that_does_not_resolve_is_not_ready_with_its_reason_until_it_does():
+    """The headless Service's name through an injected resolver: first unknown, then the
+    replicas' address (both stand-ins listen on 127.0.0.1, one port for the DNS source)."""
+    import socket
+
+    with replicas(1) as fakes:
+        port = int(fakes[0].url.rsplit(":", 1)[1])
+        answer: list[str] = []
+
+        async def resolver(name: str, at: int) -> list[str]:
+            assert (name, at) == ("llm-headless", port)
+            if not answer:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return list(answer)
+
+        front = RoutedFront(DnsRecords("llm-headless", port, resolver=resolver), policy="round-robin")
+        server = Server(front)
+        server.server.config.lifespan = "on"
+        with server, httpx.Client(base_url=server.url, timeout=15) as http:
+            wait_for(lambda: "does not resolve" in front.monitor.reason, what="the DNS failure as the reason")
+            refused = complete(http, [Behaviour.PACED, 1])
+            assert refused.status_code == 503 and "dns://llm-headless" in refused.json()["error"]["message"]
+            answer.append("127.0.0.1")
+            wait_for(lambda: front.monitor.ready, what="the replica once the name resolves")
+            assert complete(http, [Behaviour.PACED, 1]).status_code == 200
+            answer.clear()  # the name goes away: so do its replicas, after one refresh
+            wait_for(lambda: not front.monitor.ready, what="not ready again")
 
 
 # --- failures before the first token ---------------------------------------------------------------
