@@ -120,7 +120,7 @@ class UrlFile:
                 urls.append(replica_url(line))
             except ValueError as error:  # the others are still served
                 logger.error("file://%s line %d left out: %s", self.path, number, error)
-        return urls
+        return list(dict.fromkeys(urls))
 
     def __str__(self) -> str:
         return f"file://{self.path}"
@@ -138,7 +138,7 @@ class BentoCloudHosts:
             hosts = await self.service.get_hosts()
         except Exception as error:
             raise DiscoveryError(f"BentoCloud gave no hosts for LLMService: {error!r}") from error
-        return [replica_url(f"http://{host}") for host in hosts]
+        return list(dict.fromkeys(replica_url(f"http://{host}") for host in hosts))  # one per replica, not per worker
 
     def __str__(self) -> str:
         return "bentocloud"
