@@ -53,7 +53,8 @@ class Replica:
         self.info: ModelInfo | None = None
         self.index: BlockIndex | None = None  # made once the block size is known; None: no prefix cache
         self.load: ReplicaLoad | None = None  # the engine's own last report (None while its stream is down)
-        self.sent_since_report = 0  # requests this worker sent since that report
+        self.sent_since_report = 0  # requests this worker sent since that report, still running
+        self.report_number = 0  # which report `sent_since_report` counts from
         self.inflight = 0  # this worker's requests streaming from it now
         self.retired = False  # left discovery: no new request; closed when its last stream ends
         self.tasks: list[asyncio.Task] = []
@@ -83,11 +84,23 @@ class Replica:
     def report(self, load: ReplicaLoad | None) -> None:
         """The engine's load as it measured it (None: no report to go by)."""
         self.load, self.sent_since_report = load, 0
+        self.report_number += 1
+
+    def sent(self) -> int:
+        """A request of this worker's starts here: counted until it ends or the next report
+        (which counts it itself); returns what `ended` needs to tell which."""
+        self.sent_since_report += 1
+        return self.report_number
+
+    def ended(self, sent: int) -> None:
+        if sent == self.report_number:  # ended before the engine reported again: no longer load
+            self.sent_since_report -= 1
 
     @property
     def active_requests(self) -> int:
         """Its engine's running and waiting requests (over every front that sends it work), plus
-        those this worker sent since that report; without a report, this worker's own in flight."""
+        those this worker sent since that report and that still run; without a report, this
+        worker's own in flight."""
         if self.load is None:
             return self.inflight
         return self.load.running + self.load.waiting + self.sent_since_report
@@ -198,10 +211,12 @@ class ReplicaSet:
     async def _bring_up(self, replica: Replica) -> None:
         """Before a replica is marked ready: its model info, and the adapters the others serve."""
         info = await replica.client.model_info()
-        if self.sync_adapters:
+        if self.sync_adapters:  # what the others serve now (asked: another worker may have unloaded one)
+            answers = await asyncio.gather(*(other.client.model_info() for other in self.ready_replicas()),
+                                           return_exceptions=True)
             served = {adapter.name for adapter in info.adapters}
-            missing = {adapter.name: adapter for other in self.ready_replicas() if other.info is not None
-                       for adapter in other.info.adapters if adapter.name not in served}
+            missing = {adapter.name: adapter for answer in answers if isinstance(answer, ModelInfo)
+                       for adapter in answer.adapters if adapter.name not in served}
             for adapter in missing.values():
                 update = await replica.client.update_adapter(
                     LoadAdapterRequest(lora_name=adapter.name, lora_path=adapter.path), require_ready=False)

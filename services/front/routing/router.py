@@ -43,7 +43,8 @@ class ReplicaRouter:
         self.policy = policy
 
     def route(self, prompt: Prompt, exclude: tuple[Replica, ...] = ()) -> Replica:
-        """The replica that takes `prompt` now, counted there (metrics, load, predicted blocks)."""
+        """The replica that takes `prompt` now, counted there (metrics, predicted blocks); the
+        caller counts the request's load there (`Replica.sent` ... `ended`)."""
         candidates = self.replicas.ready_replicas(exclude)
         if not candidates:
             self.replicas.require()
@@ -53,7 +54,6 @@ class ReplicaRouter:
         replica = choice.replica
         if choice.keys is not None and replica.index is not None:
             replica.index.routed(choice.keys, now)
-        replica.sent_since_report += 1
         metrics = replica.metrics
         metrics.requests.inc()
         metrics.prompt_blocks.inc(choice.blocks)
@@ -65,6 +65,7 @@ class ReplicaRouter:
         tried: tuple[Replica, ...] = ()
         while True:
             replica = self.route(prompt, exclude=tried)
+            sent = replica.sent()
             replica.inflight += 1
             replica.metrics.inflight.inc()
             started, unfinished = False, request.sampling_params.n
@@ -75,7 +76,7 @@ class ReplicaRouter:
                         if delta.finish_reason is not None:
                             unfinished -= 1
                             if unfinished == 0:  # the engine is done with it, whenever the reader closes
-                                self._release(replica)
+                                self._release(replica, sent)
                         yield delta
                 return
             except RequestError as error:
@@ -87,9 +88,10 @@ class ReplicaRouter:
                 tried = (replica,)
             finally:
                 if unfinished > 0:
-                    self._release(replica)
+                    self._release(replica, sent)
 
-    def _release(self, replica: Replica) -> None:
+    def _release(self, replica: Replica, sent: int) -> None:
+        replica.ended(sent)
         replica.inflight -= 1
         replica.metrics.inflight.dec()
         self.replicas.released(replica)

@@ -109,14 +109,17 @@ def test_kv_weighs_load_against_prefix():
     assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is idle
 
 
-def test_kv_counts_what_this_worker_sent_since_the_replicas_report():
+def test_kv_counts_what_this_worker_sent_since_the_replicas_report_while_it_runs():
     weights = Weights(load_weight=10)
     a, b = holding(replica(1, load=ReplicaLoad()), PREFIX), replica(2)
-    a.sent_since_report = 4  # 4 requests since its last report: 40 > 32
+    sent = [a.sent() for _ in range(4)]  # 4 requests running since its last report: 40 > 32
     assert KvAware(weights).choose([a, b], Prompt(PREFIX), NOW).replica is b
-    a.report(ReplicaLoad(running=1))  # the report includes them now
-    assert a.sent_since_report == 0
+    a.ended(sent[0])  # one ended before the engine reported again: no longer load (30 < 32)
     assert KvAware(weights).choose([a, b], Prompt(PREFIX), NOW).replica is a
+    a.report(ReplicaLoad(running=3))  # the report counts the three still running
+    assert a.sent_since_report == 0 and a.active_requests == 3
+    a.ended(sent[1])  # ended after the report: the report's count stands until the next one
+    assert a.active_requests == 3
 
 
 def test_a_saturated_replica_is_passed_over_whatever_it_holds():
@@ -169,7 +172,7 @@ def test_least_loaded_takes_the_least_active():
     a, b, c = replica(1, load=ReplicaLoad(running=5)), replica(2, load=ReplicaLoad(running=1, waiting=1)), replica(3)
     c.inflight = 3  # no report: this worker's own count
     assert LeastLoaded().choose([a, b, c], Prompt(PREFIX), NOW).replica is b
-    b.sent_since_report = 2
+    b.sent(), b.sent()
     assert LeastLoaded().choose([a, b, c], Prompt(PREFIX), NOW).replica is c
 
 

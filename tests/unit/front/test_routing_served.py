@@ -383,3 +383,13 @@ def test_a_lora_load_reaches_every_replica_and_a_late_joiner_gets_it(tmp_path: P
             unloaded = http.post("/v1/unload_lora_adapter", json={"lora_name": "z"})
             assert unloaded.status_code == 200
             assert [fake.adapters for fake in fakes] == [[], [], []]
+            # loaded again, then unloaded through another front worker (this one's view is stale):
+            # a replica that comes back is given what the others serve now, not what they served
+            assert http.post("/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": "/a/w"}).status_code == 200
+            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n")
+            wait_for(lambda: len(front.monitor.replicas) == 2, what="the third replica gone")
+            for fake in fakes:
+                fake.adapters = []
+            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n{fakes[2].url}\n")
+            wait_for(lambda: len(front.monitor.ready_replicas()) == 3, what="the third replica back")
+            assert fakes[2].adapters == []
