@@ -81,6 +81,8 @@ class FakeGpuTier:
     event_log: list[CacheEvents] = field(default_factory=list)  # every delta since start, in order
     event_streams: int = 0  # /kv_events streams open now
     event_stream_starts: int = 0
+    event_stream_refusals: int = 0
+    events_refused: bool = False  # ModelInfo says kv_events, but /kv_events answers 503
     _cut: int = 0  # bumped to end every open /kv_events stream
 
     def store(self, keys: list[int]) -> None:
@@ -166,6 +168,9 @@ class FakeGpuTier:
         async def kv_events(_: Request):
             if not self.kv_events:
                 return JSONResponse(["no KV events here"], status_code=404)
+            if self.events_refused:
+                self.event_stream_refusals += 1
+                return JSONResponse(["the engine's events are not available"], status_code=503)
             return StreamingResponse(self._events(), media_type="application/x-ndjson")
 
         app = Starlette(routes=[

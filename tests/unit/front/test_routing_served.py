@@ -198,6 +198,19 @@ def test_without_events_the_routing_history_keeps_a_prefix_together():
         assert all(fake.event_stream_starts == 0 for fake in fakes)  # not asked: ModelInfo said no events
 
 
+def test_while_a_replicas_event_stream_is_down_the_routing_history_stands_in():
+    """ModelInfo says events, but the stream is refused: the front keeps asking (with backoff),
+    and routes by its own history meanwhile, so a prefix still stays together."""
+    with replicas(2, kv_block_size=BLOCK, kv_events=True, kv_cache_blocks=64, events_refused=True) as fakes, \
+            front_over(fakes) as front:
+        wait_for(lambda: all(fake.event_stream_refusals >= 1 for fake in fakes), what="the streams refused")
+        assert not any(front.replica(fake).index.live for fake in fakes)
+        for suffix in range(4):
+            assert complete(front.http, [Behaviour.PACED, *PREFIX, suffix]).status_code == 200
+        assert sorted(len(fake.started) for fake in fakes) == [0, 4]
+        wait_for(lambda: all(fake.event_stream_refusals >= 2 for fake in fakes), what="asked again")
+
+
 def test_the_load_a_replica_reports_is_shared_by_every_front():
     """A replica that reports a full queue (work from other front workers or PromptService
     replicas) takes none of this worker's requests, whatever it holds."""
