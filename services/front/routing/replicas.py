@@ -194,6 +194,7 @@ class ReplicaSet:
                        replica.name, replica.inflight)
         replica.retired = True
         replica.metrics.ready.set(0)
+        self._in_background(replica.monitor.stop())  # its readiness no longer matters
         self._draining.add(replica)
         self.released(replica)  # at once when nothing runs on it; else when its last stream ends
 
@@ -230,6 +231,8 @@ class ReplicaSet:
     # --- readiness ----------------------------------------------------------------------------------
 
     def _changed(self, replica: Replica, ready: bool) -> None:
+        if replica.retired:
+            return
         replica.metrics.ready.set(1 if ready else 0)
         if ready and self.on_ready is not None:  # after the monitor marks it ready, so it is counted
             self._in_background(self._announce())
