@@ -152,6 +152,28 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often PromptService checks the GPU tier's /readyz; while it is not ready, "
         "generation requests get 503 at once."
     )
+    # --- several GPU-tier replicas (services/front/routing/, docs/architecture.md "Routing") --------
+    gpu_tier_replicas: str | None = Field(
+        None, description="Where PromptService finds LLMService's replicas: unset means the one address bentoml.depends "
+        "gives; `http://a:3000,http://b:3000` a fixed list; `dns://NAME:PORT` the A/AAAA records of a headless Service; "
+        "`file:///path` one URL a line, read again when it changes; `bentocloud` BentoML's get_hosts()."
+    )
+    gpu_tier_refresh_s: float = Field(5.0, gt=0, description="How often the replicas are discovered again.")
+    routing: Literal["kv", "least-loaded", "round-robin"] = Field(
+        "kv", description="How a request picks a replica: `kv` (the lowest cost of prefill and load), `least-loaded` "
+        "or `round-robin`. Used only with gpu_tier_replicas."
+    )
+    routing_load_weight: float = Field(
+        256.0, ge=0, description="kv routing: how many prompt tokens to prefill one active request on a replica weighs."
+    )
+    routing_kv_saturation: float = Field(
+        0.95, gt=0, le=1, description="kv routing: a replica whose KV-cache usage is at or above this is passed over "
+        "while another is not."
+    )
+    routing_queue_saturation: int = Field(
+        8, ge=1, description="kv routing: a replica whose engine has this many requests waiting or more is passed "
+        "over while another is not."
+    )
     trace_streams: bool = Field(
         False, description="Let BentoML's OpenTelemetry middleware trace the streaming routes too. It opens a span for "
         "every streamed chunk (about 80 us of CPU each), so they are left out unless this is set; they still show "

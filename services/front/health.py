@@ -43,8 +43,12 @@ def is_local_exhaustion(error: BaseException | None) -> bool:
 
 
 class TierMonitor:
-    def __init__(self, name: str, *, interval_s: float = 1.0, retry_after_s: int = 1) -> None:
+    def __init__(self, name: str, *, interval_s: float = 1.0, retry_after_s: int = 1,
+                 on_change: Callable[[bool], None] | None = None) -> None:
         self.name = name
+        # what a change of state is reported to: by default the front's one `pipeline_gpu_tier_ready`;
+        # each replica's own monitor (services/front/routing/replicas.py) reports its own series
+        self.on_change = on_change or (lambda ready: front_metrics().gpu_tier_ready.set(1 if ready else 0))
         self.interval_s = interval_s
         self.retry_after_s = retry_after_s
         self.ready = False
@@ -119,6 +123,6 @@ class TierMonitor:
         if ready != self.ready:
             logger.warning("GPU tier %s is %s (%s)", self.name, "ready" if ready else "NOT ready", reason)
             self.since = time.monotonic()
-            front_metrics().gpu_tier_ready.set(1 if ready else 0)  # on a change only: off the request path
+            self.on_change(ready)  # on a change only: off the request path
         self.ready, self.reason = ready, reason
         self.seen_ready = self.seen_ready or ready

@@ -30,7 +30,9 @@ from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnav
 from services.front.health import TierMonitor, is_local_exhaustion
 from services.protocol import (
     AdapterUpdate,
+    CacheEvents,
     DeltaDecoder,
+    FrameDecoder,
     GenerateDelta,
     GenerateRequest,
     LoadAdapterRequest,
@@ -162,9 +164,11 @@ class LLMClient:
         401 here means the tiers hold different internal tokens)."""
         return await self._call("/model_info", {}, ModelInfo, timeout_s)
 
-    async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest, timeout_s: float = 300.0) -> AdapterUpdate:
-        """Load or unload a LoRA adapter on the GPU tier (its outcome, vLLM's status included)."""
-        if self.monitor is not None:
+    async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest, timeout_s: float = 300.0,
+                             *, require_ready: bool = True) -> AdapterUpdate:
+        """Load or unload a LoRA adapter on the GPU tier (its outcome, vLLM's status included);
+        `require_ready` false for a replica being brought up to date before it is marked ready."""
+        if require_ready and self.monitor is not None:
             self.monitor.require()
         route = "/load_lora_adapter" if isinstance(request, LoadAdapterRequest) else "/unload_lora_adapter"
         try:
@@ -179,6 +183,19 @@ class LLMClient:
             if response.status != 200:
                 raise _error_from(response.status, response.headers, content)
             return answer.model_validate_json(content)
+
+    async def kv_events(self) -> AsyncIterator[CacheEvents]:
+        """The replica's `/kv_events` stream (a snapshot, then deltas and load frames), until it
+        ends or the caller leaves (which closes the connection). No read timeout: a quiet cache
+        sends nothing, and the replica's readiness is watched apart."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
+        async with self._http.post("/kv_events", json={}, timeout=timeout) as response:
+            if response.status != 200:
+                raise _error_from(response.status, response.headers, await response.read())
+            decoder = FrameDecoder(CacheEvents)
+            async for chunk in response.content.iter_any():
+                for frame in decoder.feed(chunk):
+                    yield frame
 
     async def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -7,7 +7,10 @@ their duration and the requests in progress. These add what only the front knows
 first token and inter-token latency as the client sees them, requests aborted (by reason: the
 client left, the deadline passed, the GPU tier failed), whether the GPU tier is ready as the
 front sees it (set by services/front/health.py when it changes, never on the request path), and
-requests and tokens per LoRA adapter.
+requests and tokens per LoRA adapter; and, with several GPU-tier replicas
+(services/front/routing/), per replica (`replica` = its host:port): requests routed, their prompt
+blocks and those the router believed cached there, requests in flight, readiness, and requests
+moved away before their first token.
 
 BentoML runs prometheus_client in multiprocess mode and sets its directory only when a worker
 starts, after this module is imported, so metrics are created on first use (`front_metrics()`),
@@ -17,6 +20,7 @@ never at import time.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any, NamedTuple
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -69,10 +73,43 @@ class FrontMetrics:
             "pipeline_lora_completion_tokens", "Completion tokens per LoRA adapter.", ["adapter"]
         )
 
+        # Per GPU-tier replica (services/front/routing/), only with PIPELINE_GPU_TIER_REPLICAS set
+        self.replica_requests = Counter("pipeline_replica_requests", "Generation requests routed to each GPU-tier replica.",
+                                        ["replica"])
+        self.replica_prompt_blocks = Counter(
+            "pipeline_replica_prompt_blocks", "Full KV-cache blocks of the prompts routed to each replica (at its block size).",
+            ["replica"])
+        self.replica_cached_blocks_predicted = Counter(
+            "pipeline_replica_cached_blocks_predicted",
+            "Of those blocks, the ones the router believed cached on the replica it chose (kv routing only).", ["replica"])
+        self.replica_inflight = Gauge("pipeline_replica_inflight", "Requests streaming from each replica now.",
+                                      ["replica"], multiprocess_mode="livesum")
+        self.replica_ready = Gauge(
+            "pipeline_replica_ready", "1 while the front's last check of the replica's /readyz succeeded, else 0 "
+            "(the lowest over the front's live workers).", ["replica"], multiprocess_mode="livemin")
+        self.replica_retries = Counter(
+            "pipeline_replica_retries", "Requests moved away from a replica that failed or refused them before their "
+            "first token.", ["replica"])
+
+    def for_replica(self, replica: str) -> ReplicaMetrics:
+        """One replica's series (made once per replica, so routing does no label lookups)."""
+        return ReplicaMetrics(*(metric.labels(replica) for metric in (
+            self.replica_requests, self.replica_prompt_blocks, self.replica_cached_blocks_predicted,
+            self.replica_inflight, self.replica_ready, self.replica_retries)))
+
     def count_adapter_request(self, adapter: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.lora_requests.labels(adapter).inc()
         self.lora_prompt_tokens.labels(adapter).inc(prompt_tokens)
         self.lora_completion_tokens.labels(adapter).inc(completion_tokens)
+
+
+class ReplicaMetrics(NamedTuple):
+    requests: Any
+    prompt_blocks: Any
+    cached_blocks_predicted: Any
+    inflight: Any
+    ready: Any
+    retries: Any
 
 
 @cache

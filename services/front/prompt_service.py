@@ -64,8 +64,31 @@ def as_bentoml_error(error: RequestError) -> BentoMLException:
     return BentoMLException(error.message, error_code=HTTPStatus(error.status))
 
 
-# Whether the GPU tier is ready, checked in the background (services/front/health.py); one per worker.
-gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, retry_after_s=settings.retry_after_s)
+# Whether the GPU tier is ready, checked in the background; one per worker. One GPU tier at the address
+# bentoml.depends gives (services/front/health.py), or, with PIPELINE_GPU_TIER_REPLICAS, a set of replicas
+# each checked on its own (services/front/routing/replicas.py; a malformed setting stops the start here).
+if settings.gpu_tier_replicas is None:
+    gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, retry_after_s=settings.retry_after_s)
+else:
+    from services.front.routing.discovery import parse_source
+    from services.front.routing.replicas import ReplicaSet
+
+    gpu_tier = ReplicaSet(
+        parse_source(settings.gpu_tier_replicas, service=LLMService),
+        token=settings.internal_token.get_secret_value(), timeout_s=settings.request_timeout_s,
+        refresh_s=settings.gpu_tier_refresh_s, check_interval_s=settings.tier_check_interval_s,
+        retry_after_s=settings.retry_after_s, sync_adapters=settings.allow_runtime_lora_updating,
+    )
+
+
+def replica_router():
+    """The front's client of a GPU tier of several replicas (services/front/routing/router.py)."""
+    from services.front.routing.policy import Weights, make_policy
+    from services.front.routing.router import ReplicaRouter
+
+    weights = Weights(load_weight=settings.routing_load_weight, kv_saturation=settings.routing_kv_saturation,
+                      queue_saturation=settings.routing_queue_saturation)
+    return ReplicaRouter(gpu_tier, make_policy(settings.routing, weights))
 
 
 @bentoml.asgi_app(openai_app, path="/")  # /v1/*, /tokenize, /detokenize (services/front/openai/router.py)
@@ -90,10 +113,13 @@ class PromptService:
         self.engine_info = None
         tokenizer = load_tokenizer(settings.model_path)
         template = load_chat_template(settings.chat_template, tokenizer.chat_template)
-        self.llm_client = LLMClient(
-            self.llm.to_async.url, token=settings.internal_token.get_secret_value(),
-            timeout_s=settings.request_timeout_s, monitor=gpu_tier,
-        )
+        if isinstance(gpu_tier, TierMonitor):
+            self.llm_client = LLMClient(
+                self.llm.to_async.url, token=settings.internal_token.get_secret_value(),
+                timeout_s=settings.request_timeout_s, monitor=gpu_tier,
+            )
+        else:
+            self.llm_client = replica_router()
         self.generation = TextGeneration(
             tokenizer=tokenizer,
             formatter=ChatFormatter(tokenizer, template),
@@ -127,7 +153,10 @@ class PromptService:
 
     @bentoml.on_startup
     async def watch_gpu_tier(self) -> None:
-        gpu_tier.watch(self.llm_client.is_ready, on_ready=self.learn_engine)
+        if isinstance(gpu_tier, TierMonitor):
+            gpu_tier.watch(self.llm_client.is_ready, on_ready=self.learn_engine)
+        else:
+            gpu_tier.start(on_ready=self.learn_engine)
 
     async def learn_engine(self) -> None:
         """Each time the GPU tier comes up: its engine's limits and EOS ids (services/front/generation.py)."""

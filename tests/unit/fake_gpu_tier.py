@@ -2,8 +2,14 @@
 
 It wears LLMService's own middlewares (internal token, JSON only, engine requests owned by their
 call), so what the front tier meets here is what it meets in production, except the engine. What
-a `/generate` call does is chosen by the prompt's first token id (`Behaviour`); the fake records
-which requests ran, which it saw aborted, and how many streams were open at once.
+a `/generate` call does is chosen by the prompt's first token id (`Behaviour`), or for every call
+by `refuse_with` (a status, as a failing replica answers); the fake records which requests ran,
+which it saw aborted, and how many streams were open at once.
+
+As a replica of several (services/front/routing/), it serves `/kv_events` per the contract
+(services/protocol.py's `CacheEvents`: a snapshot, then deltas and load frames) when `kv_events`
+is set: a prompt it runs stores its blocks (services/kv_blocks.py), and a test may `store`,
+`evict`, `report_load` or `cut_event_streams` itself.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from services.gpu.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
+from services.kv_blocks import block_keys
 from services.protocol import (
     AdapterInfo,
     AdapterUpdate,
+    CacheEvents,
     GenerateDelta,
     GenerateRequest,
     LoadAdapterRequest,
     ModelInfo,
+    ReplicaLoad,
     UnloadAdapterRequest,
     encode_frame,
 )
@@ -62,6 +71,47 @@ class FakeGpuTier:
     peak_streams: int = 0
     adapters: list[AdapterInfo] = field(default_factory=list)  # LoRA adapters it serves
     adapter_of: dict[str, str | None] = field(default_factory=dict)  # request id -> the adapter it named
+    received: list[str] = field(default_factory=list)  # every /generate request id, refused or not
+    refuse_with: int | None = None  # answer every /generate with this status (503, 429, 500, 400)
+    # its prefix cache, for routing
+    kv_block_size: int | None = None
+    kv_cache_blocks: int | None = None
+    kv_events: bool = False
+    blocks: set[int] = field(default_factory=set)
+    event_log: list[CacheEvents] = field(default_factory=list)  # every delta since start, in order
+    event_streams: int = 0  # /kv_events streams open now
+    event_stream_starts: int = 0
+    event_stream_refusals: int = 0
+    events_refused: bool = False  # ModelInfo says kv_events, but /kv_events answers 503
+    _cut: int = 0  # bumped to end every open /kv_events stream
+
+    def store(self, keys: list[int]) -> None:
+        self.blocks.update(keys)
+        self.event_log.append(CacheEvents(stored=list(keys)))
+
+    def evict(self, keys: list[int]) -> None:
+        self.blocks.difference_update(keys)
+        self.event_log.append(CacheEvents(removed=list(keys)))
+
+    def report_load(self, running: int = 0, waiting: int = 0, kv_usage: float = 0.0) -> None:
+        self.event_log.append(CacheEvents(load=ReplicaLoad(running=running, waiting=waiting, kv_usage=kv_usage)))
+
+    def cut_event_streams(self) -> None:
+        self._cut += 1
+
+    async def _events(self):
+        cut, position = self._cut, len(self.event_log)
+        self.event_streams += 1
+        self.event_stream_starts += 1
+        try:
+            yield encode_frame(CacheEvents(cleared=True, stored=sorted(self.blocks)))
+            while cut == self._cut:
+                while position < len(self.event_log):
+                    yield encode_frame(self.event_log[position])
+                    position += 1
+                await asyncio.sleep(0.01)
+        finally:
+            self.event_streams -= 1
 
     def app(self) -> Starlette:
         async def readyz(_: Request) -> PlainTextResponse:
@@ -69,7 +119,8 @@ class FakeGpuTier:
 
         async def model_info(_: Request) -> JSONResponse:
             info = ModelInfo(model="fake", max_model_len=CONTEXT, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids,
-                             adapters=self.adapters)
+                             adapters=self.adapters, kv_block_size=self.kv_block_size,
+                             kv_cache_blocks=self.kv_cache_blocks, kv_events=self.kv_events)
             return JSONResponse(info.model_dump())
 
         async def load(_: Request) -> JSONResponse:
@@ -77,6 +128,9 @@ class FakeGpuTier:
 
         async def generate(request: Request):
             generation = GenerateRequest.model_validate((await request.json())["request"])
+            self.received.append(generation.request_id)
+            if self.refuse_with is not None:
+                return JSONResponse(["refused"], status_code=self.refuse_with, headers={"Retry-After": "1"})
             behaviour = generation.token_ids[0]
             if behaviour == Behaviour.FAIL:
                 return JSONResponse({"error": "boom"}, status_code=500)
@@ -89,6 +143,12 @@ class FakeGpuTier:
             self.started.append(generation.request_id)
             self.adapter_of[generation.request_id] = generation.adapter
             own_engine_request(generation.request_id, self._abort)
+            if self.kv_block_size is not None:  # what the engine's prefix cache would now hold
+                keys = block_keys(generation.token_ids, self.kv_block_size, generation.adapter)
+                if self.kv_events:
+                    self.store([key for key in keys if key not in self.blocks])
+                else:
+                    self.blocks.update(keys)
             return StreamingResponse(self._frames(generation, behaviour), media_type="application/x-ndjson")
 
         async def load_lora_adapter(request: Request) -> JSONResponse:
@@ -105,7 +165,16 @@ class FakeGpuTier:
             self.adapters = [a for a in self.adapters if a.name != unload.lora_name]
             return JSONResponse(AdapterUpdate(message="removed").model_dump())
 
+        async def kv_events(_: Request):
+            if not self.kv_events:
+                return JSONResponse(["no KV events here"], status_code=404)
+            if self.events_refused:
+                self.event_stream_refusals += 1
+                return JSONResponse(["the engine's events are not available"], status_code=503)
+            return StreamingResponse(self._events(), media_type="application/x-ndjson")
+
         app = Starlette(routes=[
+            Route("/kv_events", kv_events, methods=["POST"]),
             Route("/load_lora_adapter", load_lora_adapter, methods=["POST"]),
             Route("/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
             Route("/readyz", readyz), Route("/model_info", model_info, methods=["POST"]),

@@ -1,0 +1,287 @@
+"""The GPU tier as a set of replicas: who they are (discovery), which are ready, and what each
+holds and carries. One `ReplicaSet` per front worker.
+
+- Every `refresh_s` the discovery source is asked for the replicas' URLs
+  (services/front/routing/discovery.py). A new URL becomes a `Replica`; a URL that is gone is
+  retired: it takes no new request, and its connections close once its last stream ends (a
+  replica told to stop finishes its streams). A source that fails (a name that does not resolve,
+  a missing or empty file) leaves no replica, with its reason logged once and given with each 503.
+- Each replica has its own `LLMClient` (the internal token, the stream with its deadline) and its
+  own `TierMonitor` polling its `/readyz`: a replica that turns not ready, or whose call fails,
+  gets no new request until a check finds it ready again. Before it is marked ready it is asked
+  for its `ModelInfo` (block size, cache size, whether it streams events) and given the LoRA
+  adapters the other ready replicas serve (a replica that joins late, or comes back).
+- Each replica's `/kv_events` stream is followed (services/front/routing/events.py) into its
+  `BlockIndex` and its last `ReplicaLoad`.
+
+The set is ready while one replica is; it offers the admission middleware what a `TierMonitor`
+offers (`ready`, `require`, `confirm_at_start`), so the front door works the same over one GPU
+tier or many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import cached_property
+
+from services.errors import TierUnavailable
+from services.front.health import TierMonitor
+from services.front.llm_client import LLMClient
+from services.front.metrics import front_metrics
+from services.front.routing.discovery import DiscoveryError, Source, replica_name
+from services.front.routing.index import PREDICTION_TTL_S, BlockIndex
+from services.protocol import LoadAdapterRequest, ModelInfo, ReplicaLoad
+
+logger = logging.getLogger("bentoml.service.prompt")
+
+DEFAULT_CAPACITY_BLOCKS = 4096  # the history's bound for a replica that does not say its cache size
+
+
+class Replica:
+    """One LLMService replica as this worker sees it."""
+
+    def __init__(self, url: str, *, token: str, timeout_s: float, check_interval_s: float, retry_after_s: int,
+                 on_change: Callable[[Replica, bool], None], prediction_ttl_s: float = PREDICTION_TTL_S) -> None:
+        self.url = url
+        self.name = replica_name(url)
+        self.monitor = TierMonitor(self.name, interval_s=check_interval_s, retry_after_s=retry_after_s,
+                                   on_change=lambda ready: on_change(self, ready))
+        self.client = LLMClient(url, token=token, timeout_s=timeout_s, monitor=self.monitor)
+        self.prediction_ttl_s = prediction_ttl_s
+        self.info: ModelInfo | None = None
+        self.index: BlockIndex | None = None  # made once the block size is known; None: no prefix cache
+        self.load: ReplicaLoad | None = None  # the engine's own last report (None while its stream is down)
+        self.sent_since_report = 0  # requests this worker sent since that report, still running
+        self.report_number = 0  # which report `sent_since_report` counts from
+        self.inflight = 0  # this worker's requests streaming from it now
+        self.retired = False  # left discovery: no new request; closed when its last stream ends
+        self.tasks: list[asyncio.Task] = []
+        self.metrics.ready.set(0)
+
+    @cached_property
+    def metrics(self):
+        return front_metrics().for_replica(self.name)
+
+    @property
+    def ready(self) -> bool:
+        return self.monitor.ready and not self.retired
+
+    @property
+    def block_size(self) -> int | None:
+        return self.info.kv_block_size if self.info is not None else None
+
+    def use(self, info: ModelInfo) -> None:
+        """The replica's model info (each time it comes up, and after adapter changes)."""
+        if self.index is None or info.kv_block_size != self.block_size:
+            self.index = None if info.kv_block_size is None else BlockIndex(
+                info.kv_cache_blocks or DEFAULT_CAPACITY_BLOCKS, prediction_ttl_s=self.prediction_ttl_s)
+        elif info.kv_cache_blocks:
+            self.index.capacity = info.kv_cache_blocks
+        self.info = info
+
+    def report(self, load: ReplicaLoad | None) -> None:
+        """The engine's load as it measured it (None: no report to go by)."""
+        self.load, self.sent_since_report = load, 0
+        self.report_number += 1
+
+    def sent(self) -> int:
+        """A request of this worker's starts here: counted until it ends or the next report
+        (which counts it itself); returns what `ended` needs to tell which."""
+        self.sent_since_report += 1
+        return self.report_number
+
+    def ended(self, sent: int) -> None:
+        if sent == self.report_number:  # ended before the engine reported again: no longer load
+            self.sent_since_report -= 1
+
+    @property
+    def active_requests(self) -> int:
+        """Its engine's running and waiting requests (over every front that sends it work), plus
+        those this worker sent since that report and that still run; without a report, this
+        worker's own in flight."""
+        if self.load is None:
+            return self.inflight
+        return self.load.running + self.load.waiting + self.sent_since_report
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.monitor.stop()
+        await self.client.close()
+
+
+class ReplicaSet:
+    def __init__(self, source: Source, *, token: str, timeout_s: float, refresh_s: float, check_interval_s: float,
+                 retry_after_s: int = 1, sync_adapters: bool = False, follow_events: bool = True,
+                 prediction_ttl_s: float = PREDICTION_TTL_S) -> None:
+        self.source = source
+        self.refresh_s = refresh_s
+        self.retry_after_s = retry_after_s
+        self.sync_adapters = sync_adapters
+        self.follow_events = follow_events
+        self._replica_options = dict(token=token, timeout_s=timeout_s, check_interval_s=check_interval_s,
+                                     retry_after_s=retry_after_s, prediction_ttl_s=prediction_ttl_s)
+        self.replicas: dict[str, Replica] = {}  # by URL, in discovery order
+        self.discovery_problem: str | None = "not discovered yet"
+        self.seen_ready = False
+        self.on_ready: Callable[[], Awaitable[None]] | None = None
+        self._refresher: asyncio.Task | None = None
+        self._confirming: asyncio.Future | None = None
+        self._background: set[asyncio.Task] = set()  # announcements and closes, referenced until done
+        self._draining: set[Replica] = set()  # retired, closed when their last stream ends
+
+    # --- life ---------------------------------------------------------------------------------------
+
+    def start(self, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Discover and watch in the running event loop; `on_ready` runs each time a replica turns
+        ready (PromptService learns the tier's limits and adapters there)."""
+        self.on_ready = on_ready
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*(replica.close() for replica in [*self.replicas.values(), *self._draining]))
+        self.replicas.clear()
+        self._draining.clear()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.refresh_s)
+
+    async def refresh(self) -> None:
+        """One discovery round: new replicas are watched, replicas gone are retired."""
+        try:
+            urls = await self.source.replicas()
+            problem = None
+        except DiscoveryError as error:
+            urls, problem = [], str(error)
+        except Exception as error:  # a source must never end the loop
+            urls, problem = [], f"discovery through {self.source} failed: {error!r}"
+        if problem != self.discovery_problem:
+            if problem:
+                logger.error("GPU tier replicas: %s; not ready until it is fixed (PIPELINE_GPU_TIER_REPLICAS)", problem)
+            else:
+                logger.warning("GPU tier replicas from %s: %s", self.source, ", ".join(urls))
+            self.discovery_problem = problem
+        for url in urls:
+            if url not in self.replicas:
+                self._add(url)
+        for url in [url for url in self.replicas if url not in urls]:
+            self._retire(self.replicas.pop(url))
+        self._report_readiness()
+
+    def _add(self, url: str) -> None:
+        replica = Replica(url, on_change=self._changed, **self._replica_options)
+        self.replicas[url] = replica
+        replica.monitor.watch(replica.client.is_ready, on_ready=lambda: self._bring_up(replica))
+        if self.follow_events:
+            from services.front.routing.events import follow_cache_events
+
+            replica.tasks.append(asyncio.get_running_loop().create_task(follow_cache_events(replica)))
+        logger.warning("GPU tier replica %s joined", replica.name)
+
+    def _retire(self, replica: Replica) -> None:
+        logger.warning("GPU tier replica %s left discovery; it takes no new request (%d streaming)",
+                       replica.name, replica.inflight)
+        replica.retired = True
+        replica.metrics.ready.set(0)
+        self._in_background(replica.monitor.stop())  # its readiness no longer matters
+        self._draining.add(replica)
+        self.released(replica)  # at once when nothing runs on it; else when its last stream ends
+
+    def released(self, replica: Replica) -> None:
+        """A stream from `replica` ended: close a retired replica once nothing runs on it."""
+        if replica.retired and replica.inflight == 0 and replica in self._draining:
+            self._draining.discard(replica)
+            self._in_background(replica.close())
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _bring_up(self, replica: Replica) -> None:
+        """Before a replica is marked ready: its model info, and the adapters the others serve."""
+        info = await replica.client.model_info()
+        if self.sync_adapters:  # what the others serve now (asked: another worker may have unloaded one)
+            answers = await asyncio.gather(*(other.client.model_info() for other in self.ready_replicas()),
+                                           return_exceptions=True)
+            served = {adapter.name for adapter in info.adapters}
+            missing = {adapter.name: adapter for answer in answers if isinstance(answer, ModelInfo)
+                       for adapter in answer.adapters if adapter.name not in served}
+            for adapter in missing.values():
+                update = await replica.client.update_adapter(
+                    LoadAdapterRequest(lora_name=adapter.name, lora_path=adapter.path), require_ready=False)
+                log = logger.warning if update.status == 200 else logger.error
+                log("GPU tier replica %s given adapter %s (served by the others): %s", replica.name, adapter.name,
+                    update.message)
+            if missing:
+                info = await replica.client.model_info()
+        replica.use(info)
+
+    # --- readiness ----------------------------------------------------------------------------------
+
+    def _changed(self, replica: Replica, ready: bool) -> None:
+        if replica.retired:
+            return
+        replica.metrics.ready.set(1 if ready else 0)
+        if ready and self.on_ready is not None:  # after the monitor marks it ready, so it is counted
+            self._in_background(self._announce())
+        asyncio.get_running_loop().call_soon(self._report_readiness)
+
+    async def _announce(self) -> None:
+        try:
+            await self.on_ready()
+        except Exception as error:  # the replica stays ready; the front keeps what it knew
+            logger.warning("could not take the GPU tier's model info after a replica turned ready: %r", error)
+
+    def _report_readiness(self) -> None:
+        ready = self.ready
+        self.seen_ready = self.seen_ready or ready
+        front_metrics().gpu_tier_ready.set(1 if ready else 0)
+
+    def ready_replicas(self, exclude: tuple[Replica, ...] | list[Replica] = ()) -> list[Replica]:
+        return [replica for replica in self.replicas.values() if replica.ready and replica not in exclude]
+
+    @property
+    def ready(self) -> bool:
+        return any(replica.ready for replica in self.replicas.values())
+
+    @property
+    def reason(self) -> str:
+        if self.discovery_problem:
+            return self.discovery_problem
+        if not self.replicas:
+            return "no replica discovered"
+        return "; ".join(f"{replica.name}: {replica.monitor.reason}" for replica in self.replicas.values())
+
+    def require(self) -> None:
+        """Raise TierUnavailable (503) unless a replica is ready."""
+        if not self.ready:
+            raise TierUnavailable(
+                f"no GPU tier replica is available ({self.reason}); try again in {self.retry_after_s} s",
+                retry_after_s=self.retry_after_s,
+            )
+
+    async def confirm_at_start(self) -> None:
+        """As `TierMonitor.confirm_at_start`: a worker that has never seen a replica ready looks
+        again (discovery and every replica's /readyz, once for all waiting requests) before a 503."""
+        if self.ready or self.seen_ready:
+            return
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self._check_all())
+        await asyncio.shield(self._confirming)
+
+    async def _check_all(self) -> None:
+        await self.refresh()
+        await asyncio.gather(*(replica.monitor.check_now() for replica in self.replicas.values()))
+        self._report_readiness()

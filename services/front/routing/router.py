@@ -1,0 +1,143 @@
+"""The GPU tier over several replicas, in the shape of one `LLMClient`: what `TextGeneration`,
+`InflightRequest` and the OpenAI serving call (`generate`, `model_info`, `update_adapter`).
+
+- `generate`: the policy picks a ready replica (services/front/routing/policy.py) and the
+  request streams from that replica's own `LLMClient`. A replica that fails or refuses it before
+  its first frame (refused or reset connection, 503, 429, 5xx) has its stream closed (closing the
+  connection aborts the engine request there), and the request, with the same request id, goes
+  once to another ready replica; nothing was sent to the client yet, so nothing is duplicated.
+  The request's own faults (400, 404) and the deadline (504) are not retried, and a stream
+  already under way that fails ends with an error, as with one replica.
+- `model_info`: every ready replica's, as one: the smallest context length, the union of adapters
+  (so `/v1/models` lists what any replica serves).
+- `update_adapter`: a LoRA load or unload goes to every ready replica at once; replicas that join
+  later are given the others' adapters before they turn ready (services/front/routing/replicas.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
+from services.front.routing.policy import Prompt, RoundRobin
+from services.front.routing.replicas import Replica, ReplicaSet
+from services.protocol import AdapterUpdate, GenerateDelta, GenerateRequest, LoadAdapterRequest, ModelInfo, UnloadAdapterRequest
+
+logger = logging.getLogger("bentoml.service.prompt")
+
+
+def worth_another_replica(error: RequestError) -> bool:
+    """A replica's failure or refusal (another may take it), not the request's fault."""
+    if isinstance(error, (TierUnavailable, Overloaded)):
+        return True
+    return error.status >= 500 and not isinstance(error, DeadlineExceeded)
+
+
+class ReplicaRouter:
+    def __init__(self, replicas: ReplicaSet, policy: RoundRobin) -> None:
+        self.replicas = replicas
+        self.policy = policy
+
+    def route(self, prompt: Prompt, exclude: tuple[Replica, ...] = ()) -> Replica:
+        """The replica that takes `prompt` now, counted there (metrics, predicted blocks); the
+        caller counts the request's load there (`Replica.sent` ... `ended`)."""
+        candidates = self.replicas.ready_replicas(exclude)
+        if not candidates:
+            self.replicas.require()
+            raise TierUnavailable("no other GPU tier replica is ready", retry_after_s=self.replicas.retry_after_s)
+        now = time.monotonic()
+        choice = self.policy.choose(candidates, prompt, now)
+        replica = choice.replica
+        if choice.keys is not None and replica.index is not None:
+            replica.index.routed(choice.keys, now)
+        metrics = replica.metrics
+        metrics.requests.inc()
+        metrics.prompt_blocks.inc(choice.blocks)
+        metrics.cached_blocks_predicted.inc(choice.cached)
+        return replica
+
+    async def generate(self, request: GenerateRequest, *, deadline: float, timeout_s: float) -> AsyncIterator[GenerateDelta]:
+        prompt = Prompt(request.token_ids, request.adapter)
+        tried: tuple[Replica, ...] = ()
+        while True:
+            replica = self.route(prompt, exclude=tried)
+            sent = replica.sent()
+            replica.inflight += 1
+            replica.metrics.inflight.inc()
+            started, unfinished = False, request.sampling_params.n
+            try:
+                async with aclosing(replica.client.generate(request, deadline=deadline, timeout_s=timeout_s)) as deltas:
+                    async for delta in deltas:
+                        started = True
+                        if delta.finish_reason is not None:
+                            unfinished -= 1
+                            if unfinished == 0:  # the engine is done with it, whenever the reader closes
+                                self._release(replica, sent)
+                        yield delta
+                return
+            except RequestError as error:
+                if started or tried or not worth_another_replica(error) or not self.replicas.ready_replicas((replica,)):
+                    raise
+                logger.warning("request %s: replica %s failed before its first token (%s); trying another",
+                               request.request_id, replica.name, error.message)
+                replica.metrics.retries.inc()
+                tried = (replica,)
+            finally:
+                if unfinished > 0:
+                    self._release(replica, sent)
+
+    def _release(self, replica: Replica, sent: int) -> None:
+        replica.ended(sent)
+        replica.inflight -= 1
+        replica.metrics.inflight.dec()
+        self.replicas.released(replica)
+
+    async def model_info(self, timeout_s: float = 5.0) -> ModelInfo:
+        """Every ready replica's model info as one (each replica keeps its own)."""
+        ready = self.replicas.ready_replicas()
+        if not ready:
+            self.replicas.require()
+        answers = await asyncio.gather(*(replica.client.model_info(timeout_s) for replica in ready),
+                                       return_exceptions=True)
+        infos = []
+        for replica, answer in zip(ready, answers):
+            if isinstance(answer, BaseException):
+                logger.warning("GPU tier replica %s gave no model info: %r", replica.name, answer)
+                continue
+            replica.use(answer)
+            infos.append(answer)
+        if not infos:
+            raise TierUnavailable("no GPU tier replica answered /model_info", retry_after_s=self.replicas.retry_after_s)
+        adapters = {adapter.name: adapter for info in infos for adapter in info.adapters}
+        return infos[0].model_copy(update={
+            "max_model_len": min(info.max_model_len for info in infos), "adapters": list(adapters.values())})
+
+    async def update_adapter(self, request: LoadAdapterRequest | UnloadAdapterRequest, timeout_s: float = 300.0) -> AdapterUpdate:
+        """A LoRA load or unload on every ready replica; vLLM's answer when they agree, else each one's."""
+        ready = self.replicas.ready_replicas()
+        if not ready:
+            self.replicas.require()
+        answers = await asyncio.gather(*(replica.client.update_adapter(request, timeout_s) for replica in ready),
+                                       return_exceptions=True)
+        updates = []
+        for replica, answer in zip(ready, answers):
+            if isinstance(answer, RequestError):
+                answer = AdapterUpdate(status=answer.status, message=answer.message, type="ServiceUnavailableError")
+            elif isinstance(answer, BaseException):
+                raise answer
+            updates.append((replica, answer))
+        if len({(update.status, update.message) for _, update in updates}) == 1:
+            return updates[0][1]
+        failed = [update for _, update in updates if update.status != 200]
+        message = "; ".join(f"replica {replica.name}: {update.message}" for replica, update in updates)
+        return AdapterUpdate(status=failed[0].status, message=message, type=failed[0].type)
+
+    async def is_ready(self) -> bool:
+        return self.replicas.ready
+
+    async def close(self) -> None:
+        await self.replicas.stop()

@@ -1,0 +1,182 @@
+"""The router's arithmetic, without a network: the KV index's bounds and expiry, and each policy's
+choice (prefix affinity, load, saturation guards, ties, spread). services/front/routing/."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.front.routing.index import BlockIndex
+from services.front.routing.policy import KvAware, LeastLoaded, Prompt, RoundRobin, Weights, kv_cost, make_policy
+from services.front.routing.replicas import Replica
+from services.kv_blocks import block_keys
+from services.protocol import CacheEvents, ModelInfo, ReplicaLoad
+
+BLOCK = 4
+NOW = 1000.0
+
+
+def replica(port: int, *, block_size: int | None = BLOCK, capacity: int = 64, live: bool = True,
+            load: ReplicaLoad | None = None) -> Replica:
+    """A ready replica with an index fed by (pretend) engine events, and no connection."""
+    made = Replica(f"http://10.0.0.{port}:3000", token="t" * 16, timeout_s=5, check_interval_s=1, retry_after_s=1,
+                   on_change=lambda *_: None)
+    made.monitor.ready = True
+    made.use(ModelInfo(model="m", max_model_len=2048, vocab_size=100, kv_block_size=block_size,
+                       kv_cache_blocks=capacity, kv_events=live))
+    if made.index is not None and live:
+        made.index.apply(CacheEvents(cleared=True))
+    made.report(load)
+    return made
+
+
+def holding(made: Replica, tokens: list[int], adapter: str | None = None) -> Replica:
+    made.index.apply(CacheEvents(stored=block_keys(tokens, BLOCK, adapter)))
+    return made
+
+
+PREFIX = list(range(10, 42))  # 32 tokens: 8 blocks
+
+
+# --- the index -------------------------------------------------------------------------------------
+
+
+def test_the_index_counts_the_leading_blocks_held_and_follows_the_engines_events():
+    index = BlockIndex(capacity=100)
+    keys = block_keys(PREFIX, BLOCK)
+    index.apply(CacheEvents(cleared=True, stored=keys[:5]))
+    assert index.cached_prefix(keys, NOW) == 5
+    index.apply(CacheEvents(removed=[keys[2]]))
+    assert index.cached_prefix(keys, NOW) == 2  # a hole ends the prefix: the engine reuses only a chain
+    index.apply(CacheEvents(cleared=True, stored=[keys[0]]))  # a new snapshot replaces everything
+    assert index.cached_prefix(keys, NOW) == 1
+    assert index.cached_prefix(block_keys(PREFIX, BLOCK, adapter="sql"), NOW) == 0  # the adapter is in the key
+
+
+def test_routed_blocks_count_as_held_until_confirmed_or_expired():
+    index = BlockIndex(capacity=100, prediction_ttl_s=2.0)
+    index.apply(CacheEvents(cleared=True))
+    keys = block_keys(PREFIX, BLOCK)
+    index.routed(keys, NOW)
+    assert index.cached_prefix(keys, NOW + 1.9) == len(keys)
+    assert index.cached_prefix(keys, NOW + 2.1) == 0  # expired: the engine never said it stored them
+    index.routed(keys, NOW + 3)
+    index.apply(CacheEvents(stored=keys[:3]))  # confirmed: now held, no longer a prediction
+    assert set(index.predicted) == set(keys[3:])
+    assert index.cached_prefix(keys, NOW + 10) == 3
+
+
+def test_the_index_stays_within_the_replicas_capacity():
+    index = BlockIndex(capacity=10, prediction_ttl_s=60)
+    index.apply(CacheEvents(cleared=True))
+    for start in range(0, 400, 4):
+        index.routed(block_keys(list(range(start, start + 8)), BLOCK), NOW)
+    assert len(index.history) == 10 and len(index.predicted) <= 10
+    index.routed([1, 2], NOW + 120)  # routing again drops what expired
+    assert set(index.predicted) == {1, 2}
+
+
+def test_without_events_the_routing_history_stands_in_lru_bounded():
+    index = BlockIndex(capacity=8)
+    first, second = block_keys(PREFIX, BLOCK), block_keys(list(range(100, 132)), BLOCK)
+    index.routed(first, NOW)
+    assert index.cached_prefix(first, NOW + 3600) == 8  # history does not expire
+    index.routed(second, NOW)  # 8 more blocks: the first prompt's are the least recently routed
+    assert index.cached_prefix(first, NOW) == 0 and index.cached_prefix(second, NOW) == 8
+    index.apply(CacheEvents(cleared=True, stored=first))  # a stream's snapshot: the engine's word counts
+    assert index.cached_prefix(first, NOW) == 8 and index.cached_prefix(second, NOW) == 0
+    index.events_lost()
+    assert index.cached_prefix(second, NOW) == 8
+
+
+# --- the kv policy -----------------------------------------------------------------------------------
+
+
+def test_kv_sends_a_prompt_to_the_replica_holding_its_prefix():
+    a, b, c = replica(1), holding(replica(2), PREFIX), replica(3)
+    prompt = Prompt(PREFIX + [7, 7, 7])
+    choice = KvAware().choose([a, b, c], prompt, NOW)
+    assert choice.replica is b and (choice.blocks, choice.cached) == (8, 8)
+    # the cost, term by term: 3 tokens to prefill there, 35 elsewhere
+    assert [kv_cost(r, prompt, KvAware().choose([r], prompt, NOW).cached, Weights()) for r in (a, b)] == [35, 3]
+
+
+def test_kv_weighs_load_against_prefix():
+    weights = Weights(load_weight=10)
+    busy = holding(replica(1, load=ReplicaLoad(running=3)), PREFIX)  # 0 new tokens + 30
+    idle = replica(2)  # 32 new tokens + 0
+    assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is busy
+    busy.report(ReplicaLoad(running=4))  # 40 > 32: the prefill elsewhere is cheaper than the queue
+    assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is idle
+
+
+def test_kv_counts_what_this_worker_sent_since_the_replicas_report_while_it_runs():
+    weights = Weights(load_weight=10)
+    a, b = holding(replica(1, load=ReplicaLoad()), PREFIX), replica(2)
+    sent = [a.sent() for _ in range(4)]  # 4 requests running since its last report: 40 > 32
+    assert KvAware(weights).choose([a, b], Prompt(PREFIX), NOW).replica is b
+    a.ended(sent[0])  # one ended before the engine reported again: no longer load (30 < 32)
+    assert KvAware(weights).choose([a, b], Prompt(PREFIX), NOW).replica is a
+    a.report(ReplicaLoad(running=3))  # the report counts the three still running
+    assert a.sent_since_report == 0 and a.active_requests == 3
+    a.ended(sent[1])  # ended after the report: the report's count stands until the next one
+    assert a.active_requests == 3
+
+
+def test_a_saturated_replica_is_passed_over_whatever_it_holds():
+    full = holding(replica(1, load=ReplicaLoad(kv_usage=0.97)), PREFIX)
+    queueing = holding(replica(2, load=ReplicaLoad(waiting=8)), PREFIX)
+    free = replica(3, load=ReplicaLoad(running=6))
+    assert KvAware().choose([full, queueing, free], Prompt(PREFIX), NOW).replica is free
+
+
+def test_when_every_replica_is_saturated_requests_spread_by_load():
+    a = holding(replica(1, load=ReplicaLoad(running=9, waiting=9)), PREFIX)
+    b = replica(2, load=ReplicaLoad(running=2, waiting=9))
+    assert KvAware().choose([a, b], Prompt(PREFIX), NOW).replica is b
+
+
+def test_ties_go_to_more_cached_then_fewer_inflight_then_in_turn():
+    weights = Weights(load_weight=16)
+    # equal cost: a holds 4 of 8 blocks with one request (16 new + 16), b holds none and is idle (32 + 0)
+    a = replica(1, load=ReplicaLoad(running=1))
+    a.index.apply(CacheEvents(stored=block_keys(PREFIX, BLOCK)[:4]))
+    b = replica(2)
+    assert KvAware(weights).choose([b, a], Prompt(PREFIX), NOW).replica is a
+    # the same everything: in turn
+    c, d = replica(3), replica(4)
+    policy = KvAware()
+    picks = [policy.choose([c, d], Prompt(list(range(500 + i, 540 + i))), NOW).replica.name for i in range(4)]
+    assert picks == [c.name, d.name, c.name, d.name]
+    d.inflight = 1
+    assert {policy.choose([c, d], Prompt([1, 2, 3, 4]), NOW).replica.name for _ in range(3)} == {c.name}
+
+
+def test_a_replica_without_prefix_caching_has_every_token_to_prefill():
+    caching, plain = holding(replica(1), PREFIX), replica(2, block_size=None)
+    choice = KvAware().choose([plain, caching], Prompt(PREFIX), NOW)
+    assert choice.replica is caching
+    assert KvAware().choose([plain], Prompt(PREFIX), NOW).cached == 0
+
+
+# --- round-robin and least-loaded --------------------------------------------------------------------
+
+
+def test_round_robin_takes_the_replicas_in_turn():
+    replicas = [replica(port) for port in (1, 2, 3)]
+    policy = RoundRobin()
+    names = [policy.choose(replicas, Prompt(PREFIX), NOW).replica.name for _ in range(6)]
+    assert names == [r.name for r in replicas] * 2
+
+
+def test_least_loaded_takes_the_least_active():
+    a, b, c = replica(1, load=ReplicaLoad(running=5)), replica(2, load=ReplicaLoad(running=1, waiting=1)), replica(3)
+    c.inflight = 3  # no report: this worker's own count
+    assert LeastLoaded().choose([a, b, c], Prompt(PREFIX), NOW).replica is b
+    b.sent(), b.sent()
+    assert LeastLoaded().choose([a, b, c], Prompt(PREFIX), NOW).replica is c
+
+
+def test_a_policy_is_named():
+    assert [make_policy(name).name for name in ("kv", "least-loaded", "round-robin")] == ["kv", "least-loaded", "round-robin"]
+    with pytest.raises(ValueError, match="kv, least-loaded or round-robin"):
+        make_policy("random")
