@@ -32,9 +32,14 @@ from services.front.text.tokenizer import load_tokenizer
 from services.gpu.llm_service import LLMService
 from services.model_store import model_reference, sampling_defaults
 from services.protocol import StructuredOutputs
+from services.run_dir import own_run_dir
 from services.security import BearerAuthMiddleware
 
 logger = logging.getLogger("bentoml.service.prompt")
+
+# In the serving process: this server's own Prometheus folder, so that another server on the host
+# with the same BentoML home does not wipe its metrics (services/run_dir.py).
+own_run_dir()
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
 

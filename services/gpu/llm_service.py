@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
 from services.errors import RequestError
-from services.gpu.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
+from services.gpu.engine_clients import EngineClientSlot, EngineLoad, start_engine_client
+from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.gpu.metrics import engine_metrics
 from services.model_store import adapter_reference, model_reference
@@ -41,6 +42,7 @@ from services.protocol import (
     UnloadAdapterRequest,
     encode_frame,
 )
+from services.run_dir import own_run_dir
 from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
 
 logger = logging.getLogger("bentoml.service.llm")
@@ -212,8 +214,9 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
     return deltas
 
 
-if settings.engine_client_count > 1:
-    share_run_dir()  # in the `bentoml serve` process, before it starts the workers
+# In the serving process, before it starts the workers: the replica's run directory (engine
+# sockets, KV events, shared counters) and its own Prometheus folder in it (services/run_dir.py).
+own_run_dir()
 
 
 @bentoml.service(
@@ -245,7 +248,9 @@ class LLMService:
         usage = UsageContext.OPENAI_API_SERVER
         if settings.engine_client_count == 1:
             slot = None
-            self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
+            with launching_watched_engines():  # the engine goes when this worker does
+                self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
+            exit_when_engine_dies(self.engine)  # and this worker when its engine does
         else:
             slot = EngineClientSlot.of_this_worker(settings.engine_client_count)
             self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
