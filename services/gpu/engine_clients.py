@@ -77,7 +77,8 @@ class EngineClientSlot:
         return {"input_address": f"ipc://{self.run_dir}/in-{index}", "output_address": f"ipc://{self.run_dir}/out-{index}"}
 
 
-def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, startup_timeout_s: float):
+def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, startup_timeout_s: float,
+                        stat_loggers: list | None = None):
     """This worker's `AsyncLLM`, on the replica's one EngineCore (launched here by worker 1)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -103,6 +104,7 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
         vllm_config,
         usage_context=usage_context,
         disable_log_stats=engine_args.disable_log_stats,
+        stat_loggers=stat_loggers,
         client_addresses=slot.addresses(slot.index),
         client_count=slot.count,
         client_index=slot.index,
