@@ -15,7 +15,9 @@ new engine needs). Two watches close that:
 - **the worker watches its engine.** `exit_when_engine_dies(client)`: once the worker's engine
   client is dead (vLLM's monitor or services/gpu/engine_clients.py marked it), the worker exits,
   so that circus starts it again with a new engine instead of leaving a worker that stays up not
-  ready forever.
+  ready forever. In a container BentoML tells circus not to restart workers
+  (`bentoml.serving.running_inside_container`), so there the worker first stops the whole server
+  (SIGTERM to circus, its parent), and the container's restart policy starts the replica again.
 """
 
 from __future__ import annotations
@@ -89,8 +91,18 @@ def exit_when_engine_dies(client, every_s: float = WATCH_EVERY_S, exit: Callable
             time.sleep(every_s)
         logger.error("the engine is gone; this worker exits so that it starts again with a new engine")
         time.sleep(WORKER_EXIT_GRACE_S)
+        if _workers_are_not_restarted():
+            logger.error("in a container circus restarts no worker: stopping the server (pid %d)", os.getppid())
+            os.kill(os.getppid(), signal.SIGTERM)
         exit(1)
 
     thread = threading.Thread(target=watch, daemon=True, name="EngineWatch")
     thread.start()
     return thread
+
+
+def _workers_are_not_restarted() -> bool:
+    """BentoML's own test for giving its workers `respawn=False` (bentoml/serving.py)."""
+    from bentoml.serving import running_inside_container
+
+    return running_inside_container()
