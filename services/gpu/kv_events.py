@@ -256,6 +256,9 @@ class KvEventSubscriber:
 
     def _run(self) -> None:
         try:
+            # what the engine published before this subscription was up (ZMQ's slow joiner: a SUB
+            # socket misses what is sent before its subscription reaches the publisher)
+            self._catch_up(until=None)
             while not self._stopped.is_set():
                 if not self._events.poll(100):
                     continue
@@ -272,34 +275,51 @@ class KvEventSubscriber:
         status = self.sequence.check(seq)
         if status == "old":
             return
-        if status == "gap" and not self._replay(until=seq):
-            logger.warning("KV events: batches %d..%d are missing and no longer replayable; starting over empty",
-                           self.sequence.expected, seq - 1)
-            self._loop.call_soon_threadsafe(self._hub.clear)
+        if status == "gap":
+            self._catch_up(until=seq)
+            if self.sequence.check(seq) == "old":
+                return
         self._deliver(seq, payload)
 
     def _deliver(self, seq: int, payload: bytes) -> None:
         self._loop.call_soon_threadsafe(self._hub.apply, self._decode(payload).events)
         self.sequence.seen(seq)
 
-    def _replay(self, until: int, timeout_ms: int = 2000) -> bool:
-        """Ask the replay socket for the batches from the next expected one; True when it gave
-        every one before `until`."""
+    def _start_over(self, seq: int) -> None:
+        """Batches before `seq` are lost: the index starts over empty, then takes `seq` on. What it
+        then holds is a part of the engine's cache (a block on an unknown parent is left out)."""
+        logger.warning("KV events: batches %d..%d are missing and no longer replayable; starting over empty",
+                       self.sequence.expected, seq - 1)
+        self._loop.call_soon_threadsafe(self._hub.clear)
+        self.sequence.expected = seq
+
+    def _catch_up(self, until: int | None, timeout_ms: int = 2000) -> None:
+        """The batches from the next one expected, from the replay socket: those before `until`
+        (a batch that came with a gap before it), or all it holds (None)."""
+        for seq, payload in self._replayed(self.sequence.expected, timeout_ms):
+            if until is not None and seq >= until:
+                break
+            status = self.sequence.check(seq)
+            if status == "old":
+                continue
+            if status == "gap":
+                self._start_over(seq)
+            self._deliver(seq, payload)
+        if until is not None and self.sequence.check(until) == "gap":
+            self._start_over(until)
+
+    def _replayed(self, start: int, timeout_ms: int) -> list[tuple[int, bytes]]:
+        """What vLLM's replay socket (a ROUTER) holds from batch `start` on, in order."""
         import zmq
 
-        start = self.sequence.expected
+        batches = []
         with self._context.socket(zmq.DEALER) as replay:
+            replay.setsockopt(zmq.LINGER, 0)
             replay.connect(self._replay_address)
             replay.send_multipart((b"", start.to_bytes(8, "big")))
             while replay.poll(timeout_ms):
                 _, _, seq_bytes, payload = replay.recv_multipart()
                 if seq_bytes == END_OF_REPLAY:
                     break
-                seq = int.from_bytes(seq_bytes, "big")
-                if seq >= until or self.sequence.check(seq) == "old":
-                    continue
-                if seq != self.sequence.expected:
-                    return False  # the replay no longer holds the first ones missing
-                self._deliver(seq, payload)
-            replay.close(linger=0)
-        return self.sequence.expected == until
+                batches.append((int.from_bytes(seq_bytes, "big"), payload))
+        return batches

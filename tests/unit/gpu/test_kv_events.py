@@ -135,8 +135,9 @@ def wait_for(check, within_s: float = 10) -> bool:
     return check()
 
 
-def subscribe_and_check(pub: ZmqEventPublisher, run_dir: Path, publish_before, publish_after):
-    """Publish, subscribe, publish more; the index the subscriber built, and whether it cleared."""
+def subscribe(pub: ZmqEventPublisher, run_dir: Path, until) -> tuple[list[int], bool]:
+    """Subscribe after `pub` has published; the keys the subscriber's index holds once
+    `until(subscriber)` holds (or 10 s have passed), and whether it started over."""
     cleared = []
 
     async def run():
@@ -145,10 +146,8 @@ def subscribe_and_check(pub: ZmqEventPublisher, run_dir: Path, publish_before, p
         hub.clear = lambda: (cleared.append(True), original_clear())
         subscriber = KvEventSubscriber(run_dir, hub, asyncio.get_running_loop())
         try:
-            for event in publish_after:
-                pub.publish(batch(event))
             deadline = time.monotonic() + 10
-            while subscriber.sequence.expected < len(publish_before) + len(publish_after) and time.monotonic() < deadline:
+            while not until(subscriber) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.05)  # the last batch's apply, queued on this loop
             return sorted(hub.index.keys())
@@ -159,7 +158,7 @@ def subscribe_and_check(pub: ZmqEventPublisher, run_dir: Path, publish_before, p
 
 
 @pytest.fixture
-def run_dir(tmp_path_factory) -> Path:
+def run_dir() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="kv-"))  # short: a Unix socket path
@@ -178,23 +177,25 @@ def pub_factory(run_dir):
         each.shutdown()
 
 
-def test_batches_missed_before_the_subscription_are_replayed(run_dir, pub_factory):
+def test_batches_published_before_the_subscription_are_replayed(run_dir, pub_factory):
     pub = pub_factory()
     keys = block_keys(PROMPT, BLOCK)
-    before = [stored([1], PROMPT[:BLOCK]), stored([2], PROMPT[BLOCK:2 * BLOCK], parent=1)]
-    for event in before:
+    published = [stored([1], PROMPT[:BLOCK]), stored([2], PROMPT[BLOCK:2 * BLOCK], parent=1),
+                 stored([3], PROMPT[2 * BLOCK:3 * BLOCK], parent=2)]
+    for event in published:
         pub.publish(batch(event))
-    assert wait_for(lambda: len(pub._buffer) == 2)
-    got, was_cleared = subscribe_and_check(pub, run_dir, before, [stored([3], PROMPT[2 * BLOCK:3 * BLOCK], parent=2)])
-    assert got == sorted(keys) and not was_cleared
+    assert wait_for(lambda: len(pub._buffer) == 3)
+    got, started_over = subscribe(pub, run_dir, until=lambda sub: sub.sequence.expected == 3)
+    assert got == sorted(keys) and not started_over
 
 
 def test_a_gap_the_replay_no_longer_holds_starts_the_index_over(run_dir, pub_factory):
-    pub = pub_factory(buffer_steps=1)  # keeps only the last batch: the first two are gone
-    before = [stored([1], PROMPT[:BLOCK]), removed([1]), stored([9], PROMPT[:BLOCK])]
-    for event in before:
+    pub = pub_factory(buffer_steps=2)  # keeps the last two batches only: the first two are gone
+    published = [stored([1], PROMPT[:BLOCK]), stored([2], PROMPT[BLOCK:2 * BLOCK], parent=1),
+                 stored([3], PROMPT[2 * BLOCK:3 * BLOCK], parent=2), stored([9], PROMPT[:BLOCK])]
+    for event in published:
         pub.publish(batch(event))
     assert wait_for(lambda: next(iter(pub._buffer), (0,))[0] == 2)
-    # the next block chains from a parent the subscriber never saw: left out, not guessed
-    got, was_cleared = subscribe_and_check(pub, run_dir, before, [stored([10], PROMPT[BLOCK:2 * BLOCK], parent=3)])
-    assert was_cleared and got == []
+    got, started_over = subscribe(pub, run_dir, until=lambda sub: sub.sequence.expected == 4)
+    # block 3 chains from a parent it never saw: left out, not guessed; block 9 starts a chain
+    assert started_over and got == [block_keys(PROMPT, BLOCK)[0]]
