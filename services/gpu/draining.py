@@ -44,7 +44,10 @@ class Drain:
             logger.info("SIGTERM: not ready; finishing %d requests under way, taking no new ones", self.busy())
             loop.call_soon_threadsafe(lambda: loop.create_task(self._finish(signum)))
 
-        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: leave uvicorn's handler (no drain) rather than fail the start
+            logger.warning("drain: SIGTERM can only be taken over in the main thread; a stop will not drain")
 
     async def _finish(self, signum: int) -> None:
         loop = asyncio.get_running_loop()
