@@ -40,12 +40,37 @@ WORKER_EXIT_GRACE_S = 1.0
 
 
 def run_watched_engine_core(*args, **kwargs):
-    """vLLM's `EngineCoreProc.run_engine_core`, with a watch of the parent process first."""
+    """vLLM's `EngineCoreProc.run_engine_core`, with a watch of the parent process first, and its
+    executor's worker processes deaf to SIGTERM (`run_executor_worker`)."""
     from vllm.v1.engine.core import EngineCoreProc
 
     parent = int(os.environ.get(PARENT_ENV) or os.getppid())
     watch_parent(parent)
+    _executor_workers_ignore_sigterm()
     return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def _executor_workers_ignore_sigterm() -> None:
+    """When a replica is told to stop, circus sends SIGTERM to every descendant of each worker
+    (`stop_children`), and vLLM's executor worker processes (VLLM::Worker: the CPU engine's, a
+    GPU engine's with tensor parallelism) die of it at once, failing the requests the EngineCore
+    is draining. Their EngineCore ends them anyway (it closes their death pipe, or they see it
+    exit), so here they start through `run_executor_worker`, which blocks SIGTERM and SIGINT.
+    Only in this (the EngineCore's) process."""
+    try:
+        from vllm.v1.executor.multiproc_executor import WorkerProc
+    except ImportError:
+        return
+    WorkerProc.worker_main = staticmethod(run_executor_worker)  # this process only: it starts them by name
+
+
+def run_executor_worker(*args, **kwargs):
+    """vLLM's `WorkerProc.worker_main` with SIGTERM and SIGINT blocked: pending, never delivered
+    (vLLM's own handler, set later, does not change that); the process ends by its death pipe."""
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    return WorkerProc.worker_main(*args, **kwargs)
 
 
 def watch_parent(parent: int, every_s: float = WATCH_EVERY_S, on_gone: Callable[[], None] | None = None) -> threading.Thread:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,26 @@ def test_a_restarted_engine_client_stops_the_engine_it_cannot_join_again(tmp_pat
         for process in (old, new):
             process.kill()
             process.wait()
+
+
+def test_the_engines_executor_workers_start_deaf_to_sigterm(monkeypatch):
+    """In the EngineCore's process vLLM starts its executor's workers through ours (by name), which
+    blocks SIGTERM before vLLM's own code runs: circus's SIGTERM to every descendant no longer kills
+    them while the EngineCore drains."""
+    from vllm.v1.executor import multiproc_executor
+
+    monkeypatch.setattr(multiproc_executor.WorkerProc, "worker_main", multiproc_executor.WorkerProc.worker_main)
+    engine_watch._executor_workers_ignore_sigterm()
+    target = multiproc_executor.WorkerProc.worker_main
+    assert pickle.loads(pickle.dumps(target)) is engine_watch.run_executor_worker
+    probe = textwrap.dedent("""
+        import signal
+        from vllm.v1.executor.multiproc_executor import WorkerProc
+        WorkerProc.worker_main = staticmethod(lambda: print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        from services.gpu.engine_watch import run_executor_worker
+        run_executor_worker()
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, check=True)
+    blocked = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {int(signal.SIGTERM), int(signal.SIGINT)} <= set(blocked)
