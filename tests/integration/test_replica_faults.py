@@ -65,13 +65,18 @@ def check_survives_the_kill(server: Server, victim: psutil.Process, engine: psut
         assert poll(lambda: gone(engine), bool, within_s=ORPHAN_DEADLINE_S), \
             f"the EngineCore (pid {engine.pid}) outlived worker {victim.pid} by {ORPHAN_DEADLINE_S} s"
     started = time.monotonic()
-    status = poll(lambda: generate_status(server, f"after-kill-{victim.pid}"), lambda code: code == 200,
-                  within_s=RECOVERY_DEADLINE_S, every_s=1)
-    assert status == 200, f"no answer {RECOVERY_DEADLINE_S} s after the kill (last: {status}); log:\n{server.log_tail()}"
+
+    def served_by_a_new_engine() -> bool:
+        cores = server.engine_cores()
+        return len(cores) == 1 and cores[0].pid != engine.pid and generate_status(server, f"after-{victim.pid}") == 200
+
+    # (a kill of worker 2 leaves worker 1 serving on the old engine until worker 2 is back and stops it)
+    assert poll(served_by_a_new_engine, bool, within_s=RECOVERY_DEADLINE_S, every_s=1), \
+        f"no answer from a new engine {RECOVERY_DEADLINE_S} s after the kill; log:\n{server.log_tail()}"
     [core] = server.engine_cores()
-    assert core.pid != engine.pid and core.parent() in server.workers()["LLMService"]
+    assert core.parent() in server.workers()["LLMService"]
     assert gone(engine), f"the old EngineCore (pid {engine.pid}) is still running"
-    print(f"served again {time.monotonic() - started:.0f} s after the engine went")
+    print(f"served by a new engine {time.monotonic() - started:.0f} s after the kill")
 
 
 def test_one_engine_client_survives_a_kill_of_its_worker():
@@ -138,10 +143,10 @@ def test_sigterm_finishes_the_stream_under_way_and_takes_no_new_work():
         with server.llm_tier(timeout_s=5) as llm:
             ready = poll(lambda: llm.get("/readyz").status_code, lambda code: code != 200, within_s=5)
             refused = llm.post("/generate", json=body("late")).status_code
-        assert not frames or frames[-1]["finish_reason"] is None, "the stream ended before the checks: make it longer"
+        assert not frames or frames[-1].get("finish_reason") is None, "the stream ended before the checks: make it longer"
         reader.join(120)
         assert not failure, failure
-        assert frames and frames[-1]["finish_reason"] == "length" and frames[-1]["completion_tokens"] == 160, \
+        assert frames and frames[-1].get("finish_reason") == "length" and frames[-1]["completion_tokens"] == 160, \
             f"the stream under way ended with {frames[-1] if frames else None}"
         assert ready != 200, "still ready after SIGTERM"
         assert refused == 503, f"a new /generate after SIGTERM got {refused}"
