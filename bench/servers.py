@@ -414,9 +414,9 @@ def serve_pipeline(*, log: Path, env: dict[str, str | None] | None = None, port:
 
 
 def own_bentoml_home(folder: Path) -> str:
-    """A BENTOML_HOME for one server, sharing the model store: BentoML empties
-    $BENTOML_HOME/prometheus_multiproc_dir whenever a server starts, which would wipe the metrics
-    of any other server using the same home (docs/operations.md)."""
+    """A BENTOML_HOME for one server, sharing the model store. (BentoML empties its home's
+    prometheus_multiproc_dir whenever a server starts; the pipeline's servers keep their metrics in
+    their own run directory instead, services/run_dir.py, so this is no longer needed for that.)"""
     folder.mkdir(parents=True, exist_ok=True)
     models = folder / "models"
     if not models.exists():

@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(
         1800, gt=0, description="How long LLMService workers 2.. wait for worker 1 to start the engine."
     )
+    kv_events: bool = Field(
+        True, description="Turn on vLLM's KV cache events (when prefix caching is on) and serve them, as block keys, "
+        "on LLMService's /kv_events for the front tier's routing. The engine publishes them on a Unix socket in the "
+        "replica's run directory; no port is opened."
+    )
+    drain_timeout_s: int = Field(
+        330, ge=0, description="How long an LLMService worker told to stop (SIGTERM) waits for the requests under way "
+        "to finish before it stops anyway (also the engine's own --shutdown-timeout). Meanwhile it is not ready and "
+        "refuses new work with 503."
+    )
 
     # --- LoRA adapters (services/lora_modules.py, served by services/gpu/lora.py) ---------------------------------------------------------
     lora_modules: Annotated[list[LoraModule], NoDecode] = Field(

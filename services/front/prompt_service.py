@@ -32,9 +32,14 @@ from services.front.text.tokenizer import load_tokenizer
 from services.gpu.llm_service import LLMService
 from services.model_store import model_reference, sampling_defaults
 from services.protocol import StructuredOutputs
+from services.run_dir import own_run_dir
 from services.security import BearerAuthMiddleware
 
 logger = logging.getLogger("bentoml.service.prompt")
+
+# In the serving process: this server's own Prometheus folder, so that another server on the host
+# with the same BentoML home does not wipe its metrics (services/run_dir.py).
+own_run_dir()
 
 SEED_PROMPT = "Explain superconductors like I'm five years old"
 
@@ -66,15 +71,15 @@ def as_bentoml_error(error: RequestError) -> BentoMLException:
 
 # Whether the GPU tier is ready, checked in the background; one per worker. One GPU tier at the address
 # bentoml.depends gives (services/front/health.py), or, with PIPELINE_GPU_TIER_REPLICAS, a set of replicas
-# each checked on its own (services/front/routing/replicas.py; a malformed setting stops the start here).
+# each checked on its own (services/front/routing/replicas.py; a malformed setting: not ready, with the reason).
 if settings.gpu_tier_replicas is None:
     gpu_tier = TierMonitor("LLMService", interval_s=settings.tier_check_interval_s, retry_after_s=settings.retry_after_s)
 else:
-    from services.front.routing.discovery import parse_source
+    from services.front.routing.discovery import source_of
     from services.front.routing.replicas import ReplicaSet
 
     gpu_tier = ReplicaSet(
-        parse_source(settings.gpu_tier_replicas, service=LLMService),
+        source_of(settings.gpu_tier_replicas, service=LLMService),
         token=settings.internal_token.get_secret_value(), timeout_s=settings.request_timeout_s,
         refresh_s=settings.gpu_tier_refresh_s, check_interval_s=settings.tier_check_interval_s,
         retry_after_s=settings.retry_after_s, sync_adapters=settings.allow_runtime_lora_updating,

@@ -15,7 +15,10 @@ the `bentoml serve` process before it starts the workers, which inherit it), so 
 ask another. The EngineCore is the launching worker's child and is watched the way vLLM watches
 its own (worker 1's client holds the engine manager); the other workers watch its pid, and when it
 exits each marks its client dead, as vLLM's monitor does, so that `/livez` and `/readyz` fail in
-every worker and no stream waits forever. Each worker owns the engine requests its calls start
+every worker and no stream waits forever; then each worker exits and circus starts it again
+(services/gpu/engine_watch.py), worker 1 with a new engine. A worker that dies alone cannot join
+the engine again (vLLM greets each client once), so when circus restarts it, it stops that
+engine and the whole replica starts over (`_engine_to_join`). Each worker owns the engine requests its calls start
 (services/gpu/llm_service.py aborts them when a call ends), as each of vLLM's API processes does.
 
 How many requests the engine holds is the sum over the workers (`EngineLoad`, a shared array
@@ -27,34 +30,25 @@ image) share, with the one difference between them (`launch_core_engines`) handl
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import json
 import logging
 import mmap
 import os
-import shutil
+import signal
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
+from services.run_dir import RUN_DIR_ENV, share_run_dir  # noqa: F401 (share_run_dir: the replica's run directory)
+
 logger = logging.getLogger("bentoml.service.llm")
 
-RUN_DIR_ENV = "PIPELINE_ENGINE_RUN_DIR"
 ENGINE_FILE = "engine.json"
 SLOT = struct.Struct("q")
-
-
-def share_run_dir() -> None:
-    """Make the replica's run directory when none is set. Called in the `bentoml serve` process
-    as it imports LLMService, before it starts the workers, which inherit the environment. The
-    process that made it removes it when it exits (the workers have stopped by then)."""
-    if not os.environ.get(RUN_DIR_ENV):
-        os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="pipeline-engine-")
-        atexit.register(shutil.rmtree, os.environ[RUN_DIR_ENV], ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,8 @@ class EngineClientSlot:
         return {"input_address": f"ipc://{self.run_dir}/in-{index}", "output_address": f"ipc://{self.run_dir}/out-{index}"}
 
 
-def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, startup_timeout_s: float):
+def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, startup_timeout_s: float,
+                        stat_loggers: list | None = None):
     """This worker's `AsyncLLM`, on the replica's one EngineCore (launched here by worker 1)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -95,7 +90,8 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
     if slot.launches_engine:
         engine_file.unlink(missing_ok=True)
         try:
-            manager = _launch_engine(vllm_config, slot)
+            with launching_watched_engines():
+                manager = _launch_engine(vllm_config, slot)
         except BaseException as error:  # the other workers stop waiting, with the reason
             _write_atomically(engine_file, json.dumps({"error": f"{type(error).__name__}: {error}"}))
             raise
@@ -103,11 +99,12 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
         _write_atomically(engine_file, json.dumps({"pid": engine_pid}))
         vllm_config.parallel_config._api_process_rank = 0
     else:
-        engine_pid = _wait_for_engine(engine_file, startup_timeout_s)
+        engine_pid = _engine_to_join(slot, startup_timeout_s)
     client = AsyncLLM.from_vllm_config(
         vllm_config,
         usage_context=usage_context,
         disable_log_stats=engine_args.disable_log_stats,
+        stat_loggers=stat_loggers,
         client_addresses=slot.addresses(slot.index),
         client_count=slot.count,
         client_index=slot.index,
@@ -119,6 +116,8 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
         client.engine_core.start_engine_core_monitor()
     else:
         _watch_engine_pid(client, engine_pid)
+    _write_atomically(_joined_file(slot), str(engine_pid))
+    exit_when_engine_dies(client)  # circus starts this worker again, on a new engine
     logger.info("engine client %d of %d connected to the EngineCore (pid %d)", slot.index + 1, slot.count, engine_pid)
     return client
 
@@ -140,8 +139,51 @@ def _launch_engine(vllm_config, slot: EngineClientSlot):
     return launch[0] if isinstance(launch, tuple) else launch.engine_manager
 
 
+def _joined_file(slot: EngineClientSlot) -> Path:
+    """Where engine client `slot.index` notes the EngineCore it joined."""
+    return slot.run_dir / f"joined-{slot.index}"
+
+
+def _engine_to_join(slot: EngineClientSlot, timeout_s: float) -> int:
+    """The pid of an EngineCore this worker can join, once worker 1 has it up.
+
+    An engine this client index joined before cannot take it again: this worker died and circus
+    started it anew, and vLLM's EngineCore sends each client its ready message once, at its own
+    start (a second client on the same sockets would wait for it in vain). So the replica starts
+    over: this worker stops that engine, worker 1 then exits (its engine died) and circus starts
+    it again with a new engine, which this worker joins."""
+    deadline = time.monotonic() + timeout_s
+    engine_file = slot.run_dir / ENGINE_FILE
+    while True:
+        pid = _wait_for_engine(engine_file, deadline - time.monotonic())
+        try:
+            joined = int(_joined_file(slot).read_text())
+        except (FileNotFoundError, ValueError):
+            return pid
+        if joined != pid:
+            return pid
+        logger.warning("engine client %d joined the EngineCore (pid %d) before it restarted; stopping that "
+                       "engine so that the replica starts again on a new one", slot.index + 1, pid)
+        _stop(pid)
+
+
+def _stop(pid: int, within_s: float = 10) -> None:
+    """SIGTERM a process (vLLM's own shutdown), SIGKILL if it is still there after `within_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + within_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _alive(pid):
+            return
+
+
 def _wait_for_engine(engine_file: Path, timeout_s: float) -> int:
-    """The EngineCore's pid, once worker 1 has it up; raises if worker 1 could not start it."""
+    """The EngineCore's pid, once worker 1 has it up (a file naming an engine that has exited
+    since is left for worker 1 to replace); raises if worker 1 could not start it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -151,7 +193,9 @@ def _wait_for_engine(engine_file: Path, timeout_s: float) -> int:
             continue
         if "error" in started:
             raise RuntimeError(f"worker 1 could not start the engine: {started['error']}")
-        return int(started["pid"])
+        if _alive(int(started["pid"])):
+            return int(started["pid"])
+        time.sleep(0.2)
     raise RuntimeError(f"worker 1 did not start the engine within {timeout_s:.0f} s (no {engine_file})")
 
 

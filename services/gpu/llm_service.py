@@ -13,6 +13,7 @@ matched, a deadline passed), they are aborted here, on the replica that runs the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -27,13 +28,18 @@ from services.config import Settings, is_cpu_build, settings, stream_tracing
 from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
 from services.errors import RequestError
 from services.gpu.caches import cache_environment
-from services.gpu.engine_clients import EngineClientSlot, EngineLoad, share_run_dir, start_engine_client
+from services.gpu.draining import Drain
+from services.gpu.engine_clients import EngineClientSlot, EngineLoad, start_engine_client
+from services.gpu.engine_stats import EngineStats
+from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
+from services.gpu.kv_events import KvEventHub, KvEventSubscriber, KvIndex, kv_events_config
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.gpu.metrics import engine_metrics
 from services.model_store import adapter_reference, model_reference
 from services.protocol import (
     AdapterInfo,
     AdapterUpdate,
+    CacheEvents,
     GenerateDelta,
     GenerateRequest,
     LoadAdapterRequest,
@@ -42,9 +48,14 @@ from services.protocol import (
     UnloadAdapterRequest,
     encode_frame,
 )
+from services.run_dir import own_run_dir, share_run_dir
 from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
 
 logger = logging.getLogger("bentoml.service.llm")
+
+# /kv_events: how often a stream sends the engine's load when it changed, and when it did not
+LOAD_EVERY_S = 0.25
+LOAD_ANYWAY_S = 5.0
 
 # The largest body a call may carry: a prompt of a million token ids is about 7 MB of JSON.
 MAX_BODY_BYTES = 64 * 2**20
@@ -144,6 +155,10 @@ def engine_args(config: Settings):
         for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
             os.environ.setdefault(name, value)
     optional = {
+        # KV cache events for the front's routing, on the replica's own sockets (services/gpu/kv_events.py)
+        "kv_events_config": kv_events_config(share_run_dir()) if kv_events_wanted(config) else None,
+        # SIGTERM (scaling in): the engine finishes its requests rather than abort them (services/gpu/draining.py)
+        "shutdown_timeout": config.drain_timeout_s if _engine_arg("shutdown_timeout") else None,
         "max_num_seqs": config.max_num_seqs,
         "enable_prefix_caching": config.enable_prefix_caching,
         "kv_cache_memory_bytes": None if on_cpu else config.kv_cache_memory_bytes,
@@ -166,6 +181,20 @@ def engine_args(config: Settings):
         disable_log_stats=False,
         **{name: value for name, value in optional.items() if value is not None},
     )
+
+
+def kv_events_wanted(config: Settings) -> bool:
+    """KV cache events are on unless turned off, or prefix caching is (they describe its blocks)."""
+    return config.kv_events and config.enable_prefix_caching is not False
+
+
+def _engine_arg(name: str) -> bool:
+    """Whether this vLLM's engine arguments have `name`."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    return name in {field.name for field in dataclasses.fields(AsyncEngineArgs)}
 
 
 def vllm_sampling_params(request: GenerateRequest):
@@ -216,8 +245,9 @@ def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[Gen
     return deltas
 
 
-if settings.engine_client_count > 1:
-    share_run_dir()  # in the `bentoml serve` process, before it starts the workers
+# In the serving process, before it starts the workers: the replica's run directory (engine
+# sockets, KV events, shared counters) and its own Prometheus folder in it (services/run_dir.py).
+own_run_dir()
 
 
 @bentoml.service(
@@ -234,7 +264,7 @@ if settings.engine_client_count > 1:
     },
     # OpenTelemetry opens a span for every send of a streamed response: 80 of the 94 us of CPU
     # each frame cost this one process (docs/benchmarks.md).
-    tracing=stream_tracing("/generate"),
+    tracing=stream_tracing("/generate", "/kv_events"),
     labels={"tier": "gpu"},
 )
 class LLMService:
@@ -247,20 +277,37 @@ class LLMService:
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         usage = UsageContext.OPENAI_API_SERVER
-        if settings.engine_client_count == 1:
-            slot = None
-            self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage)
+        self.run_dir = share_run_dir()
+        count = settings.engine_client_count
+        slot = EngineClientSlot.of_this_worker(count) if count > 1 else None
+        # the engine's scheduler stats, shared by the workers (the load frames of /kv_events)
+        self.engine_stats = EngineStats(self.run_dir, count, slot.index if slot else 0)
+        stat_loggers = [self.engine_stats.stat_logger()]
+        if slot is None:
+            with launching_watched_engines():  # the engine goes when this worker does
+                self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage,
+                                                              stat_loggers=stat_loggers)
+            exit_when_engine_dies(self.engine)  # and this worker when its engine does
         else:
-            slot = EngineClientSlot.of_this_worker(settings.engine_client_count)
-            self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s)
+            self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s,
+                                              stat_loggers=stat_loggers)
         self.engine_load = EngineLoad(slot)
+        # SIGTERM: finish what is under way (worker 1 owns the engine: all of it), take nothing new
+        self.drain = Drain(self.engine_load.total if slot is None or slot.launches_engine else lambda: self.engine_load.own,
+                           timeout_s=settings.drain_timeout_s)
         self.input_errors = _input_errors()
         model_config = self.engine.model_config
+        cache_config = self.engine.vllm_config.cache_config
+        prefix_caching = bool(cache_config.enable_prefix_caching)
+        self.kv_hub: KvEventHub | None = None  # made on start-up, on the event loop
         self.info = ModelInfo(
             model=settings.model_name,
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
             eos_token_ids=self._eos_token_ids(),
+            kv_block_size=cache_config.block_size if prefix_caching else None,
+            kv_cache_blocks=cache_config.num_gpu_blocks if prefix_caching else None,
+            kv_events=prefix_caching and kv_events_wanted(settings),
         )
         # LoRA adapters by name (None without LoRA: nothing of it on a request's path)
         self.adapters = AdapterRegistry(settings.lora_modules, settings.lora_registry_path) if settings.lora_enabled else None
@@ -278,8 +325,18 @@ class LLMService:
                 raise RuntimeError(f"LoRA adapter {adapter.name!r} ({adapter.path}) could not be loaded: {error}") from error
             logger.info("LoRA adapter %r loaded from %s (id %d)", adapter.name, adapter.path, adapter.id)
 
+    @bentoml.on_startup
+    async def start_serving(self) -> None:
+        """Before the worker says ready: take over SIGTERM (drain), and subscribe to the engine's
+        KV cache events (a subscription made later would miss the first ones: ZMQ's slow joiner;
+        and a batch missed is asked of the replay socket)."""
+        self.drain.install()
+        if self.info.kv_events:
+            self.kv_hub = KvEventHub(KvIndex(self._adapter_name))
+            self.kv_subscriber = KvEventSubscriber(self.run_dir, self.kv_hub, asyncio.get_running_loop())
+
     async def __is_ready__(self) -> bool:
-        return not self.engine.errored
+        return not self.engine.errored and not self.drain.draining
 
     async def __is_alive__(self) -> bool:
         return not self.engine.errored
@@ -300,6 +357,8 @@ class LLMService:
         self._check(request)
         if self.engine.errored:
             raise ServiceUnavailable("the engine has stopped; the service is restarting")
+        if self.drain.draining:
+            raise ServiceUnavailable("this replica is stopping; send the request to another")
         cap = settings.max_engine_requests
         if cap is not None and self.engine_load.total() >= cap:
             engine_metrics().refused.inc()
@@ -390,6 +449,39 @@ class LLMService:
         return AdapterUpdate(message=f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     @bentoml.api
+    async def kv_events(self) -> AsyncGenerator[str, None]:
+        """The engine's prefix cache as block keys (services/kv_blocks.py): a stream of CacheEvents
+        frames, one JSON line each: a snapshot (cleared, then every key held), then each change as
+        the engine makes it, and its load (ReplicaLoad) every LOAD_EVERY_S when it changed and
+        every LOAD_ANYWAY_S anyway. The stream ends when its caller leaves, or the replica stops."""
+        if self.kv_hub is None:
+            raise BentoMLException("KV cache events are off on this replica (PIPELINE_KV_EVENTS, or prefix "
+                                   "caching off); see /model_info's kv_events", error_code=HTTPStatus.NOT_FOUND)
+        if self.drain.draining:
+            raise ServiceUnavailable("this replica is stopping")
+        loop = asyncio.get_running_loop()
+        stream = self.kv_hub.open()
+        sent_load, sent_at = None, 0.0
+        try:
+            while not self.drain.draining and not self.engine.errored:
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), LOAD_EVERY_S)
+                except TimeoutError:
+                    pass
+                frames = stream.take(self.kv_hub.index)
+                load = self.engine_stats.latest()
+                if load != sent_load or loop.time() - sent_at >= LOAD_ANYWAY_S:
+                    if frames:
+                        frames[-1] = frames[-1].model_copy(update={"load": load})
+                    else:
+                        frames = [CacheEvents(load=load)]
+                    sent_load, sent_at = load, loop.time()
+                if frames:
+                    yield "".join(encode_frame(frame) for frame in frames)
+        finally:
+            self.kv_hub.close(stream)
+
+    @bentoml.api
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting), over all its engine clients, and
         which engine client (worker) answered."""
@@ -404,6 +496,13 @@ class LLMService:
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
             ids.append(tokenizer.eos_token_id)
         return ids
+
+    def _adapter_name(self, lora_id: int) -> str | None:
+        """The name of the adapter the engine knows by `lora_id` (None: none served by it now)."""
+        for adapter in self.adapters.adapters() if self.adapters is not None else []:
+            if adapter.id == lora_id:
+                return adapter.name
+        return None
 
     def _lora_request(self, name: str):
         """vLLM's LoRARequest for the adapter served as `name` (404 when there is none)."""

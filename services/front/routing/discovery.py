@@ -5,11 +5,15 @@
     file:///path                  one URL a line (blank lines and `#` comments skipped), read again when it changes
     bentocloud                    BentoML's `LLMService.get_hosts()` (BentoCloud's runner load balancer; untested here)
 
-`parse_source` checks the setting's shape at start-up and raises `ValueError` with a message that
-names it. What can only be known later (a name that does not resolve, a missing or empty file, a
-malformed line in it) makes `DiscoveryError`: the replica set logs it and is not ready with that
-reason (services/front/routing/replicas.py), and tries again at the next refresh; it never
-crashes the worker and never fails a request with anything but a 503.
+`parse_source` checks the setting's shape and raises `ValueError` with a message that names it;
+`source_of` turns that into a source that never gives a replica, so a malformed setting is logged
+and leaves the front not ready with its reason instead of stopping it (under an orchestrator, a
+front that stops at start-up is a crash loop). What can only be known later (a name that does not
+resolve, a missing or empty file, a malformed line in it) makes `DiscoveryError`: the replica set
+logs it and is not ready with that reason (services/front/routing/replicas.py), and tries again
+at the next refresh; it never crashes the worker and never fails a request with anything but a
+503. A DNS lookup that fails for a while (the resolver's "try again", or no answer in time) keeps
+the replicas of the last answer: a short DNS outage is no GPU-tier outage.
 """
 
 from __future__ import annotations
@@ -70,21 +74,35 @@ async def resolve_with_getaddrinfo(name: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
+def is_temporary(error: BaseException) -> bool:
+    """A lookup that may well succeed next time: no answer in time, or the resolver's EAI_AGAIN."""
+    return isinstance(error, TimeoutError) or (isinstance(error, socket.gaierror) and error.errno == socket.EAI_AGAIN)
+
+
 @dataclass
 class DnsRecords:
     name: str
     port: int
     resolver: Resolver = resolve_with_getaddrinfo
     timeout_s: float = 5.0
+    _last: list[str] = field(default_factory=list, repr=False)  # the replicas of the last answer
 
     async def replicas(self) -> list[str]:
         try:
             addresses = await asyncio.wait_for(self.resolver(self.name, self.port), self.timeout_s)
         except (OSError, TimeoutError) as error:
+            if self._last and is_temporary(error):
+                logger.warning("dns://%s:%d: lookup failed for now (%r); keeping the last answer's %d replicas",
+                               self.name, self.port, error, len(self._last))
+                return list(self._last)
+            self._last = []
             raise DiscoveryError(f"dns://{self.name}:{self.port} does not resolve: {error!r}") from error
         if not addresses:
+            self._last = []
             raise DiscoveryError(f"dns://{self.name}:{self.port} has no A or AAAA records")
-        return [replica_url(f"http://[{ip}]:{self.port}" if ":" in ip else f"http://{ip}:{self.port}") for ip in addresses]
+        self._last = [replica_url(f"http://[{ip}]:{self.port}" if ":" in ip else f"http://{ip}:{self.port}")
+                      for ip in addresses]
+        return list(self._last)
 
     def __str__(self) -> str:
         return f"dns://{self.name}:{self.port}"
@@ -144,7 +162,29 @@ class BentoCloudHosts:
         return "bentocloud"
 
 
-Source = FixedList | DnsRecords | UrlFile | BentoCloudHosts
+@dataclass
+class Misconfigured:
+    """A setting that names no usable source: no replica ever, and the reason each time."""
+
+    reason: str
+
+    async def replicas(self) -> list[str]:
+        raise DiscoveryError(self.reason)
+
+    def __str__(self) -> str:
+        return "a malformed PIPELINE_GPU_TIER_REPLICAS"
+
+
+Source = FixedList | DnsRecords | UrlFile | BentoCloudHosts | Misconfigured
+
+
+def source_of(value: str, *, service: object = None, resolver: Resolver | None = None) -> Source:
+    """`parse_source`, with a malformed setting logged and kept as the reason the front is not ready."""
+    try:
+        return parse_source(value, service=service, resolver=resolver)
+    except ValueError as error:
+        logger.error("%s; the front stays not ready until the setting is fixed", error)
+        return Misconfigured(str(error))
 
 
 def parse_source(value: str, *, service: object = None, resolver: Resolver | None = None) -> Source:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from services.front.routing.discovery import DiscoveryError, DnsRecords, FixedList, UrlFile, parse_source, replica_name
+from services.front.routing.discovery import (
+    DiscoveryError,
+    DnsRecords,
+    FixedList,
+    Misconfigured,
+    UrlFile,
+    parse_source,
+    replica_name,
+    source_of,
+)
 
 
 def replicas(source) -> list[str]:
@@ -39,6 +48,40 @@ def test_a_malformed_setting_is_refused_at_start_with_what_to_give(value, says):
     with pytest.raises(ValueError, match="PIPELINE_GPU_TIER_REPLICAS") as refused:
         parse_source(value)
     assert says in str(refused.value)
+
+
+def test_a_malformed_setting_leaves_the_front_not_ready_rather_than_stopped(caplog):
+    """What the front uses: the malformed value is logged once, and each refresh gives its reason."""
+    source = source_of("http://a:3000,nonsense")
+    assert isinstance(source, Misconfigured)
+    assert "'nonsense' is not an http(s)" in caplog.text
+    for _ in range(2):
+        with pytest.raises(DiscoveryError, match="PIPELINE_GPU_TIER_REPLICAS"):
+            replicas(source)
+    assert isinstance(source_of("http://a:3000"), FixedList)
+
+
+def test_a_dns_lookup_that_fails_for_now_keeps_the_last_answer():
+    """EAI_AGAIN or a lookup past its timeout keep the last replicas; a name that is gone, or no
+    earlier answer, is a reason."""
+    answers: list = [["10.0.0.1"], socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+                     TimeoutError(), socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                     socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")]
+
+    async def resolver(name: str, port: int) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    source = DnsRecords("llm-headless", 3000, resolver=resolver)
+    assert replicas(source) == ["http://10.0.0.1:3000"]
+    assert replicas(source) == ["http://10.0.0.1:3000"]  # EAI_AGAIN
+    assert replicas(source) == ["http://10.0.0.1:3000"]  # timeout
+    with pytest.raises(DiscoveryError, match="does not resolve"):
+        replicas(source)  # the name is gone
+    with pytest.raises(DiscoveryError, match="does not resolve"):
+        replicas(source)  # a temporary failure, but no answer to keep since
 
 
 def test_dns_gives_every_a_and_aaaa_record_at_the_port():

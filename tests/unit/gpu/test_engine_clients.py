@@ -4,6 +4,7 @@ starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,8 +114,13 @@ def test_the_other_workers_wait_for_the_engine_and_learn_why_it_did_not_start(tm
     engine_file = tmp_path / ENGINE_FILE
     with pytest.raises(RuntimeError, match="did not start the engine within 0 s"):
         _wait_for_engine(engine_file, timeout_s=0.3)
-    engine_file.write_text('{"pid": 4242}')
-    assert _wait_for_engine(engine_file, timeout_s=1) == 4242
+    engine_file.write_text(json.dumps({"pid": os.getpid()}))
+    assert _wait_for_engine(engine_file, timeout_s=1) == os.getpid()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    engine_file.write_text(json.dumps({"pid": gone.pid}))  # an engine that has exited since: wait for the next
+    with pytest.raises(RuntimeError, match="did not start the engine"):
+        _wait_for_engine(engine_file, timeout_s=0.5)
     engine_file.write_text('{"error": "ValueError: out of GPU memory"}')
     with pytest.raises(RuntimeError, match="worker 1 could not start the engine: ValueError: out of GPU memory"):
         _wait_for_engine(engine_file, timeout_s=60)  # at once, not after the timeout

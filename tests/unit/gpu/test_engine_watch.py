@@ -1,0 +1,124 @@
+"""The engine goes with the worker that launched it, and a worker with its engine
+(services/gpu/engine_watch.py), without an engine: real processes stand in for them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import psutil
+
+from bench.servers import ROOT, poll
+from services.gpu import engine_clients, engine_watch
+
+# A "worker" that starts an "engine" child watching it (as the EngineCore does) and prints its pid.
+WORKER = textwrap.dedent("""
+    import os, subprocess, sys
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE], env={**os.environ, "PARENT": str(os.getpid())})
+    print(engine.pid, flush=True)
+    engine.wait()
+""")
+ENGINE = textwrap.dedent("""
+    import os, time
+    from services.gpu.engine_watch import watch_parent
+    watch_parent(int(os.environ["PARENT"]), every_s=0.05)  # as the engine learns it: it may be gone already
+    time.sleep(60)
+""")
+
+
+def test_an_engine_stops_within_seconds_when_its_worker_is_killed():
+    worker = subprocess.Popen([sys.executable, "-c", f"ENGINE = {ENGINE!r}\n{WORKER}"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    engine = psutil.Process(int(worker.stdout.readline()))
+    try:
+        worker.kill()  # SIGKILL: nothing of the worker's own cleanup runs
+        worker.wait()
+        gone = poll(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, bool, within_s=10)
+        assert gone, "the engine outlived its worker"
+    finally:
+        if engine.is_running():
+            engine.kill()
+        worker.stdout.close()
+
+
+def test_vllm_starts_the_engine_core_through_the_watch_pickled_by_reference():
+    """A spawned process unpickles its target by name: inside the block that name is ours, and it
+    is vLLM's own again afterwards."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    original = EngineCoreProc.run_engine_core
+    with engine_watch.launching_watched_engines():
+        target = EngineCoreProc.run_engine_core
+        assert target is engine_watch.run_watched_engine_core
+        assert pickle.loads(pickle.dumps(target)) is engine_watch.run_watched_engine_core
+        assert os.environ[engine_watch.PARENT_ENV] == str(os.getpid())
+    assert EngineCoreProc.run_engine_core is original
+    assert engine_watch.PARENT_ENV not in os.environ
+
+
+class DeadClient:
+    errored = False
+
+
+def test_a_worker_exits_once_its_engine_client_is_dead(monkeypatch):
+    monkeypatch.setattr(engine_watch, "WORKER_EXIT_GRACE_S", 0)
+    client, exited = DeadClient(), threading.Event()
+    engine_watch.exit_when_engine_dies(client, every_s=0.01, exit=lambda code: exited.set())
+    assert not exited.wait(0.1), "exited while the engine was alive"
+    client.errored = True
+    assert exited.wait(5), "a worker with a dead engine stayed up"
+
+
+def test_a_restarted_engine_client_stops_the_engine_it_cannot_join_again(tmp_path: Path):
+    """Worker 2 died and came back: the engine it joined will not greet it again, so it stops that
+    engine, then joins the next one worker 1 starts."""
+    slot = engine_clients.EngineClientSlot(run_dir=tmp_path, count=2, index=1)
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    new = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / engine_clients.ENGINE_FILE).write_text(json.dumps({"pid": old.pid}))
+        (tmp_path / f"joined-{slot.index}").write_text(str(old.pid))
+
+        def worker_1_starts_a_new_engine() -> None:
+            old.wait()
+            (tmp_path / engine_clients.ENGINE_FILE).write_text(json.dumps({"pid": new.pid}))
+
+        threading.Thread(target=worker_1_starts_a_new_engine, daemon=True).start()
+        assert engine_clients._engine_to_join(slot, timeout_s=20) == new.pid
+        assert old.poll() is not None, "the engine it had joined is still running"
+        (tmp_path / f"joined-{slot.index}").write_text("1")  # another engine's pid: join at once
+        assert engine_clients._engine_to_join(slot, timeout_s=1) == new.pid
+    finally:
+        for process in (old, new):
+            process.kill()
+            process.wait()
+
+
+def test_the_engines_executor_workers_start_deaf_to_sigterm(monkeypatch):
+    """In the EngineCore's process vLLM starts its executor's workers through ours (by name), which
+    blocks SIGTERM before vLLM's own code runs: circus's SIGTERM to every descendant no longer kills
+    them while the EngineCore drains."""
+    from vllm.v1.executor import multiproc_executor
+
+    monkeypatch.setattr(multiproc_executor.WorkerProc, "worker_main", multiproc_executor.WorkerProc.worker_main)
+    engine_watch._executor_workers_ignore_sigterm()
+    target = multiproc_executor.WorkerProc.worker_main
+    assert pickle.loads(pickle.dumps(target)) is engine_watch.run_executor_worker
+    probe = textwrap.dedent("""
+        import signal
+        from vllm.v1.executor.multiproc_executor import WorkerProc
+        WorkerProc.worker_main = staticmethod(lambda: print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        from services.gpu.engine_watch import run_executor_worker
+        run_executor_worker()
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, check=True)
+    blocked = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {int(signal.SIGTERM), int(signal.SIGINT)} <= set(blocked)
