@@ -50,13 +50,16 @@ def engine_counters(replica: Server) -> dict[str, float]:
     return counters
 
 
-def moved(before: dict[Server, dict[str, float]], name: str) -> dict[str, float]:
+Counts = dict[str, dict[str, float]]  # replica port -> its counters
+
+
+def snapshot(replicas: list[Server]) -> Counts:
+    return {str(replica.port): engine_counters(replica) for replica in replicas}
+
+
+def moved(replicas: list[Server], before: Counts, name: str) -> dict[str, float]:
     """How far each replica's counter `name` moved since `before`, by replica port."""
-    return {str(replica.port): engine_counters(replica)[name] - counts[name] for replica, counts in before.items()}
-
-
-def snapshot(replicas: list[Server]) -> dict[Server, dict[str, float]]:
-    return {replica: engine_counters(replica) for replica in replicas}
+    return {port: counts[name] - before[port][name] for port, counts in snapshot(replicas).items()}
 
 
 def long_prefix(seed: int, words: int = 500) -> str:
@@ -134,8 +137,8 @@ def test_requests_sharing_a_prefix_go_to_the_replica_that_holds_it(front: Server
         for question in range(6):
             answer = complete(front, f"{prefix} Question {question}: what comes next?")
             assert answer.status_code == 200, answer.text
-        queried = moved(before, "vllm:prefix_cache_queries_total")
-        hits = moved(before, "vllm:prefix_cache_hits_total")
+        queried = moved(replicas, before, "vllm:prefix_cache_queries_total")
+        hits = moved(replicas, before, "vllm:prefix_cache_hits_total")
         holders = [port for port, tokens in queried.items() if tokens > 0]
         assert len(holders) == 1, f"prefix {seed} reached {queried} (prompt tokens queried per replica)"
         assert hits[holders[0]] >= 5 * (blocks - 1) * BLOCK, (hits, blocks)
@@ -148,7 +151,7 @@ def test_distinct_prompts_spread_over_both_replicas(front: Server, replicas: lis
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda prompt: complete(front, prompt, max_tokens=24), prompts))
     assert [a.status_code for a in answers] == [200] * 16
-    served = moved(before, "vllm:request_success_total")
+    served = moved(replicas, before, "vllm:request_success_total")
     assert sum(served.values()) == 16
     assert all(count >= 2 for count in served.values()), served
 
@@ -185,7 +188,7 @@ def test_a_replica_that_leaves_the_file_gets_no_traffic_and_one_added_gets_some(
         prompts = [f"{long_prefix(random.randrange(10**6), words=30)} Burst." for _ in range(6)]
         with ThreadPoolExecutor(6) as pool:
             assert all(a.status_code == 200 for a in pool.map(lambda p: complete(front, p), prompts))
-        return moved(before, "vllm:request_success_total")[str(second.port)]
+        return moved(replicas, before, "vllm:request_success_total")[str(second.port)]
 
     assert poll(second_served_during_a_burst, lambda served: served == 0, within_s=10 * REFRESH_S + 10) == 0, \
         "the replica left the file, yet still got requests"
@@ -202,15 +205,19 @@ def test_bad_discovery_input_makes_the_front_not_ready_with_a_clear_503(
     exits nor answers 500; when the file is right again, it serves again."""
     replica_file.write_text(content)
     try:
-        assert not poll(lambda: front_ready(front), lambda ready: not ready, within_s=10 * REFRESH_S + 10)
-        answer = complete(front, "Hello")
-        assert answer.status_code == 503, answer.text
+        # each front worker re-reads the file on its own: poll until both say so (a worker's /readyz
+        # and a request, whichever worker each reaches)
+        ready, answer = poll(lambda: (front_ready(front), complete(front, "Hello")),
+                             lambda seen: not seen[0] and seen[1].status_code == 503, within_s=10 * REFRESH_S + 10)
+        assert not ready and answer.status_code == 503, answer.text
         assert "Retry-After" in answer.headers
+        assert all(not front_ready(front) for _ in range(4)), "every front worker is not ready"
         assert front.process is not None and front.process.poll() is None
     finally:
         write_replicas(replica_file, replicas)
-    assert poll(lambda: front_ready(front), bool, within_s=10 * REFRESH_S + 20)
-    assert complete(front, "Hello").status_code == 200
+    assert poll(lambda: [complete(front, "Hello").status_code for _ in range(4)], lambda codes: codes == [200] * 4,
+                within_s=10 * REFRESH_S + 20) == [200] * 4
+    assert front_ready(front)
 
 
 def test_an_unresolvable_dns_name_is_not_ready_and_no_crash(replicas: list[Server]):
