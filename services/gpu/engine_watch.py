@@ -65,12 +65,22 @@ def _executor_workers_ignore_sigterm() -> None:
 
 
 def run_executor_worker(*args, **kwargs):
-    """vLLM's `WorkerProc.worker_main` with SIGTERM and SIGINT blocked: pending, never delivered
-    (vLLM's own handler, set later, does not change that); the process ends by its death pipe."""
+    """vLLM's `WorkerProc.worker_main`, deaf to SIGTERM and SIGINT until its EngineCore is gone."""
     from vllm.v1.executor.multiproc_executor import WorkerProc
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    deaf_to_sigterm_while_parent_lives()
     return WorkerProc.worker_main(*args, **kwargs)
+
+
+def deaf_to_sigterm_while_parent_lives(every_s: float = WATCH_EVERY_S) -> threading.Thread:
+    """Block SIGTERM and SIGINT in this process (pending, never delivered: vLLM's own handler, set
+    later, does not change that), and exit at once when the parent (the EngineCore) is gone.
+
+    vLLM's death pipe alone does not end such a worker: it shuts the worker's queues down, and a
+    worker that was not in its busy loop then (seen here: one still starting when its EngineCore
+    was killed) waited on forever, deaf to the SIGTERM that would have ended it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    return watch_parent(os.getppid(), every_s, on_gone=lambda: os._exit(1))
 
 
 def watch_parent(parent: int, every_s: float = WATCH_EVERY_S, on_gone: Callable[[], None] | None = None) -> threading.Thread:

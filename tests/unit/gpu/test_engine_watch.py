@@ -48,6 +48,42 @@ def test_an_engine_stops_within_seconds_when_its_worker_is_killed():
         worker.stdout.close()
 
 
+# An "EngineCore" that starts an executor "worker" deaf to SIGTERM (as run_executor_worker does).
+DEAF_WORKER = textwrap.dedent("""
+    import time
+    from services.gpu.engine_watch import deaf_to_sigterm_while_parent_lives
+    deaf_to_sigterm_while_parent_lives(every_s=0.05)
+    time.sleep(60)
+""")
+
+
+def test_an_executor_worker_deaf_to_sigterm_still_goes_with_its_engine_core():
+    core = subprocess.Popen([sys.executable, "-c", f"ENGINE = {DEAF_WORKER!r}\n{WORKER}"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    worker = psutil.Process(int(core.stdout.readline()))
+    try:
+        assert poll(lambda: _blocked(worker.pid) & (1 << (signal.SIGTERM - 1)), bool,
+                    within_s=10), "SIGTERM is not blocked"
+        worker.send_signal(signal.SIGTERM)
+        assert not poll(lambda: not worker.is_running(), bool, within_s=0.5), "SIGTERM ended a deaf worker"
+        core.kill()  # the EngineCore dies without a word
+        core.wait()
+        gone = poll(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, bool, within_s=10)
+        assert gone, "the executor worker outlived its EngineCore"
+    finally:
+        if worker.is_running():
+            worker.kill()
+        core.stdout.close()
+
+
+def _blocked(pid: int) -> int:
+    """The signal mask a process blocks (SigBlk in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
 def test_vllm_starts_the_engine_core_through_the_watch_pickled_by_reference():
     """A spawned process unpickles its target by name: inside the block that name is ours, and it
     is vLLM's own again afterwards."""
