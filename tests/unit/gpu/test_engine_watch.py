@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -33,19 +35,30 @@ ENGINE = textwrap.dedent("""
 """)
 
 
-def test_an_engine_stops_within_seconds_when_its_worker_is_killed():
-    worker = subprocess.Popen([sys.executable, "-c", f"ENGINE = {ENGINE!r}\n{WORKER}"], cwd=ROOT,
+@contextlib.contextmanager
+def parent_and_child(child: str) -> Iterator[tuple[subprocess.Popen, psutil.Process]]:
+    """A parent process (WORKER) and the child it starts running `child`; both ended afterwards."""
+    parent = subprocess.Popen([sys.executable, "-c", f"ENGINE = {child!r}\n{WORKER}"], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
-    engine = psutil.Process(int(worker.stdout.readline()))
+    process = psutil.Process(int(parent.stdout.readline()))
     try:
+        yield parent, process
+    finally:
+        for leftover in (parent, process):
+            with contextlib.suppress(psutil.Error, OSError):
+                leftover.kill()
+        parent.stdout.close()
+
+
+def gone(process: psutil.Process) -> bool:
+    return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_engine_stops_within_seconds_when_its_worker_is_killed():
+    with parent_and_child(ENGINE) as (worker, engine):
         worker.kill()  # SIGKILL: nothing of the worker's own cleanup runs
         worker.wait()
-        gone = poll(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, bool, within_s=10)
-        assert gone, "the engine outlived its worker"
-    finally:
-        if engine.is_running():
-            engine.kill()
-        worker.stdout.close()
+        assert poll(lambda: gone(engine), bool, within_s=10), "the engine outlived its worker"
 
 
 # An "EngineCore" that starts an executor "worker" deaf to SIGTERM (as run_executor_worker does).
@@ -58,22 +71,14 @@ DEAF_WORKER = textwrap.dedent("""
 
 
 def test_an_executor_worker_deaf_to_sigterm_still_goes_with_its_engine_core():
-    core = subprocess.Popen([sys.executable, "-c", f"ENGINE = {DEAF_WORKER!r}\n{WORKER}"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
-    worker = psutil.Process(int(core.stdout.readline()))
-    try:
+    with parent_and_child(DEAF_WORKER) as (core, worker):
         assert poll(lambda: _blocked(worker.pid) & (1 << (signal.SIGTERM - 1)), bool,
                     within_s=10), "SIGTERM is not blocked"
         worker.send_signal(signal.SIGTERM)
-        assert not poll(lambda: not worker.is_running(), bool, within_s=0.5), "SIGTERM ended a deaf worker"
+        assert not poll(lambda: gone(worker), bool, within_s=0.5), "SIGTERM ended a deaf worker"
         core.kill()  # the EngineCore dies without a word
         core.wait()
-        gone = poll(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, bool, within_s=10)
-        assert gone, "the executor worker outlived its EngineCore"
-    finally:
-        if worker.is_running():
-            worker.kill()
-        core.stdout.close()
+        assert poll(lambda: gone(worker), bool, within_s=10), "the executor worker outlived its EngineCore"
 
 
 def _blocked(pid: int) -> int:
