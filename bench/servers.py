@@ -46,6 +46,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from services.run_dir import RUN_DIR_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 480.0
 START_MODULE = "bentoml_cli._internal.start"
@@ -99,7 +101,11 @@ class Server:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # A run directory belongs to one server (services/run_dir.py): this process has one of its
+        # own once it imported a service module (the tests do), and a server handed it would share
+        # engine sockets and engine.json with every other server started from here.
+        inherited = {name: value for name, value in os.environ.items() if name != RUN_DIR_ENV}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **self.env}
         if self.cwd == ROOT:  # the project's modules (services, bench) importable from anywhere
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         return {name: value for name, value in env.items() if value is not None}

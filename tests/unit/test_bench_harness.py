@@ -48,3 +48,17 @@ def test_a_profile_is_summed_by_function_on_top_and_anywhere_in_the_stack(tmp_pa
     assert dict(top["self"]) == {"schedule (b.py:9)": 0.5, "step (a.py:5)": 0.25, NATIVE: 0.1667, "loop (c.py:2)": 0.0833}
     assert dict(top["total"])["step (a.py:5)"] == 0.75 and dict(top["total"])["run (a.py:1)"] == 0.75
 
+
+
+def test_a_server_never_inherits_this_process_run_directory(tmp_path: Path, monkeypatch):
+    """This process made a run directory when it imported the services (services/run_dir.py);
+    handed down, every server started from here would share one engine's sockets and engine.json,
+    and one server's engine client stopped another server's engine (seen in a whole-suite run)."""
+    from bench.servers import Server
+    from services.run_dir import RUN_DIR_ENV
+
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "the-tests-own"))
+    server = Server("LLMService", ["true"], {}, 1, tmp_path / "log")
+    assert RUN_DIR_ENV not in server.environment()
+    given = Server("LLMService", ["true"], {RUN_DIR_ENV: str(tmp_path / "its-own")}, 1, tmp_path / "log")
+    assert given.environment()[RUN_DIR_ENV] == str(tmp_path / "its-own")
