@@ -296,6 +296,9 @@ class LLMService:
         self.drain = Drain(self.engine_load.total if slot is None or slot.launches_engine else lambda: self.engine_load.own,
                            timeout_s=settings.drain_timeout_s)
         self.input_errors = _input_errors()
+        from vllm.v1.engine.exceptions import EngineDeadError  # its engine client's, once the EngineCore is gone
+
+        self.engine_dead_error = EngineDeadError
         model_config = self.engine.model_config
         cache_config = self.engine.vllm_config.cache_config
         prefix_caching = bool(cache_config.enable_prefix_caching)
@@ -389,6 +392,13 @@ class LLMService:
         except self.input_errors as error:  # vLLM's own input checks (grammars too), raised before the first output
             release_engine_request(request.request_id)
             raise InvalidArgument(str(error)) from error
+        except self.engine_dead_error as error:
+            # The engine died after the check above, before this worker's watch saw it (it exits
+            # then: services/gpu/engine_watch.py). Not the request's fault and not a bug here: the
+            # replica is restarting, so 503, which the front answers as "not ready" (or retries on
+            # another replica), never a 500 (which the front reports as 502).
+            release_engine_request(request.request_id)
+            raise ServiceUnavailable("the engine has stopped; the service is restarting") from error
         finally:
             self.engine_load.add(-1)
 
