@@ -90,3 +90,15 @@ def _get(url: str) -> str:
         with httpx.Client(transport=transport, base_url="http://tier", timeout=10) as client:
             return client.get("/metrics").raise_for_status().text
     return httpx.get(url, timeout=10).raise_for_status().text
+
+
+ENGINE_COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """A server's vLLM counters (prompt tokens looked up in the prefix cache, found there, and
+    requests finished), each summed over its labels, from the `/metrics` at `url` (a vLLM server's,
+    or an LLMService replica's, which is open)."""
+    found = samples(_get(url))
+    return {name: sum(value for key, value in found.items() if key == name or key.startswith(name + "{"))
+            for name in ENGINE_COUNTERS}

@@ -7,8 +7,9 @@
 # Llama-2-7B and SmolLM2-135M shapes.
 #
 #   bash scripts/gpu_bench.sh RESULTS_DIR [PHASE ...]
-#   (phases: llama7b smol tp2 costs, and clients pinned2 pinned4 features unit, and issue 23's
-#   startup_smol startup_llama7b ttft1 repeats; default the first four)
+#   (phases: llama7b smol tp2 costs, and clients pinned2 pinned4 features unit, issue 23's
+#   startup_smol startup_llama7b ttft1 repeats, and issue 22's routing routing_tight; default the
+#   first four)
 #
 # Expects vLLM 0.26.0 + BentoML on PYTHONPATH (the bundle, ../shared/gpu/README.md), and the model's
 # config + tokenizer in .gpu/model-src (`scripts/gpu_tp_check.py prepare`, carried), from which it
@@ -32,6 +33,15 @@ TTFT_TARGETS=${TTFT_TARGETS:-pipeline-ec8 vllm-api8}
 ROUNDS=${ROUNDS:-3}
 CACHES=${CACHES:-/tmp/caches}  # compile caches, kept between phases (and calls, on a warm machine)
 PINNED_CONCURRENCY=${PINNED_CONCURRENCY:-64 256}
+# issue 22: two replicas of each kind on GPU 0 (7B shape: 512 KiB of KV a token, so the 16 prefixes
+# of 2,048 tokens take 16 GiB; ROUTING_KV_BYTES is the peer table's size, ROUTING_TIGHT_KV_BYTES one
+# under which a replica holds half the prefixes and its share of the work, and round-robin thrashes)
+ROUTING_SYSTEMS=${ROUTING_SYSTEMS:-pipeline-kv pipeline-rr router-cache_aware router-round_robin}
+ROUTING_WORKLOADS=${ROUTING_WORKLOADS:-prefix:32 prefix:64 multiturn:16 random:64}
+ROUTING_REPLICAS=${ROUTING_REPLICAS:-2}
+ROUTING_KV_BYTES=${ROUTING_KV_BYTES:-$((16 << 30))}
+ROUTING_TIGHT_KV_BYTES=${ROUTING_TIGHT_KV_BYTES:-$((11 << 30))}
+ROUTER_PATH=${ROUTER_PATH:-/tmp/router}  # vllm-router 0.1.17, orjson, setproctitle (../shared/gpu/README.md)
 # SHARE_GPU=1: a phase's servers start together on GPU 0, each with a set KV cache (SMOL_KV_BYTES,
 # LLAMA_KV_BYTES: no start-up memory profile, which the others' allocations would upset), then are
 # measured one at a time as before; one start-up's wait per phase instead of one per server.
@@ -107,6 +117,15 @@ for phase in $phases; do
     repeats) python3 scripts/bench.py run --targets $CLIENT_TARGETS $(side_by_side $SMOL_KV_BYTES $CLIENT_TARGETS) --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 \
                --rounds $ROUNDS --cache-root "$CACHES/smol" --out "$R/repeats" $EXTRA ;;
+    # issue 22: the pipeline's routing against vllm-router on the same engines and workloads, every
+    # replica on GPU 0 at once (ROUTING_SIDE_BY_SIDE= to run one kind's replicas at a time)
+    routing|routing_tight)
+             kv=$([ $phase = routing ] && echo $ROUTING_KV_BYTES || echo $ROUTING_TIGHT_KV_BYTES)
+             python3 scripts/routing_bench.py run --model "$MODELS/llama7b" --served-name llama7b --load-format dummy \
+               --max-model-len 4096 --replicas $ROUTING_REPLICAS ${ROUTING_SIDE_BY_SIDE---side-by-side} \
+               --gpu-memory-utilization $SHARE_UTIL --kv-cache-memory-bytes $kv --systems $ROUTING_SYSTEMS \
+               --workloads $ROUTING_WORKLOADS --rounds $ROUNDS --router-path "$ROUTER_PATH" \
+               --cache-root "$CACHES/routing" --label "$card" --out "$R/$phase" $EXTRA ;;
     # structured outputs, tool calling and several engine clients on this vLLM, through both tiers
     features) python3 scripts/gpu_feature_check.py --model "$MODELS/smol" --out "$R/features/features.json" ;;
     # the unit tests (vLLM's parsers, structured-output checks and messages) on this vLLM

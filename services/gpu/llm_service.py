@@ -492,6 +492,14 @@ class LLMService:
             self.kv_hub.close(stream)
 
     @bentoml.api
+    async def reset_prefix_cache(self) -> dict[str, bool]:
+        """Empty the engine's prefix cache (vLLM's POST /reset_prefix_cache, which `vllm serve`
+        offers only with VLLM_SERVER_DEV_MODE): benchmarks start each run cold with it. The engine
+        refuses (`success` false) while running requests hold blocks; the front's routers learn of
+        a reset from /kv_events (a `cleared` frame)."""
+        return {"success": bool(await self.engine.reset_prefix_cache())}
+
+    @bentoml.api
     async def load(self) -> dict[str, int]:
         """Requests the engine holds now (running or waiting), over all its engine clients, and
         which engine client (worker) answered."""

@@ -9,7 +9,6 @@ each replica's metrics its own: two LLMService replicas on one host with one Ben
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from bench.lora_adapters import default_model_folder, make_adapter
+from bench.server_metrics import engine_counters
 from bench.servers import ROOT, Server, own_bentoml_home, start_tier
 from services.kv_blocks import block_keys
 from services.protocol import CacheEvents, FrameDecoder
@@ -105,6 +105,21 @@ def test_the_stream_holds_exactly_the_prompts_blocks(replica: Server):
     # a stream opened now starts with that snapshot at once
     fresh = read_stream(replica, lambda seen: seen.frames >= 1, within_s=10)
     assert fresh.keys == expected
+
+
+def test_a_reset_prefix_cache_empties_the_engines_cache_and_the_stream_says_so(replica: Server):
+    """POST /reset_prefix_cache (the internal token): the stream's view empties (a `cleared`
+    frame), and the same prompt then finds nothing cached (vLLM's own counter)."""
+    generate(replica, "before-reset", PROMPT)
+    assert read_stream(replica, lambda seen: seen.keys, within_s=10).keys
+    with httpx.Client(base_url=replica.url, timeout=10) as plain:
+        assert plain.post("/reset_prefix_cache", json={}).status_code == 401
+    with replica.llm_tier(timeout_s=30) as llm:
+        assert llm.post("/reset_prefix_cache", json={}).raise_for_status().json() == {"success": True}
+    assert read_stream(replica, lambda seen: seen.frames >= 1, within_s=10).keys == set()
+    hits = engine_counters(f"{replica.url}/metrics")["vllm:prefix_cache_hits_total"]
+    generate(replica, "after-reset", PROMPT)
+    assert engine_counters(f"{replica.url}/metrics")["vllm:prefix_cache_hits_total"] == hits, "a cached block survived"
 
 
 def test_the_stream_carries_the_engines_load(replica: Server):

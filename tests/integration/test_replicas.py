@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from bench.lora_adapters import make_adapter
+from bench.server_metrics import engine_counters
 from bench.servers import ROOT, Server, poll, start_tier
 from services.config import settings
 
@@ -41,20 +42,11 @@ REPLICA_ENV = {
 WORDS = "river stone cloud lantern meadow copper violet harbor signal orchard ember quartz willow".split()
 
 
-def engine_counters(replica: Server) -> dict[str, float]:
-    """A replica's vLLM counters, summed over their labels, from its own open /metrics."""
-    text = httpx.get(f"{replica.url}/metrics", timeout=10).raise_for_status().text
-    counters: dict[str, float] = {}
-    for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total"):
-        counters[name] = sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-    return counters
-
-
 Counts = dict[str, dict[str, float]]  # replica port -> its counters
 
 
 def snapshot(replicas: list[Server]) -> Counts:
-    return {str(replica.port): engine_counters(replica) for replica in replicas}
+    return {str(replica.port): engine_counters(f"{replica.url}/metrics") for replica in replicas}
 
 
 def moved(replicas: list[Server], before: Counts, name: str) -> dict[str, float]:

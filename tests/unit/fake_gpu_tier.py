@@ -83,6 +83,7 @@ class FakeGpuTier:
     event_stream_starts: int = 0
     event_stream_refusals: int = 0
     events_refused: bool = False  # ModelInfo says kv_events, but /kv_events answers 503
+    load: ReplicaLoad | None = None  # the engine's load reported last
     _cut: int = 0  # bumped to end every open /kv_events stream
 
     def store(self, keys: list[int]) -> None:
@@ -94,7 +95,8 @@ class FakeGpuTier:
         self.event_log.append(CacheEvents(removed=list(keys)))
 
     def report_load(self, running: int = 0, waiting: int = 0, kv_usage: float = 0.0) -> None:
-        self.event_log.append(CacheEvents(load=ReplicaLoad(running=running, waiting=waiting, kv_usage=kv_usage)))
+        self.load = ReplicaLoad(running=running, waiting=waiting, kv_usage=kv_usage)
+        self.event_log.append(CacheEvents(load=self.load))
 
     def cut_event_streams(self) -> None:
         self._cut += 1
@@ -104,7 +106,9 @@ class FakeGpuTier:
         self.event_streams += 1
         self.event_stream_starts += 1
         try:
-            yield encode_frame(CacheEvents(cleared=True, stored=sorted(self.blocks)))
+            # as LLMService's: the load reported last comes with the snapshot (a stream opened after
+            # the report still learns it)
+            yield encode_frame(CacheEvents(cleared=True, stored=sorted(self.blocks), load=self.load))
             while cut == self._cut:
                 while position < len(self.event_log):
                     yield encode_frame(self.event_log[position])

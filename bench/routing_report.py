@@ -1,0 +1,154 @@
+"""The routing benchmark's report (scripts/routing_bench.py): per workload and system the medians
+over rounds with their spread, each replica's measured hit rate and requests, and issue 22's
+targets, each a ratio of two systems measured in the same round (then the median of the rounds'
+ratios, with its spread).
+
+    python scripts/routing_bench.py report RESULTS --out docs/benchmarks/<name>   # routing.json, README.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+from bench.metrics import summarize
+
+RUN_FILE = re.compile(r"(?P<run>(?:prefix|multiturn|random)-c\d+)-(?P<system>.+)-r(?P<round>\d+)\.json")
+OURS = "pipeline-kv"
+
+# (name, system over, figure, other system, bound, higher is better): issue 22's targets
+TARGETS = {
+    "chat": [
+        ("throughput >= 1.15x vllm-router cache_aware", "output_throughput", "router-cache_aware", 1.15, True),
+        ("TTFT p90 <= 0.7x vllm-router cache_aware", "ttft_p90_ms", "router-cache_aware", 0.7, False),
+        ("throughput >= 1.25x round-robin (pipeline)", "output_throughput", "pipeline-rr", 1.25, True),
+        ("throughput >= 1.25x round-robin (vllm-router)", "output_throughput", "router-round_robin", 1.25, True),
+    ],
+    "random": [
+        ("throughput >= 0.98x round-robin (pipeline)", "output_throughput", "pipeline-rr", 0.98, True),
+        ("throughput >= 0.98x round-robin (vllm-router)", "output_throughput", "router-round_robin", 0.98, True),
+    ],
+}
+COMPARED = ("router-kv_aware",)  # shown beside the targets: the peer's best configuration, when run
+
+
+def figures(record: dict) -> dict:
+    """One run's figures: the load generator's, and the engines' own hit rate and spread."""
+    found = summarize(record)
+    replicas = record["replicas"]
+    queried = sum(r["vllm:prefix_cache_queries_total"] for r in replicas.values())
+    hits = sum(r["vllm:prefix_cache_hits_total"] for r in replicas.values())
+    found["hit_rate"] = hits / queried if queried else float("nan")
+    found["ideal_hit_rate"] = record.get("ideal_hit_rate", float("nan"))
+    found["requests_per_replica"] = [round(r["vllm:request_success_total"]) for r in replicas.values()]
+    found["hit_rate_per_replica"] = [
+        r["vllm:prefix_cache_hits_total"] / r["vllm:prefix_cache_queries_total"] if r["vllm:prefix_cache_queries_total"]
+        else float("nan") for r in replicas.values()]
+    return found
+
+
+def load(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """run label -> system -> round -> figures."""
+    runs: dict[str, dict[str, dict[int, dict]]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        if match := RUN_FILE.fullmatch(path.name):
+            runs.setdefault(match["run"], {}).setdefault(match["system"], {})[int(match["round"])] = figures(
+                json.loads(path.read_text()))
+    return runs
+
+
+def spread(values: list[float]) -> dict:
+    values = [v for v in values if v == v]  # NaN: not measured
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def ratio(rounds: dict[int, dict], other: dict[int, dict], figure: str) -> dict:
+    """`figure` of one system over another's, round by round (measured back to back)."""
+    common = sorted(set(rounds) & set(other))
+    return spread([rounds[k][figure] / other[k][figure] for k in common if other[k][figure]])
+
+
+def analyse(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
+    report: dict = {}
+    for label, systems in sorted(runs.items()):
+        rows = {}
+        for system, rounds in systems.items():
+            ordered = [rounds[k] for k in sorted(rounds)]
+            rows[system] = {name: spread([f[name] for f in ordered])
+                            for name in ("output_throughput", "ttft_p50_ms", "ttft_p90_ms", "hit_rate", "ideal_hit_rate")}
+            rows[system]["failed"] = sum(f["failed"] for f in ordered)
+            rows[system]["requests_per_replica"] = [f["requests_per_replica"] for f in ordered]
+            rows[system]["hit_rate_per_replica"] = [f["hit_rate_per_replica"] for f in ordered]
+        targets = []
+        ours = systems.get(OURS)
+        kind = "random" if label.startswith("random") else "chat"
+        for name, figure, other, bound, higher in TARGETS[kind]:
+            if ours is None or other not in systems:
+                continue
+            measured = ratio(ours, systems[other], figure)
+            met = measured["median"] >= bound if higher else measured["median"] <= bound
+            targets.append({"target": name, "ratio": measured, "met": met})
+        if ours is not None and kind == "chat":
+            gaps = [ours[k]["ideal_hit_rate"] - ours[k]["hit_rate"] for k in sorted(ours)]
+            gap = spread(gaps)
+            targets.append({"target": "hit rate within 2 points of the ideal", "gap_points": {
+                k: 100 * v for k, v in gap.items() if k != "n"}, "met": gap["median"] <= 0.02})
+        for other in COMPARED:
+            if ours is not None and other in systems:
+                targets.append({"target": f"beside {other}", "ratio": ratio(ours, systems[other], "output_throughput"),
+                                "ttft_p90_ratio": ratio(ours, systems[other], "ttft_p90_ms"), "met": None})
+        report[label] = {"systems": rows, "targets": targets}
+    return report
+
+
+def _cell(value: dict, digits: int = 0, scale: float = 1.0) -> str:
+    if value["n"] == 0:
+        return "-"
+    median = f"{value['median'] * scale:,.{digits}f}"
+    if value["n"] == 1:
+        return median
+    return f"{median} ({value['min'] * scale:,.{digits}f}-{value['max'] * scale:,.{digits}f})"
+
+
+def markdown(report: dict, title: str) -> str:
+    lines = [f"# {title or 'Routing across replicas'}", "",
+             "Medians over rounds, (min-max) where there were several. Hit rate: the engines' own "
+             "`vllm:prefix_cache_hits` over `_queries`, all replicas; ideal: what a perfect router could "
+             "reach (bench/chat_load.py). Requests per replica: `vllm:request_success` of each, per round.", ""]
+    for label, part in report.items():
+        lines += [f"## {label}", "",
+                  "| system | output tok/s | TTFT p50 (ms) | TTFT p90 (ms) | hit rate % | ideal % | requests per replica | failed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for system, row in part["systems"].items():
+            per_replica = "; ".join("/".join(str(n) for n in counts) for counts in row["requests_per_replica"])
+            lines.append(f"| {system} | {_cell(row['output_throughput'])} | {_cell(row['ttft_p50_ms'])} | "
+                         f"{_cell(row['ttft_p90_ms'])} | {_cell(row['hit_rate'], 1, 100)} | "
+                         f"{_cell(row['ideal_hit_rate'], 1, 100)} | {per_replica} | {row['failed']} |")
+        if part["targets"]:
+            lines += ["", "| target | measured | met |", "|---|---|---|"]
+            for target in part["targets"]:
+                if "gap_points" in target:
+                    gap = target["gap_points"]
+                    measured = f"{gap['median']:.1f} points below ({gap['min']:.1f} to {gap['max']:.1f})"
+                else:
+                    measured = f"{_cell(target['ratio'], 3)}x"
+                    if "ttft_p90_ratio" in target:
+                        measured += f" throughput, {_cell(target['ttft_p90_ratio'], 3)}x TTFT p90"
+                met = {True: "yes", False: "**no**", None: ""}[target["met"]]
+                lines.append(f"| {target['target']} | {measured} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, out: Path, title: str = "") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = analyse(load(results))
+    meta = results / "meta.json"
+    document = {"meta": json.loads(meta.read_text()) if meta.exists() else {}, "report": report}
+    (out / "routing.json").write_text(json.dumps(document, indent=1, default=str))
+    (out / "README.md").write_text(markdown(report, title))
+    return report

