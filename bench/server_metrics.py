@@ -102,3 +102,14 @@ def engine_counters(url: str) -> dict[str, float]:
     found = samples(_get(url))
     return {name: sum(value for key, value in found.items() if key == name or key.startswith(name + "{"))
             for name in ENGINE_COUNTERS}
+
+
+def engine_block_size(url: str) -> int | None:
+    """The KV-cache block size of the engine behind `url` (a `/metrics`), from vLLM's
+    `vllm:cache_config_info` gauge, which carries the cache's settings as labels."""
+    for family in text_string_to_metric_families(_get(url)):
+        if family.name == "vllm:cache_config_info":
+            for sample in family.samples:
+                if sample.labels.get("block_size", "").isdigit():
+                    return int(sample.labels["block_size"])
+    return None

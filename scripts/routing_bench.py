@@ -56,7 +56,7 @@ from bench.chat_load import ChatWorkload, conversations, ideal_hit_rate, run_cha
 from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
-from bench.server_metrics import ENGINE_COUNTERS, engine_counters  # noqa: E402
+from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters  # noqa: E402
 from bench.servers import (  # noqa: E402
     EngineSettings,
     Server,
@@ -143,6 +143,7 @@ class PipelineGroup:
             on_gpu(replica, args, caches)
             self.replicas.append(replica)
         self.fronts: dict[str, Server] = {}
+        self.block: int | None = None  # the engines' KV block size, once they are up
 
     def start(self) -> None:
         for replica in self.replicas:
@@ -164,18 +165,18 @@ class PipelineGroup:
         for name, front in self.fronts.items():
             log(f"{name} ready after {front.wait_ready(self.args.ready_timeout):.0f} s")
 
-    def front_doors(self, system: str) -> list[str]:
+    def front_doors(self, system: str, run_name: str) -> list[str]:
         policy = ROUTING[system.split("-")[1]]
         names = [f"front-{policy}", *([f"front-{policy}-b"] if system.endswith("2fronts") else [])]
         return [self.fronts[name].url for name in names]
 
     def reset(self) -> None:
         for replica in self.replicas:
-            with replica.llm_tier(timeout_s=30) as llm:
+            with llm_tier(replica) as llm:
                 reset_cache(lambda: llm.post("/reset_prefix_cache", json={}), replica.name)
 
     def block_size(self) -> int | None:
-        with self.replicas[0].llm_tier() as llm:
+        with llm_tier(self.replicas[0]) as llm:
             return llm.post("/model_info", json={}).raise_for_status().json().get("kv_block_size")
 
     def servers(self) -> list[Server]:
@@ -184,6 +185,11 @@ class PipelineGroup:
     def stop(self) -> None:
         for server in self.servers():
             server.stop()
+
+
+def llm_tier(replica: Server) -> httpx.Client:
+    """A client of one LLMService replica, with the internal token."""
+    return httpx.Client(base_url=replica.url, headers=replica.internal_headers, timeout=30)
 
 
 class VllmGroup:
@@ -204,6 +210,7 @@ class VllmGroup:
             on_gpu(replica, args, caches)
             self.replicas.append(replica)
         self.router: Server | None = None
+        self.block: int | None = None  # the engines' KV block size, once they are up
 
     def start(self) -> None:
         for replica in self.replicas:
@@ -213,8 +220,8 @@ class VllmGroup:
         for replica in self.replicas:
             log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
 
-    def front_doors(self, system: str) -> list[str]:
-        """A new router with the system's policy (the previous one stopped)."""
+    def front_doors(self, system: str, run_name: str) -> list[str]:
+        """A new router with the system's policy (the previous one stopped), its log the run's."""
         self.stop_router()
         policy = system.removeprefix("router-")
         port = free_port()
@@ -223,9 +230,9 @@ class VllmGroup:
         if policy == "kv_aware":
             for index, replica in enumerate(self.replicas):
                 argv += ["--kv-event-source", f"{replica.url}=tcp://127.0.0.1:{KV_EVENTS_PORT + 10 * index}"]
-            argv += ["--kv-event-block-size", str(self.args.block_size or 16), "--kv-event-model", self.settings.served_name]
+            argv += ["--kv-event-block-size", str(self.block), "--kv-event-model", self.settings.served_name]
         env = {"PYTHONPATH": os.pathsep.join(p for p in (self.args.router_path, os.environ.get("PYTHONPATH")) if p)}
-        self.router = Server(system, argv, env, port, self.logs / f"{system}.log", ready_path="/health", live_path=None)
+        self.router = Server(system, argv, env, port, self.logs / f"{run_name}.log", ready_path="/health", live_path=None)
         self.router.start_and_wait(120)
         return [self.router.url]
 
@@ -234,7 +241,7 @@ class VllmGroup:
             reset_cache(lambda: httpx.post(f"{replica.url}/reset_prefix_cache", timeout=30), replica.name)
 
     def block_size(self) -> int | None:
-        return None
+        return engine_block_size(f"{self.replicas[0].url}/metrics")
 
     def stop_router(self) -> None:
         if self.router is not None:
@@ -280,9 +287,9 @@ def moved(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]
     return {name: {counter: after[name][counter] - before[name][counter] for counter in ENGINE_COUNTERS} for name in after}
 
 
-def measure(args, group, system: str, run: Run, seed: int, out: Path, block_size: int, warm_up: bool) -> dict:
+def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str, warm_up: bool) -> dict:
     group.reset()
-    doors = group.front_doors(system)
+    doors = group.front_doors(system, name)
     if warm_up:  # the first requests a server sees pay for its kernels' warm-up
         warm = ChatWorkload("multiturn", 4, 8, 8, seed=10_000 + seed, turns=1, first_len=64)
         asyncio.run(run_chat_load(doors, args.served_name, warm, conversations(warm, args.tokenizer)))
@@ -299,9 +306,9 @@ def measure(args, group, system: str, run: Run, seed: int, out: Path, block_size
         workload = chat_workload(args, run, seed)
         record = asyncio.run(run_chat_load(doors, args.served_name, workload, conversations(workload, args.tokenizer)))
     record["replicas"] = moved(before, counters(group.replicas))
-    record["system"], record["run"], record["block_size"] = system, run.label, block_size
+    record["system"], record["run"], record["block_size"] = system, run.label, group.block
     if run.workload != "random":
-        record["ideal_hit_rate"] = ideal_hit_rate(record, block_size)
+        record["ideal_hit_rate"] = ideal_hit_rate(record, group.block)
     return record
 
 
@@ -347,7 +354,9 @@ def run(args: argparse.Namespace) -> int:
                 group.start()
             for group in batch:
                 group.wait_ready()
-            block_size = args.block_size or next((b for g in batch if (b := g.block_size())), None) or 16
+            for group in batch:  # the engines' own (the same settings: the same size), unless given
+                group.block = args.block_size or group.block_size()
+                log(f"{group.kind} replicas: KV blocks of {group.block} tokens")
             systems = [s for s in args.systems if any(group_of(s) == g.kind for g in batch)]
             warmed: set[str] = set()
             for round_index in range(1, args.rounds + 1):
@@ -359,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
                         group = next(g for g in batch if g.kind == group_of(system))
                         name = f"{run_.label}-{system}-r{round_index}"
                         try:
-                            record = measure(args, group, system, run_, args.seed + round_index, out, block_size,
+                            record = measure(args, group, system, run_, args.seed + round_index, out, name,
                                              warm_up=system not in warmed)
                             warmed.add(system)
                             (out / "runs" / f"{name}.json").write_text(json.dumps(record))
@@ -425,7 +434,7 @@ def main() -> int:
     r.add_argument("--max-num-seqs", type=int)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--kv-cache-memory-bytes", type=int, help="each replica's KV cache (required to share a GPU)")
-    r.add_argument("--block-size", type=int, help="the engines' KV block size (default: LLMService's /model_info)")
+    r.add_argument("--block-size", type=int, help="the engines' KV block size (default: their own, from /model_info or /metrics)")
     r.add_argument("--engine-clients", type=int, default=2, help="each LLMService replica's PIPELINE_ENGINE_CLIENTS")
     r.add_argument("--api-servers", type=int, default=2, help="each vllm serve replica's --api-server-count")
     r.add_argument("--prompt-workers", type=int, default=4, help="each PromptService's PIPELINE_PROMPT_WORKERS")

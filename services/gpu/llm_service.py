@@ -44,6 +44,7 @@ from services.protocol import (
     GenerateRequest,
     LoadAdapterRequest,
     ModelInfo,
+    ReplicaLoad,
     TokenLogprobs,
     UnloadAdapterRequest,
     encode_frame,
@@ -479,7 +480,7 @@ class LLMService:
                 except TimeoutError:
                     pass
                 frames = stream.take(self.kv_hub.index)
-                load = self.engine_stats.latest()
+                load = self.replica_load()
                 if load != sent_load or loop.time() - sent_at >= LOAD_ANYWAY_S:
                     if frames:
                         frames[-1] = frames[-1].model_copy(update={"load": load})
@@ -490,6 +491,19 @@ class LLMService:
                     yield "".join(encode_frame(frame) for frame in frames)
         finally:
             self.kv_hub.close(stream)
+
+    def replica_load(self) -> ReplicaLoad:
+        """The engine's load for the front's routers: how many requests it holds, exactly (its
+        workers count each from its start to its end: EngineLoad), split into running and waiting
+        by the scheduler's last stats, which also give the KV usage. The stats alone would mislead:
+        they come with a step's outputs, so they lag the requests just sent, and when the engine
+        goes idle the last step's counts stay (an idle replica would look busy, and a router that
+        goes by them would never send it the request that refreshes them)."""
+        stats, held = self.engine_stats.latest(), self.engine_load.total()
+        if held <= 0:
+            return ReplicaLoad()
+        waiting = min(stats.waiting, held)
+        return ReplicaLoad(running=held - waiting, waiting=waiting, kv_usage=stats.kv_usage)
 
     @bentoml.api
     async def reset_prefix_cache(self) -> dict[str, bool]:

@@ -7,7 +7,8 @@ prompt tokens of work:
          + load_weight x active_requests     load: its engine's running + waiting requests (its own
                                              report, so every front worker and PromptService replica
                                              counts), plus what this worker sent since that
-                                             report and is still running
+                                             report and is still running, and never less than
+                                             this worker's own in flight there
 
 with two guards: a replica whose KV cache is nearly full (`kv_usage >= kv_saturation`) or whose
 engine queues `queue_saturation` requests or more is passed over while another is not; when all

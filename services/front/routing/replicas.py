@@ -99,11 +99,13 @@ class Replica:
     @property
     def active_requests(self) -> int:
         """Its engine's running and waiting requests (over every front that sends it work), plus
-        those this worker sent since that report and that still run; without a report, this
-        worker's own in flight."""
+        those this worker sent since that report and that still run; never fewer than this
+        worker's own in flight there (a report taken before requests sent just before it reached
+        the replica would miss them, and they are no longer counted as sent since); without a
+        report, this worker's own in flight."""
         if self.load is None:
             return self.inflight
-        return self.load.running + self.load.waiting + self.sent_since_report
+        return max(self.load.running + self.load.waiting + self.sent_since_report, self.inflight)
 
     async def close(self) -> None:
         for task in self.tasks:

@@ -122,6 +122,20 @@ def test_kv_counts_what_this_worker_sent_since_the_replicas_report_while_it_runs
     assert a.active_requests == 3
 
 
+def test_a_report_that_missed_requests_this_worker_has_in_flight_does_not_hide_them():
+    """A report taken before the requests this worker just sent reached the replica resets the
+    count sent since: the replica still counts at least this worker's own in flight there, so a
+    replica that looked idle in its last report does not take every request (seen on CPU: a
+    stream of requests all went to one replica, which always looked less busy than it was)."""
+    busy, quiet = replica(1, load=ReplicaLoad()), replica(2, load=ReplicaLoad(running=4))
+    for _ in range(6):
+        busy.sent()
+        busy.inflight += 1
+    busy.report(ReplicaLoad(running=1))  # taken before five of them arrived
+    assert busy.active_requests == 6
+    assert KvAware().choose([busy, quiet], Prompt(list(range(100, 120))), NOW).replica is quiet
+
+
 def test_a_saturated_replica_is_passed_over_whatever_it_holds():
     full = holding(replica(1, load=ReplicaLoad(kv_usage=0.97)), PREFIX)
     queueing = holding(replica(2, load=ReplicaLoad(waiting=8)), PREFIX)
