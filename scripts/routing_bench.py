@@ -15,7 +15,9 @@ Systems (each a front door over N replicas):
   workload sent to the next front in turn (a load balancer's spread), so both see every prefix;
 - `router-cache_aware`, `router-round_robin`, `router-kv_aware`: N `vllm serve` replicas behind
   vllm-router 0.1.17 (`python -m vllm_router.launch_router`, importable from `--router-path`) with
-  that policy; kv_aware follows each replica's KV-cache events (ZMQ), its best configuration.
+  that policy. kv_aware follows each replica's KV-cache events (ZMQ), but in 0.1.17 it finds no
+  token ids for a chat request (its log: `KV prefix decision outcome="missing_tokens"
+  input_tokens=0`) and falls back to the least loaded: measured on CPU, kept for a later version.
   A router is started afresh for every run, so no run inherits another's routing state.
 
 Workloads (`NAME:CONCURRENCY`): `prefix` (vLLM's prefix_repetition prompts: `--prefix-len`,
@@ -226,6 +228,7 @@ class VllmGroup:
         policy = system.removeprefix("router-")
         port = free_port()
         argv = [sys.executable, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                "--prometheus-port", str(free_port()),  # its default port is one for all: a leftover router holds it
                 "--worker-urls", *(replica.url for replica in self.replicas), "--policy", policy]
         if policy == "kv_aware":
             for index, replica in enumerate(self.replicas):
