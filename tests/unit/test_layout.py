@@ -5,6 +5,7 @@ ships, whether at module level or inside a function."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,18 @@ def test_the_check_sees_a_crossing(tmp_path: Path) -> None:
 
 def test_every_tier_folder_has_modules() -> None:
     assert {tier(str(p.relative_to(SERVICES.parent))) for p in MODULES} == {"shared", "front", "gpu"}
+
+
+TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".txt", ".toml", ".ini", ".json", ".cfg"}
+CONFLICT_MARKER = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+
+
+def test_no_file_carries_merge_conflict_markers() -> None:
+    """A merge left `<<<<<<< HEAD` ... `>>>>>>>` in docs/architecture.md once; nothing catches that
+    in a document but this."""
+    root = SERVICES.parent
+    skipped = {".venv", ".git", ".cache", "build", "node_modules"}
+    marked = [str(path.relative_to(root)) for path in root.rglob("*")
+              if path.suffix in TEXT_SUFFIXES and path.is_file() and not skipped & set(path.relative_to(root).parts)
+              and CONFLICT_MARKER.search(path.read_text(errors="replace"))]
+    assert marked == []
