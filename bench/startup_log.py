@@ -6,12 +6,23 @@
   (whole seconds: BentoML's `2026-11-29T17:15:56+0000`, vLLM's local `11-29 17:16:50`);
 - durations: what vLLM itself reports for weights, Dynamo, Inductor, loading compiled graphs,
   torch.compile in all, CUDA-graph capture and the engine's whole initialisation.
+
+Whole seconds are too coarse for the engine clients' part of a start (about a second on CPU), so
+`follow(path)` also notes when each line reaches the log here (a thread reading it every 20 ms),
+and `client_phases(arrivals, started_at)` gives, from those arrival times, when the engine was up
+and when each LLMService engine client connected ("engine client N of M connected"), and each
+client's lag behind the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+import time
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 BENTOML_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4})")
 VLLM_TIME = re.compile(r"(?:INFO|WARNING|DEBUG|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d)")
@@ -61,4 +72,56 @@ def phases(log_text: str, started_at: float) -> dict[str, float]:
                 found[name] = float(match[1])
     if first_line is not None:
         found["first_log_line"] = round(first_line - started_at, 1)
+    return found
+
+
+CLIENT_CONNECTED = re.compile(r"engine client (\d+) of \d+ connected")
+
+
+@contextlib.contextmanager
+def follow(path: Path, every_s: float = 0.02) -> Iterator[list[tuple[float, str]]]:
+    """(time.time() it was read, line) for each line written to `path` while inside the block."""
+    arrivals: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        pending = b""
+        with path.open("rb") as log:
+            while True:
+                stopping = stop.is_set()
+                chunk = log.read()
+                now = time.time()
+                *lines, pending = (pending + chunk).split(b"\n")
+                arrivals.extend((now, line.decode(errors="replace")) for line in lines)
+                if stopping:
+                    return
+                stop.wait(every_s)
+
+    thread = threading.Thread(target=read, daemon=True, name="LogFollower")
+    thread.start()
+    try:
+        yield arrivals
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def client_phases(arrivals: list[tuple[float, str]], started_at: float) -> dict:
+    """From the lines' arrival times (`follow`): seconds from the start to the EngineCore's init
+    line, to its "init engine ... took" line (the engine is up: it answers the launch's handshake
+    and greets the clients next), and to each engine client's connected line; and each client's
+    lag behind that engine-up line."""
+    found: dict = {}
+    connected: dict[str, float] = {}
+    for stamp, line in arrivals:
+        for name in ("engine_core_start", "engine_ready"):
+            if name not in found and re.search(MILESTONES[name][0], line):
+                found[name] = round(stamp - started_at, 2)
+        if match := CLIENT_CONNECTED.search(line):
+            connected[match[1]] = round(stamp - started_at, 2)
+    found["clients_connected"] = dict(sorted(connected.items()))
+    if connected:
+        found["all_clients_connected"] = max(connected.values())
+    if "engine_ready" in found:
+        found["clients_after_engine_s"] = {n: round(at - found["engine_ready"], 2) for n, at in found["clients_connected"].items()}
     return found

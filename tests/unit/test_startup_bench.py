@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import repeats
-from bench.startup_log import phases
+from bench.startup_log import client_phases, follow, phases
 
 LOG = """=== python -m bentoml_cli._internal.start start-http-server . --service-name LLMService
 2026-11-29T17:15:56+0000 [INFO] [cli] Starting production HTTP BentoServer
@@ -39,6 +39,28 @@ def test_the_breakdown_comes_from_the_log_lines_and_vllms_own_durations(monkeypa
     assert (found["weights_s"], found["dynamo_s"], found["torch_compile_s"], found["cuda_graphs_s"]) == (3.952515, 9.3, 25.37, 6.0)
     assert found["init_engine_s"] == 43.14
     assert "compile_load_s" not in found
+
+
+def test_the_engine_clients_lag_behind_the_engine_from_when_the_lines_arrived(tmp_path: Path):
+    log = tmp_path / "server.log"
+    log.write_text("=== start\n")
+    started_at = time.time()
+    with follow(log, every_s=0.01) as arrivals:
+        with log.open("a") as out:
+            for line, pause_s in [(LOG.splitlines()[2], 0.05), (LOG.splitlines()[7], 0.3),
+                                  ("2026-11-29T17:17:50+0000 [INFO] [service:LLMService:2] engine client 2 of 2 "
+                                   "connected to the EngineCore (pid 15292)", 0.2),
+                                  ("2026-11-29T17:17:50+0000 [INFO] [service:LLMService:1] engine client 1 of 2 "
+                                   "connected to the EngineCore (pid 15292)", 0.0)]:
+                time.sleep(pause_s)
+                out.write(line + "\n")
+                out.flush()
+        time.sleep(0.1)
+    found = client_phases(arrivals, started_at)
+    assert list(found["clients_connected"]) == ["1", "2"]
+    assert 0.25 <= found["engine_ready"] - found["engine_core_start"] <= 0.5  # not the lines' whole seconds
+    lag = found["clients_after_engine_s"]
+    assert 0.15 <= lag["2"] <= 0.35 and 0.15 <= lag["1"] <= 0.35
 
 
 def _run(folder: Path, target: str, c: int, round_index: int, throughput_tokens: int, ttft_s: float) -> None:

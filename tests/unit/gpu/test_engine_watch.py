@@ -119,23 +119,20 @@ def test_a_worker_exits_once_its_engine_client_is_dead(monkeypatch):
 
 def test_a_restarted_engine_client_stops_the_engine_it_cannot_join_again(tmp_path: Path):
     """Worker 2 died and came back: the engine it joined will not greet it again, so it stops that
-    engine, then joins the next one worker 1 starts."""
+    engine (before it binds its sockets), and its client then waits for the next one worker 1
+    starts, whatever engine.json still says."""
     slot = engine_clients.EngineClientSlot(run_dir=tmp_path, count=2, index=1)
     old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     new = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / engine_clients.ENGINE_FILE).write_text(json.dumps({"pid": old.pid}))
         (tmp_path / f"joined-{slot.index}").write_text(str(old.pid))
-
-        def worker_1_starts_a_new_engine() -> None:
-            old.wait()
-            (tmp_path / engine_clients.ENGINE_FILE).write_text(json.dumps({"pid": new.pid}))
-
-        threading.Thread(target=worker_1_starts_a_new_engine, daemon=True).start()
-        assert engine_clients._engine_to_join(slot, timeout_s=20) == new.pid
+        assert engine_clients._leave_engine_joined_before(slot) == old.pid
         assert old.poll() is not None, "the engine it had joined is still running"
-        (tmp_path / f"joined-{slot.index}").write_text("1")  # another engine's pid: join at once
-        assert engine_clients._engine_to_join(slot, timeout_s=1) == new.pid
+        assert engine_clients._leave_engine_joined_before(slot) is None  # engine.json names a dead engine
+        (tmp_path / engine_clients.ENGINE_FILE).write_text(json.dumps({"pid": new.pid}))
+        assert engine_clients._leave_engine_joined_before(slot) is None  # a new engine: it greets this client
+        assert new.poll() is None
     finally:
         for process in (old, new):
             process.kill()
