@@ -117,11 +117,12 @@ def start_engine_client(engine_args, slot: EngineClientSlot, usage_context, star
         after_launch_s = _ready_timeout_s()  # vLLM's own wait, from the engine's start on (as before)
         _wait_for_ready_at_least(UNBOUNDED_S)  # until then the launch bounds the client's wait
 
-        def launch(spawned):
-            with launching_watched_engines():
-                return _launch_engine(vllm_config, slot, spawned)
-
-        client, manager = launch_and_connect(engine_file, input_address, launch, build, after_launch_s)
+        # Entered here, not in the launch's thread: it sets an environment variable (the engine's
+        # parent pid), and a setenv racing the client thread's getenv calls is undefined in C.
+        with launching_watched_engines():
+            client, manager = launch_and_connect(engine_file, input_address,
+                                                 lambda spawned: _launch_engine(vllm_config, slot, spawned), build,
+                                                 after_launch_s)
         engine_pid = manager.processes[0].pid
         # as a client that launched its own engine: vLLM's monitor marks it dead when the
         # EngineCore exits, and its shutdown stops the EngineCore

@@ -21,7 +21,6 @@ import time
 
 import httpx
 import psutil
-import pytest
 
 from bench.servers import ROOT, Server, poll, start_tier
 
