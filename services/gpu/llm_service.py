@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextvars import ContextVar
 from http import HTTPStatus
@@ -510,8 +511,22 @@ class LLMService:
         """Empty the engine's prefix cache (vLLM's POST /reset_prefix_cache, which `vllm serve`
         offers only with VLLM_SERVER_DEV_MODE): benchmarks start each run cold with it. The engine
         refuses (`success` false) while running requests hold blocks; the front's routers learn of
-        a reset from /kv_events (a `cleared` frame)."""
-        return {"success": bool(await self.engine.reset_prefix_cache())}
+        a reset from /kv_events (a `cleared` frame).
+
+        vLLM publishes the `AllBlocksCleared` event it queued at its next step, and an idle engine
+        takes none: the workers' indexes (and the fronts) would hold the old blocks until the next
+        request. So a reset then runs one step of a request shorter than a block (one token in,
+        one out: nothing cached, nothing reported), which publishes it now."""
+        success = bool(await self.engine.reset_prefix_cache())
+        if success and self.kv_hub is not None:
+            from vllm import SamplingParams
+            from vllm.inputs.engine import tokens_input
+            from vllm.sampling_params import RequestOutputKind
+
+            params = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False, output_kind=RequestOutputKind.DELTA)
+            async for _ in self.engine.generate(tokens_input([0]), params, request_id=f"reset-{uuid.uuid4().hex}"):
+                pass
+        return {"success": success}
 
     @bentoml.api
     async def load(self) -> dict[str, int]:
