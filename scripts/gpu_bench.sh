@@ -36,11 +36,17 @@ PINNED_CONCURRENCY=${PINNED_CONCURRENCY:-64 256}
 # issue 22: two replicas of each kind on GPU 0 (7B shape: 512 KiB of KV a token, so the 16 prefixes
 # of 2,048 tokens take 16 GiB; ROUTING_KV_BYTES is the peer table's size, ROUTING_TIGHT_KV_BYTES one
 # under which a replica holds half the prefixes and its share of the work, and round-robin thrashes)
-ROUTING_SYSTEMS=${ROUTING_SYSTEMS:-pipeline-kv pipeline-rr router-cache_aware router-round_robin}
+ROUTING_SYSTEMS=${ROUTING_SYSTEMS:-pipeline-kv pipeline-rr pipeline-kv-2fronts router-cache_aware router-round_robin}
 ROUTING_WORKLOADS=${ROUTING_WORKLOADS:-prefix:32 prefix:64 multiturn:16 random:64}
+ROUTING_TIGHT_SYSTEMS=${ROUTING_TIGHT_SYSTEMS:-pipeline-kv pipeline-rr router-cache_aware router-round_robin}
+ROUTING_TIGHT_WORKLOADS=${ROUTING_TIGHT_WORKLOADS:-prefix:32 multiturn:16}
 ROUTING_REPLICAS=${ROUTING_REPLICAS:-2}
 ROUTING_KV_BYTES=${ROUTING_KV_BYTES:-$((16 << 30))}
 ROUTING_TIGHT_KV_BYTES=${ROUTING_TIGHT_KV_BYTES:-$((11 << 30))}
+# both kinds' replicas (four 7B-shape engines) up at once where the GPU holds them (an H200), else one
+# kind after the other (an H100); ROUTING_SIDE_BY_SIDE= or --side-by-side to choose
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+ROUTING_SIDE_BY_SIDE=${ROUTING_SIDE_BY_SIDE-$([ "${gpu_mib:-0}" -ge 130000 ] && echo --side-by-side)}
 ROUTER_PATH=${ROUTER_PATH:-/tmp/router}  # vllm-router 0.1.17, orjson, setproctitle (../shared/gpu/README.md)
 # SHARE_GPU=1: a phase's servers start together on GPU 0, each with a set KV cache (SMOL_KV_BYTES,
 # LLAMA_KV_BYTES: no start-up memory profile, which the others' allocations would upset), then are
@@ -120,11 +126,12 @@ for phase in $phases; do
     # issue 22: the pipeline's routing against vllm-router on the same engines and workloads, every
     # replica on GPU 0 at once (ROUTING_SIDE_BY_SIDE= to run one kind's replicas at a time)
     routing|routing_tight)
-             kv=$([ $phase = routing ] && echo $ROUTING_KV_BYTES || echo $ROUTING_TIGHT_KV_BYTES)
+             if [ $phase = routing ]; then kv=$ROUTING_KV_BYTES systems=$ROUTING_SYSTEMS workloads=$ROUTING_WORKLOADS
+             else kv=$ROUTING_TIGHT_KV_BYTES systems=$ROUTING_TIGHT_SYSTEMS workloads=$ROUTING_TIGHT_WORKLOADS; fi
              python3 scripts/routing_bench.py run --model "$MODELS/llama7b" --served-name llama7b --load-format dummy \
-               --max-model-len 4096 --replicas $ROUTING_REPLICAS ${ROUTING_SIDE_BY_SIDE---side-by-side} \
-               --gpu-memory-utilization $SHARE_UTIL --kv-cache-memory-bytes $kv --systems $ROUTING_SYSTEMS \
-               --workloads $ROUTING_WORKLOADS --rounds $ROUNDS --router-path "$ROUTER_PATH" \
+               --max-model-len 4096 --replicas $ROUTING_REPLICAS $ROUTING_SIDE_BY_SIDE \
+               --gpu-memory-utilization $SHARE_UTIL --kv-cache-memory-bytes $kv --systems $systems \
+               --workloads $workloads --rounds $ROUNDS --router-path "$ROUTER_PATH" \
                --cache-root "$CACHES/routing" --label "$card" --out "$R/$phase" $EXTRA ;;
     # structured outputs, tool calling and several engine clients on this vLLM, through both tiers
     features) python3 scripts/gpu_feature_check.py --model "$MODELS/smol" --out "$R/features/features.json" ;;

@@ -122,10 +122,12 @@ def pipeline_env(settings: EngineSettings, args: argparse.Namespace) -> dict[str
     return env
 
 
-def on_gpu(server: Server, args: argparse.Namespace, caches: Path) -> None:
-    """Its own compile caches; on one shared GPU when --side-by-side."""
+def on_gpu(server: Server, index: int, args: argparse.Namespace, caches: Path) -> None:
+    """Compile caches of its own among the servers up at once; on one shared GPU when --side-by-side.
+    One kind after the other, replica i of the second kind reuses what replica i of the first
+    compiled (the same engine settings: the same cache entries), so only the first kind starts cold."""
     if not args.cpu:
-        server.env |= cache_environment(caches / server.name)
+        server.env |= cache_environment(caches / (server.name if args.side_by_side else f"replica{index}"))
         if args.side_by_side:
             server.env["CUDA_VISIBLE_DEVICES"] = "0"
 
@@ -142,7 +144,7 @@ class PipelineGroup:
         for index in range(args.replicas):
             name, port = f"pipeline-replica{index}", free_port()
             replica = Server(name, tier_command("LLMService", port), tier_env(**self.env), port, logs / f"{name}.log")
-            on_gpu(replica, args, caches)
+            on_gpu(replica, index, args, caches)
             self.replicas.append(replica)
         self.fronts: dict[str, Server] = {}
         self.block: int | None = None  # the engines' KV block size, once they are up
@@ -209,7 +211,7 @@ class VllmGroup:
             replica.name = f"vllm-replica{index}"
             replica.log = logs / f"{replica.name}.log"
             replica.env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache
-            on_gpu(replica, args, caches)
+            on_gpu(replica, index, args, caches)
             self.replicas.append(replica)
         self.router: Server | None = None
         self.block: int | None = None  # the engines' KV block size, once they are up
