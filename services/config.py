@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         8, ge=1, description="kv routing: a replica whose engine has this many requests waiting or more is passed "
         "over while another is not."
     )
+    routing_home_tokens: int = Field(
+        2048, ge=0, description="kv routing: every front worker sends a prompt to the same replica, its home (a "
+        "rendezvous hash of the part of the prompt a replica holds, or of its first this-many tokens when none does), "
+        "whose cost is lowered by that part's length, up to this many tokens; 0 turns the home off."
+    )
     trace_streams: bool = Field(
         False, description="Let BentoML's OpenTelemetry middleware trace the streaming routes too. It opens a span for "
         "every streamed chunk (about 80 us of CPU each), so they are left out unless this is set; they still show "

@@ -92,7 +92,7 @@ def replica_router():
     from services.front.routing.router import ReplicaRouter
 
     weights = Weights(load_weight=settings.routing_load_weight, kv_saturation=settings.routing_kv_saturation,
-                      queue_saturation=settings.routing_queue_saturation)
+                      queue_saturation=settings.routing_queue_saturation, home_tokens=settings.routing_home_tokens)
     return ReplicaRouter(gpu_tier, make_policy(settings.routing, weights))
 
 

@@ -9,6 +9,26 @@ prompt tokens of work:
                                              counts), plus what this worker sent since that
                                              report and is still running, and never less than
                                              this worker's own in flight there
+         - home_bonus, on the prompt's home  agreement: see below
+
+**The prompt's home.** Every front worker (and every PromptService replica) routes on its own,
+and the engines' events reach them a few milliseconds to seconds after a request was sent. Left
+there, a burst of requests with a new prefix, spread over several workers, lands on every
+replica (each worker's own predictions cover only its own requests), and once two replicas hold
+a prefix, the load term keeps splitting its requests between them: both copies stay hot, the
+duplicates crowd other prefixes out, and the cache thrashes (measured on the H100: 50% of prompt
+tokens hit at c=64 where one router with a global view reached 90%). So each prompt has a home
+every worker computes alike, without talking to the others: among the replicas holding the most of
+it, the one that wins a rendezvous hash (highest random weight) of its anchor and the adapter. The
+anchor is the part of the prompt known to be shared, the tokens those replicas hold, or for a
+prompt held nowhere its first `home_tokens` tokens (a guess: a shared prefix starts a prompt). The
+home's cost is lowered by the anchor's length, up to `home_tokens`: requests that share a prefix
+meet on one replica from every worker at once, a duplicated prefix's requests gather on one copy
+(the other ages out of its cache), and the load term still moves a request once the home's load
+exceeds another's by `home_tokens / load_weight` requests (8 by default). Prompts that share
+nothing spread by their hashes, within that tilt of least-loaded, and a short common start (a
+system prompt every replica holds) tilts by its own few tokens only. When a replica leaves, only
+the prompts at home there move. `home_tokens` 0 turns the home off.
 
 with two guards: a replica whose KV cache is nearly full (`kv_usage >= kv_saturation`) or whose
 engine queues `queue_saturation` requests or more is passed over while another is not; when all
@@ -17,12 +37,15 @@ replica holding more of the prompt, then to the one with fewer of this worker's 
 in turn. Each scorer is a small function below, so the cost can be read and tested term by term.
 
 The prompt's block keys are computed once per request and block size (services/kv_blocks.py:
-about 0.3 ms for 2,048 tokens on the CI machine); every other step is a few lookups per replica.
+about 0.3 ms for 2,048 tokens on the CI machine), its anchor once per request (one BLAKE2b of
+its tokens); every other step is a few lookups per replica.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,12 +56,13 @@ from services.kv_blocks import block_keys
 class Prompt:
     """A request's token ids and adapter, with its block keys per block size, computed once."""
 
-    __slots__ = ("token_ids", "adapter", "_keys")
+    __slots__ = ("_anchors", "_keys", "adapter", "token_ids")
 
     def __init__(self, token_ids: Sequence[int], adapter: str | None = None) -> None:
         self.token_ids = token_ids
         self.adapter = adapter
         self._keys: dict[int, list[int]] = {}
+        self._anchors: dict[int, bytes] = {}
 
     def keys(self, block_size: int) -> list[int]:
         keys = self._keys.get(block_size)
@@ -49,12 +73,22 @@ class Prompt:
     def blocks(self, block_size: int | None) -> int:
         return len(self.token_ids) // block_size if block_size else 0
 
+    def anchor(self, tokens: int) -> bytes:
+        """A digest of the adapter and the first `tokens` token ids: the same in every process."""
+        anchor = self._anchors.get(tokens)
+        if anchor is None:
+            digest = hashlib.blake2b(f"{self.adapter or ''}\0".encode(), digest_size=16)
+            digest.update(struct.pack(f"<{tokens}I", *self.token_ids[:tokens]))
+            anchor = self._anchors[tokens] = digest.digest()
+        return anchor
+
 
 @dataclass(frozen=True)
 class Weights:
     load_weight: float = 256.0  # prompt tokens to prefill that one active request weighs
     kv_saturation: float = 0.95  # kv_usage at or above which a replica is passed over
     queue_saturation: int = 8  # waiting requests at or above which a replica is passed over
+    home_tokens: int = 2048  # the anchor of a prompt held nowhere, and the home's largest edge, in tokens
 
 
 @dataclass
@@ -87,6 +121,16 @@ def saturated(replica: Replica, weights: Weights) -> bool:
 
 def kv_cost(replica: Replica, prompt: Prompt, cached: int, weights: Weights) -> float:
     return new_tokens(replica, prompt, cached) + weights.load_weight * replica.active_requests
+
+
+def home(holders: list[Replica], prompt: Prompt, held_tokens: int, weights: Weights) -> tuple[Replica, int]:
+    """The prompt's home among `holders` (the replicas holding the most of it, `held_tokens`), and
+    the home's edge in tokens: a rendezvous hash of the prompt's anchor, so every front worker
+    picks the same replica, whatever order it sees them in."""
+    anchor_tokens = held_tokens or min(len(prompt.token_ids), weights.home_tokens)
+    anchor = prompt.anchor(anchor_tokens)
+    chosen = max(holders, key=lambda replica: hashlib.blake2b(anchor + replica.name.encode(), digest_size=8).digest())
+    return chosen, min(anchor_tokens, weights.home_tokens)
 
 
 # --- the policies -----------------------------------------------------------------------------------
@@ -135,10 +179,15 @@ class KvAware(RoundRobin):
             replica = least_loaded(in_turn)
             cached, keys = cached_blocks(replica, prompt, now)
             return Choice(replica, prompt.blocks(replica.block_size), cached, keys)
+        looked = [(replica, *cached_blocks(replica, prompt, now)) for replica in open_]
+        held = [cached * (replica.block_size or 0) for replica, cached, _ in looked]
+        most = max(held)
+        holders = [replica for (replica, _, _), tokens in zip(looked, held) if tokens == most]
+        home_replica, edge = home(holders, prompt, most, self.weights) if self.weights.home_tokens else (None, 0)
         best: tuple | None = None
-        for replica in open_:
-            cached, keys = cached_blocks(replica, prompt, now)
-            rank = (kv_cost(replica, prompt, cached, self.weights), -cached, replica.inflight)
+        for replica, cached, keys in looked:
+            cost = kv_cost(replica, prompt, cached, self.weights) - (edge if replica is home_replica else 0)
+            rank = (cost, -cached, replica.inflight)
             if best is None or rank < best[0]:  # strictly lower: ties stay with the earlier in turn
                 best = (rank, Choice(replica, prompt.blocks(replica.block_size), cached, keys))
         return best[1]

@@ -101,7 +101,7 @@ def test_kv_sends_a_prompt_to_the_replica_holding_its_prefix():
 
 
 def test_kv_weighs_load_against_prefix():
-    weights = Weights(load_weight=10)
+    weights = Weights(load_weight=10, home_tokens=0)
     busy = holding(replica(1, load=ReplicaLoad(running=3)), PREFIX)  # 0 new tokens + 30
     idle = replica(2)  # 32 new tokens + 0
     assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is busy
@@ -110,7 +110,7 @@ def test_kv_weighs_load_against_prefix():
 
 
 def test_kv_counts_what_this_worker_sent_since_the_replicas_report_while_it_runs():
-    weights = Weights(load_weight=10)
+    weights = Weights(load_weight=10, home_tokens=0)
     a, b = holding(replica(1, load=ReplicaLoad()), PREFIX), replica(2)
     sent = [a.sent() for _ in range(4)]  # 4 requests running since its last report: 40 > 32
     assert KvAware(weights).choose([a, b], Prompt(PREFIX), NOW).replica is b
@@ -133,7 +133,91 @@ def test_a_report_that_missed_requests_this_worker_has_in_flight_does_not_hide_t
         busy.inflight += 1
     busy.report(ReplicaLoad(running=1))  # taken before five of them arrived
     assert busy.active_requests == 6
-    assert KvAware().choose([busy, quiet], Prompt(list(range(100, 120))), NOW).replica is quiet
+    assert KvAware(Weights(home_tokens=0)).choose([busy, quiet], Prompt(list(range(100, 120))), NOW).replica is quiet
+
+
+# --- the prompt's home ---------------------------------------------------------------------------------
+
+
+def fleet(ports=(1, 2), **kwargs) -> list[Replica]:
+    """One front worker's own view of the same replicas (its own objects, as each worker has)."""
+    return [replica(port, **kwargs) for port in ports]
+
+
+def burst(weights: Weights, workers: int = 4, prefixes: int = 16, per_prefix: int = 4) -> dict[int, set[str]]:
+    """Several front workers, each with its own view of two replicas, route a burst of requests
+    (each prefix's requests arriving one after another, through different workers) before any
+    engine event arrives: the replicas each prefix landed on. Each prompt is a 64-token prefix
+    and one token of its own."""
+    routers = [(KvAware(weights), fleet()) for _ in range(workers)]
+    for offset, (policy, replicas) in enumerate(routers):  # each worker's turn starts elsewhere
+        for _ in range(offset):
+            policy.in_turn(replicas)
+    landed: dict[int, set[str]] = {}
+    for request in range(prefixes * per_prefix):
+        policy, replicas = routers[request % workers]
+        prefix = request // per_prefix
+        choice = policy.choose(replicas, Prompt(list(range(1000 * prefix, 1000 * prefix + 64)) + [request]), NOW)
+        choice.replica.index.routed(choice.keys, NOW)  # the worker's own prediction
+        choice.replica.sent()
+        choice.replica.inflight += 1
+        landed.setdefault(prefix, set()).add(choice.replica.name)
+    return landed
+
+
+def test_every_worker_sends_a_new_prefix_to_the_same_replica_without_talking_to_the_others():
+    """The burst that thrashed the H100's caches: each prefix lands on one replica, whichever
+    worker routes it, and the prefixes spread over both."""
+    landed = burst(Weights(load_weight=4, home_tokens=32))  # the defaults' ratio (8 requests) at this scale
+    assert all(len(names) == 1 for names in landed.values()), landed
+    assert len(set().union(*landed.values())) == 2
+
+
+def test_without_the_home_the_same_burst_scatters_each_prefix():
+    """The same burst with the home off (the routing measured on the H100): most prefixes land on
+    both replicas, so the test above can tell the two apart."""
+    landed = burst(Weights(load_weight=4, home_tokens=0))
+    assert sum(len(names) == 2 for names in landed.values()) >= 8, landed
+
+
+def test_a_prefix_held_twice_gathers_on_one_copy_until_that_one_is_busier():
+    weights = Weights(load_weight=256, home_tokens=2048)
+    prompts = [Prompt(PREFIX + [900 + i]) for i in range(8)]
+    a, b = holding(replica(1, load=ReplicaLoad(running=5)), PREFIX), holding(replica(2, load=ReplicaLoad(running=5)), PREFIX)
+    policy = KvAware(weights)
+    chosen = {policy.choose([a, b], prompt, NOW).replica.name for prompt in prompts}
+    assert len(chosen) == 1  # equal load, equal cache: always the home, not in turn
+    home_replica = a if chosen == {a.name} else b
+    other = b if home_replica is a else a
+    # its edge is the anchor's length, the held prefix: 32 tokens, so 32 / 256 of one request
+    home_replica.report(ReplicaLoad(running=6))
+    assert policy.choose([a, b], prompts[0], NOW).replica is other
+
+
+def test_a_replica_holding_more_of_the_prompt_is_its_home_whatever_the_hash():
+    """A conversation's next turn stays where its history is: the home is chosen among the
+    replicas that hold the most of the prompt."""
+    history = list(range(2000, 2064))
+    for port in range(1, 9):  # whichever of the pair the hash would favour
+        deep = holding(replica(port, load=ReplicaLoad(running=3)), history)
+        shallow = holding(replica(port + 10, load=ReplicaLoad(running=3)), history[:16])
+        assert KvAware().choose([shallow, deep], Prompt(history + [5, 6, 7, 8]), NOW).replica is deep
+
+
+def test_prompts_that_share_nothing_spread_by_their_homes_within_the_load_tilt():
+    policy, (a, b) = KvAware(Weights(load_weight=256, home_tokens=2048)), fleet()
+    picks = [policy.choose([a, b], Prompt(list(range(5000 + 40 * i, 5040 + 40 * i))), NOW).replica.name for i in range(64)]
+    assert 16 <= picks.count(a.name) <= 48  # spread by hash, not all on one
+    a.report(ReplicaLoad(running=1))  # 40-token prompts: an edge of 40 tokens, less than one request
+    assert {policy.choose([a, b], Prompt(list(range(9000 + 40 * i, 9040 + 40 * i))), NOW).replica.name
+            for i in range(16)} == {b.name}
+
+
+def test_the_home_depends_on_the_replicas_names_not_on_their_order():
+    prompt = Prompt(list(range(300, 364)))
+    first = KvAware().choose(fleet((1, 2, 3)), prompt, NOW).replica.name
+    assert all(KvAware().choose(fleet(ports), prompt, NOW).replica.name == first for ports in ((3, 2, 1), (2, 3, 1)))
+    assert Prompt(list(range(300, 364)), adapter="sql").anchor(64) != prompt.anchor(64)  # the adapter is in it
 
 
 def test_a_saturated_replica_is_passed_over_whatever_it_holds():
@@ -150,7 +234,7 @@ def test_when_every_replica_is_saturated_requests_spread_by_load():
 
 
 def test_ties_go_to_more_cached_then_fewer_inflight_then_in_turn():
-    weights = Weights(load_weight=16)
+    weights = Weights(load_weight=16, home_tokens=0)
     # equal cost: a holds 4 of 8 blocks with one request (16 new + 16), b holds none and is idle (32 + 0)
     a = replica(1, load=ReplicaLoad(running=1))
     a.index.apply(CacheEvents(stored=block_keys(PREFIX, BLOCK)[:4]))
@@ -158,7 +242,7 @@ def test_ties_go_to_more_cached_then_fewer_inflight_then_in_turn():
     assert KvAware(weights).choose([b, a], Prompt(PREFIX), NOW).replica is a
     # the same everything: in turn
     c, d = replica(3), replica(4)
-    policy = KvAware()
+    policy = KvAware(weights)
     picks = [policy.choose([c, d], Prompt(list(range(500 + i, 540 + i))), NOW).replica.name for i in range(4)]
     assert picks == [c.name, d.name, c.name, d.name]
     d.inflight = 1

@@ -135,10 +135,12 @@ def test_least_loaded_sends_past_a_replica_busy_with_a_stream():
 
 
 def test_kv_spreads_prompts_that_share_nothing():
+    """One after another, so no load tells them apart: each goes to its home, a hash of the prompt
+    and the replica's name (policy.py), so they spread (3 or fewer of 24 on one side: about 1 in 3,600)."""
     with replicas(2, kv_block_size=BLOCK, kv_events=True, kv_cache_blocks=64) as fakes, front_over(fakes) as front:
-        for i in range(4):
+        for i in range(24):
             assert complete(front.http, [Behaviour.PACED, *range(100 * i + 2, 100 * i + 20)]).status_code == 200
-        assert [len(fake.started) for fake in fakes] == [2, 2]
+        assert min(len(fake.started) for fake in fakes) >= 4, [len(fake.started) for fake in fakes]
 
 
 # --- prefix affinity -------------------------------------------------------------------------------
