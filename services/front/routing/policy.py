@@ -9,7 +9,7 @@ prompt tokens of work:
                                              counts), plus what this worker sent since that
                                              report and is still running, and never less than
                                              this worker's own in flight there
-         - home_bonus, on the prompt's home  agreement: see below
+         - edge, on the prompt's home only   agreement: the anchor's length, at most home_tokens (below)
 
 **The prompt's home.** Every front worker (and every PromptService replica) routes on its own,
 and the engines' events reach them a few milliseconds to seconds after a request was sent. Left
