@@ -123,8 +123,8 @@ for phase in $phases; do
     repeats) python3 scripts/bench.py run --targets $CLIENT_TARGETS $(side_by_side $SMOL_KV_BYTES $CLIENT_TARGETS) --model "$MODELS/smol" --served-name smol \
                "${common[@]}" --concurrency 64 256 --min-prompts 32 --prompts-per-concurrency 4 --warmup-concurrency 256 \
                --rounds $ROUNDS --cache-root "$CACHES/smol" --out "$R/repeats" $EXTRA ;;
-    # issue 22: the pipeline's routing against vllm-router on the same engines and workloads, every
-    # replica on GPU 0 at once (ROUTING_SIDE_BY_SIDE= to run one kind's replicas at a time)
+    # issue 22: the pipeline's routing against vllm-router on the same engines and workloads, on GPU 0
+    # (both kinds' replicas at once, or one kind after the other: ROUTING_SIDE_BY_SIDE above)
     routing|routing_tight)
              if [ $phase = routing ]; then kv=$ROUTING_KV_BYTES systems=$ROUTING_SYSTEMS workloads=$ROUTING_WORKLOADS
              else kv=$ROUTING_TIGHT_KV_BYTES systems=$ROUTING_TIGHT_SYSTEMS workloads=$ROUTING_TIGHT_WORKLOADS; fi
