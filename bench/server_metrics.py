@@ -104,6 +104,24 @@ def engine_counters(url: str) -> dict[str, float]:
             for name in ENGINE_COUNTERS}
 
 
+ROUTER_COUNTERS = ("pipeline_replica_requests_total", "pipeline_replica_prompt_blocks_total",
+                   "pipeline_replica_cached_blocks_predicted_total")
+
+
+def router_counters(urls: list[str]) -> dict[str, dict[str, float]]:
+    """What the pipeline's fronts believed, per replica (`host:port`): requests routed there, the
+    prompts' full blocks, and the blocks the router expected cached; summed over the fronts'
+    `/metrics` at `urls` (each front's is already summed over its workers)."""
+    believed: dict[str, dict[str, float]] = {}
+    for url in urls:
+        for family in text_string_to_metric_families(_get(url)):
+            for sample in family.samples:
+                if sample.name in ROUTER_COUNTERS and "replica" in sample.labels:
+                    counters = believed.setdefault(sample.labels["replica"], dict.fromkeys(ROUTER_COUNTERS, 0.0))
+                    counters[sample.name] += sample.value
+    return believed
+
+
 def engine_block_size(url: str) -> int | None:
     """The KV-cache block size of the engine behind `url` (a `/metrics`), from vLLM's
     `vllm:cache_config_info` gauge, which carries the cache's settings as labels."""

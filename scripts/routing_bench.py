@@ -58,7 +58,7 @@ from bench.chat_load import ChatWorkload, conversations, ideal_hit_rate, run_cha
 from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
-from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters  # noqa: E402
+from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters  # noqa: E402
 from bench.servers import (  # noqa: E402
     EngineSettings,
     Server,
@@ -302,6 +302,8 @@ def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str,
     if system.startswith("pipeline"):
         time.sleep(PREDICTION_TTL_S)  # the fronts' predictions from the warm-up expire; their indexes saw the reset
     before = counters(group.replicas)
+    fronts = [f"{door}/metrics" for door in doors] if system.startswith("pipeline") else []
+    believed_before = router_counters(fronts)
     if run.workload == "random":
         workload = Workload(args.input_len, args.output_len, run.concurrency, args.prompts, seed)
         record = run_load(doors[0], args.served_name, args.model, workload, out / "logs" / system,
@@ -311,6 +313,10 @@ def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str,
         workload = chat_workload(args, run, seed)
         record = asyncio.run(run_chat_load(doors, args.served_name, workload, conversations(workload, args.tokenizer)))
     record["replicas"] = moved(before, counters(group.replicas))
+    if fronts:  # the router's belief beside the engines' word: where they differ, the routing was wrong
+        believed = router_counters(fronts)
+        record["router"] = {replica: {name: value - believed_before.get(replica, {}).get(name, 0.0)
+                                      for name, value in values.items()} for replica, values in believed.items()}
     record["system"], record["run"], record["block_size"] = system, run.label, group.block
     if run.workload != "random":
         record["ideal_hit_rate"] = ideal_hit_rate(record, group.block)
@@ -324,6 +330,10 @@ def describe(record: dict) -> str:
     hits = sum(r["vllm:prefix_cache_hits_total"] for r in replicas.values())
     spread = "/".join(f"{r['vllm:request_success_total']:.0f}" for r in replicas.values())
     ideal = f" (ideal {record['ideal_hit_rate']:.1%})" if "ideal_hit_rate" in record else ""
+    if record.get("router"):
+        blocks = sum(r["pipeline_replica_prompt_blocks_total"] for r in record["router"].values())
+        expected = sum(r["pipeline_replica_cached_blocks_predicted_total"] for r in record["router"].values())
+        ideal += f", router expected {expected / blocks if blocks else float('nan'):.1%} of blocks cached"
     return (f"{figures['completed']} ok, {figures['failed']} failed, {figures['output_throughput']:.1f} out tok/s, "
             f"TTFT p50/p90 {figures['ttft_p50_ms']:.0f}/{figures['ttft_p90_ms']:.0f} ms, "
             f"hit rate {hits / queried if queried else float('nan'):.1%}{ideal}, requests per replica {spread}, "

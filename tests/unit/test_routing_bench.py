@@ -173,3 +173,24 @@ def test_chat_record_puts_turns_in_start_order():
     turns = [Turn(start_s=0.5, latency_s=1.0, itl_s=[]), Turn(start_s=0.1, latency_s=0.2, itl_s=[])]
     record = chat_record(turns, ChatWorkload("multiturn", 1, 1, 1), [])
     assert record["requests"]["start_s"] == [0.1, 0.5] and record["duration_s"] == pytest.approx(1.4)
+
+
+def test_the_routers_belief_is_summed_per_replica_over_the_fronts(monkeypatch):
+    """Beside the engines' counters, each run records what the fronts believed (requests routed,
+    prompt blocks, blocks expected cached), per replica, summed over every front."""
+    from bench import server_metrics
+
+    pages = {
+        "http://front-a/metrics": 'pipeline_replica_requests_total{replica="10.0.0.1:3000"} 3.0\n'
+                                  'pipeline_replica_prompt_blocks_total{replica="10.0.0.1:3000"} 30.0\n'
+                                  'pipeline_replica_cached_blocks_predicted_total{replica="10.0.0.1:3000"} 20.0\n'
+                                  'pipeline_requests_total 9.0\n',
+        "http://front-b/metrics": 'pipeline_replica_requests_total{replica="10.0.0.1:3000"} 1.0\n'
+                                  'pipeline_replica_requests_total{replica="10.0.0.2:3000"} 2.0\n',
+    }
+    monkeypatch.setattr(server_metrics, "_get", pages.__getitem__)
+    believed = server_metrics.router_counters(list(pages))
+    assert believed["10.0.0.1:3000"] == {"pipeline_replica_requests_total": 4.0, "pipeline_replica_prompt_blocks_total": 30.0,
+                                         "pipeline_replica_cached_blocks_predicted_total": 20.0}
+    assert believed["10.0.0.2:3000"]["pipeline_replica_requests_total"] == 2.0
+    assert server_metrics.router_counters([]) == {}
