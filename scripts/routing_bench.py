@@ -132,7 +132,23 @@ def on_gpu(server: Server, index: int, args: argparse.Namespace, caches: Path) -
             server.env["CUDA_VISIBLE_DEVICES"] = "0"
 
 
-class PipelineGroup:
+class ReplicaGroup:
+    """N replicas of one kind on the same engine settings: started together, waited for in turn."""
+
+    kind: str
+    args: argparse.Namespace
+    replicas: list[Server]
+
+    def start(self) -> None:
+        for replica in self.replicas:
+            replica.start()
+
+    def wait_ready(self) -> None:
+        for replica in self.replicas:
+            log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
+
+
+class PipelineGroup(ReplicaGroup):
     """N LLMService replicas and the PromptService fronts the chosen systems need."""
 
     kind = "pipeline"
@@ -149,13 +165,8 @@ class PipelineGroup:
         self.fronts: dict[str, Server] = {}
         self.block: int | None = None  # the engines' KV block size, once they are up
 
-    def start(self) -> None:
-        for replica in self.replicas:
-            replica.start()
-
     def wait_ready(self) -> None:
-        for replica in self.replicas:
-            log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
+        super().wait_ready()
         urls = ",".join(replica.url for replica in self.replicas)
         for system in self.args.systems:
             if not system.startswith("pipeline"):
@@ -196,7 +207,7 @@ def llm_tier(replica: Server) -> httpx.Client:
     return httpx.Client(base_url=replica.url, headers=replica.internal_headers, timeout=30)
 
 
-class VllmGroup:
+class VllmGroup(ReplicaGroup):
     """N `vllm serve` replicas, and a vllm-router started for each run."""
 
     kind = "vllm"
@@ -215,14 +226,6 @@ class VllmGroup:
             self.replicas.append(replica)
         self.router: Server | None = None
         self.block: int | None = None  # the engines' KV block size, once they are up
-
-    def start(self) -> None:
-        for replica in self.replicas:
-            replica.start()
-
-    def wait_ready(self) -> None:
-        for replica in self.replicas:
-            log(f"{replica.name} ready after {replica.wait_ready(self.args.ready_timeout):.0f} s")
 
     def front_doors(self, system: str, run_name: str) -> list[str]:
         """A new router with the system's policy (the previous one stopped), its log the run's."""
