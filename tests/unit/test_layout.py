@@ -70,3 +70,20 @@ def test_no_file_carries_merge_conflict_markers() -> None:
               if path.suffix in TEXT_SUFFIXES and path.is_file() and not skipped & set(path.relative_to(root).parts)
               and CONFLICT_MARKER.search(path.read_text(errors="replace"))]
     assert marked == []
+
+
+def test_loading_the_bento_imports_no_engine_or_model_library() -> None:
+    """Every process that loads the Bento imports its entry module: the GPU tier's server process
+    before it starts a worker, and each LLMService worker before it starts the engine. torch,
+    transformers and vLLM (seconds to import) come later, in the worker that needs them; imported
+    here they delayed every GPU replica's engine start (docs/architecture.md, "A replica's start")."""
+    import subprocess
+    import sys
+
+    code = ("import sys, services.front.prompt_service; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'vllm'}))")
+    env = {"PIPELINE_INTERNAL_TOKEN": "a-token-for-the-import-check", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=SERVICES.parent, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -1,13 +1,23 @@
-"""Loading the fast tokenizer, encoding prompts, and the context-length limit."""
+"""Loading the fast tokenizer, encoding prompts, and the context-length limit.
+
+transformers (and the torch it imports) is imported only when a tokenizer is loaded: every
+process that loads the Bento imports this module, the GPU tier's too (docs/architecture.md,
+"A replica's start").
+"""
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from services.errors import RequestError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(f"{model_path} has no fast tokenizer (tokenizer.json); the front tier needs one")
