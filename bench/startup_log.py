@@ -125,3 +125,78 @@ def client_phases(arrivals: list[tuple[float, str]], started_at: float) -> dict:
     if "engine_ready" in found:
         found["clients_after_engine_s"] = {n: round(at - found["engine_ready"], 2) for n, at in found["clients_connected"].items()}
     return found
+
+
+@contextlib.contextmanager
+def watch_processes(root_pid: int, every_s: float = 0.05) -> Iterator[dict[int, dict]]:
+    """pid -> {ppid, created (time.time()), cmdline} for every process of `root_pid`'s tree seen
+    while inside the block (polled; a process living under `every_s` may be missed)."""
+    import psutil
+
+    seen: dict[int, dict] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                root = psutil.Process(root_pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for process in tree:
+                if process.pid in seen:
+                    continue
+                try:
+                    seen[process.pid] = {"ppid": process.ppid(), "created": process.create_time(),
+                                         "cmdline": " ".join(process.cmdline())[:300]}
+                except psutil.Error:
+                    pass
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=poll, daemon=True, name="ProcessWatcher")
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def engine_spawn(processes: dict[int, dict], started_at: float) -> dict[str, float]:
+    """When the EngineCore's process was created, and when the process that spawned it was: the
+    first `multiprocessing.spawn` child in the tree is the EngineCore (vLLM starts it before its
+    own workers and API processes). Seconds from `started_at`."""
+    spawned = sorted((info["created"], pid) for pid, info in processes.items()
+                     if "spawn_main" in info["cmdline"] and "resource_tracker" not in info["cmdline"])
+    if not spawned:
+        return {}
+    created, pid = spawned[0]
+    parent = processes.get(processes[pid]["ppid"])
+    found = {"engine_spawned": round(created - started_at, 2)}
+    if parent is not None:
+        found["engine_launcher_started"] = round(max(parent["created"] - started_at, 0.0), 2)
+    return found
+
+
+def breakdown(arrivals: list[tuple[float, str]], processes: dict[int, dict], started_at: float,
+              ready_s: float) -> dict[str, float]:
+    """A start phase by phase, the same for LLMService and `vllm serve` (seconds each):
+    - `launcher_s`: to the process that spawns the EngineCore (LLMService: BentoML's server
+      process loading the Bento and starting worker 1; `vllm serve`: its own process, 0);
+    - `imports_and_config_s`: that process imports vLLM and builds the engine's configuration;
+    - `engine_imports_s`: the spawned EngineCore imports vLLM and torch again (to its first line);
+    - `engine_init_s`: it loads the model, compiles, captures graphs, warms up (to its "init
+      engine ... took" line);
+    - `to_ready_s`: the engine up to the server's first ready answer (engine clients, API processes)."""
+    marks = engine_spawn(processes, started_at)
+    lines = client_phases(arrivals, started_at)
+    if "engine_spawned" not in marks or "engine_core_start" not in lines or "engine_ready" not in lines:
+        return {}
+    launcher = marks.get("engine_launcher_started", 0.0)
+    return {
+        "launcher_s": launcher,
+        "imports_and_config_s": round(marks["engine_spawned"] - launcher, 2),
+        "engine_imports_s": round(lines["engine_core_start"] - marks["engine_spawned"], 2),
+        "engine_init_s": round(lines["engine_ready"] - lines["engine_core_start"], 2),
+        "to_ready_s": round(ready_s - lines["engine_ready"], 2),
+    }

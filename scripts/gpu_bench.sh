@@ -103,7 +103,7 @@ for phase in $phases; do
     # the load generators and PromptService on the others
     pinned2) python3 scripts/bench.py run --targets $PINNED2_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED2_TARGETS) --pin-gpu-host 0-1 --pin-rest 2-$(($(nproc) - 1)) \
                --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency $PINNED_CONCURRENCY --min-prompts 32 \
-               --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned2" $EXTRA ;;
+               --prompts-per-concurrency 4 --warmup-concurrency 256 --rounds $ROUNDS --cache-root "$CACHES/smol" --out "$R/pinned2" $EXTRA ;;
     pinned4) python3 scripts/bench.py run --targets $PINNED4_TARGETS $(side_by_side $SMOL_KV_BYTES $PINNED4_TARGETS) --pin-gpu-host 0-3 --pin-rest 4-$(($(nproc) - 1)) \
                --model "$MODELS/smol" --served-name smol "${common[@]}" --concurrency 64 256 --min-prompts 32 \
                --prompts-per-concurrency 4 --warmup-concurrency 256 --out "$R/pinned4" $EXTRA ;;

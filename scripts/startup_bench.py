@@ -10,6 +10,9 @@ Each start is one record in RESULTS/<shape>/starts.jsonl, written as soon as it 
 - `first_token_s`: to the first token of a request sent at that moment (`ready_s` + its TTFT);
 - `ttft_first_ms` and `ttft_next_ms` (the median of the next few): is the first request served at
   the pace of the later ones, i.e. was the server ready when it said so;
+- `breakdown`: the same phases for both servers, from when their processes were created and their
+  log lines arrived (bench/startup_log.py `breakdown`): launcher, imports and config, the
+  EngineCore's imports, its init, and the clients to ready;
 - `phases`: the start-up broken down from the server's log (bench/startup_log.py);
 - `clients` (LLMService): to the engine being up and to each engine client's "connected" line,
   each client's lag behind the engine, and `ready_after_engine_s` (the engine being up to the first
@@ -62,7 +65,7 @@ from bench.servers import (  # noqa: E402
     tier_command,
     tier_env,
 )
-from bench.startup_log import client_phases, follow, phases  # noqa: E402
+from bench.startup_log import breakdown, client_phases, follow, phases, watch_processes  # noqa: E402
 from services.gpu.caches import cache_environment  # noqa: E402
 
 
@@ -146,7 +149,7 @@ def measure(server: Server, settings: EngineSettings | None, prompt: list[int], 
     server.start()
     clients = None
     try:
-        with follow(server.log) as arrivals:
+        with follow(server.log) as arrivals, watch_processes(server.process.pid) as processes:
             ready = server.wait_ready(args.ready_timeout)
             print(f"  ready after {ready:.1f} s", flush=True)
             ttft, tokens = stream_first_token(server, settings, prompt, args.max_tokens)
@@ -158,9 +161,11 @@ def measure(server: Server, settings: EngineSettings | None, prompt: list[int], 
                                lambda seen: len(seen["clients_connected"]) >= count, within_s=30, every_s=0.2)
                 if "engine_ready" in clients:
                     clients["ready_after_engine_s"] = round(ready - clients["engine_ready"], 2)
+        steps = breakdown(arrivals, processes, started_at, ready)
     finally:
         server.stop()
     return {
+        "breakdown": steps,
         "ready_s": round(ready, 2),
         "live_s": server.live_after_s and round(server.live_after_s, 2),
         "first_token_s": round(ready + ttft, 2),
