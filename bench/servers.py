@@ -456,7 +456,7 @@ def cpu_engine_env(settings: EngineSettings) -> dict[str, str]:
     if not settings.cpu:
         return {}
     # The same values the pipeline's LLMService sets for itself.
-    from services.gpu.llm_service import cpu_engine_environment
+    from services.gpu.engine_args import cpu_engine_environment
 
     return cpu_engine_environment(settings.cpu_kvcache_gib)
 

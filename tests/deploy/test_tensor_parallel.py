@@ -18,7 +18,8 @@ PROBE = """
 import json
 from _bentoml_impl.server.allocator import ResourceAllocator
 from services.config import settings
-from services.gpu.llm_service import LLMService, engine_args
+from services.gpu.engine_args import engine_args
+from services.gpu.llm_service import LLMService
 from services.front.prompt_service import PromptService
 
 PromptService.inject_config()  # what BentoML's start does before serving

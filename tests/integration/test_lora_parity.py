@@ -30,7 +30,7 @@ from test_openai_parity import HERMES_TEMPLATE, MODEL_NAME, START_TIMEOUT_S, cal
 
 from bench.lora_adapters import make_adapter
 from bench.servers import ROOT, EngineSettings, Server, free_port, make_server, own_bentoml_home, serve_pipeline
-from services.gpu.llm_service import CPU_DTYPE
+from services.gpu.engine_args import CPU_DTYPE
 
 LOGS = ROOT / ".cache" / "test-logs"
 MAX_RANK = 8

