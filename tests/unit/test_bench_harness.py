@@ -8,8 +8,8 @@ from pathlib import Path
 
 from bench.profile import NATIVE, summarize
 from bench.servers import ROOT, EngineSettings, make_server
-from services.gpu import engine_args
 from services.config import Settings
+from services.gpu import engine_args
 
 
 def test_a_set_kv_cache_reaches_both_servers_and_the_engine(tmp_path: Path, monkeypatch):

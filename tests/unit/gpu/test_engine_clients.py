@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 from bench.servers import ROOT, parse_cpus, parse_target
-from services.gpu import engine_args, engine_clients
 from services.config import Settings
+from services.gpu import engine_args, engine_clients
 from services.gpu.engine_clients import (
     ENGINE_FILE,
     EngineClientSlot,
