@@ -30,6 +30,7 @@ from services.errors import RequestError
 from services.gpu.draining import Drain
 from services.gpu.engine_args import engine_args, kv_events_wanted
 from services.gpu.engine_clients import EngineClientSlot, EngineLoad, start_engine_client
+from services.gpu.engine_io import to_deltas, vllm_sampling_params
 from services.gpu.engine_stats import EngineStats
 from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
 from services.gpu.kv_events import KvEventHub, KvEventSubscriber, KvIndex
@@ -40,12 +41,10 @@ from services.protocol import (
     AdapterInfo,
     AdapterUpdate,
     CacheEvents,
-    GenerateDelta,
     GenerateRequest,
     LoadAdapterRequest,
     ModelInfo,
     ReplicaLoad,
-    TokenLogprobs,
     UnloadAdapterRequest,
     encode_frame,
 )
@@ -119,54 +118,6 @@ def _input_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return (ValueError,)
     return (ValueError, VLLMValidationError)
-
-
-def vllm_sampling_params(request: GenerateRequest):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    fields = request.sampling_params.model_dump()
-    if (grammar := request.sampling_params.structured_outputs) is not None:
-        from vllm.sampling_params import StructuredOutputsParams
-
-        fields["structured_outputs"] = StructuredOutputsParams(**grammar.engine_fields())
-    return SamplingParams(
-        **fields,
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-        skip_clone=True,  # made fresh for each request, as vLLM's server marks its own: no deep copy (~40 us)
-    )
-
-
-def to_deltas(output, prompt_tokens: int, completed: dict[int, int]) -> list[GenerateDelta]:
-    """A vLLM RequestOutput (DELTA kind) as frames, one per choice that moved."""
-    deltas = []
-    for choice in output.outputs:
-        completed[choice.index] = completed.get(choice.index, 0) + len(choice.token_ids)
-        logprobs = None
-        if choice.logprobs is not None:
-            logprobs = [
-                TokenLogprobs(
-                    logprob=candidates[token_id].logprob,
-                    top=sorted(
-                        ((candidate, entry.logprob) for candidate, entry in candidates.items()),
-                        key=lambda pair: -pair[1],
-                    ),
-                )
-                for token_id, candidates in zip(choice.token_ids, choice.logprobs)
-            ]
-        deltas.append(
-            GenerateDelta(
-                index=choice.index,
-                token_ids=list(choice.token_ids),
-                logprobs=logprobs,
-                finish_reason=choice.finish_reason,
-                stop_reason=choice.stop_reason if isinstance(choice.stop_reason, int) else None,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completed[choice.index],
-            )
-        )
-    return deltas
 
 
 # In the serving process, before it starts the workers: the replica's run directory (engine

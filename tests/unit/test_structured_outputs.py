@@ -14,7 +14,7 @@ from services.errors import RequestError
 from services.front.openai.parsing import ChatParsing, check_tool_choice
 from services.front.openai.protocol import ChatCompletionRequest, CompletionRequest
 from services.front.text.templates import ChatFormatter, load_chat_template
-from services.gpu.llm_service import vllm_sampling_params
+from services.gpu.engine_io import vllm_sampling_params
 from services.protocol import GenerateRequest, SamplingParams, StructuredOutputs
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]

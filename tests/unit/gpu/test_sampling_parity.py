@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from services.front.openai.protocol import ChatCompletionRequest
-from services.gpu.llm_service import vllm_sampling_params
+from services.gpu.engine_io import vllm_sampling_params
 from services.model_store import sampling_defaults
 from services.protocol import GenerateRequest, SamplingParams
 
