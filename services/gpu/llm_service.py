@@ -16,17 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextvars import ContextVar
+from collections.abc import AsyncGenerator
 from http import HTTPStatus
 
 import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.config import settings, stream_tracing
-from services.connection import BodyTooLarge, ClientLeft, read_body, run_until_client_leaves
-from services.errors import RequestError
 from services.gpu.draining import Drain
 from services.gpu.engine_args import engine_args, kv_events_wanted
 from services.gpu.engine_clients import EngineClientSlot, EngineLoad, start_engine_client
@@ -36,6 +32,7 @@ from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_e
 from services.gpu.kv_events import KvEventHub, KvEventSubscriber, KvIndex
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.gpu.metrics import engine_metrics
+from services.gpu.request_ownership import EngineRequestsPerCall, own_engine_request, release_engine_request
 from services.model_store import adapter_reference, model_reference
 from services.protocol import (
     AdapterInfo,
@@ -49,65 +46,13 @@ from services.protocol import (
     encode_frame,
 )
 from services.run_dir import own_run_dir, share_run_dir
-from services.security import BearerAuthMiddleware, JsonOnlyMiddleware, refuse
+from services.security import BearerAuthMiddleware, JsonOnlyMiddleware
 
 logger = logging.getLogger("bentoml.service.llm")
 
 # /kv_events: how often a stream sends the engine's load when it changed, and when it did not
 LOAD_EVERY_S = 0.25
 LOAD_ANYWAY_S = 5.0
-
-# The largest body a call may carry: a prompt of a million token ids is about 7 MB of JSON.
-MAX_BODY_BYTES = 64 * 2**20
-
-# The engine requests the current HTTP call started and that have not finished, with how to abort them.
-_call_requests: ContextVar[dict[str, Callable[[list[str]], Awaitable[None]]] | None] = ContextVar(
-    "call_requests", default=None
-)
-
-
-def own_engine_request(request_id: str, abort: Callable[[list[str]], Awaitable[None]]) -> None:
-    """The current call started this engine request: abort it if the call ends first."""
-    started = _call_requests.get()
-    if started is not None:
-        started[request_id] = abort
-
-
-def release_engine_request(request_id: str) -> None:
-    """The engine request finished (or never started): nothing to abort."""
-    started = _call_requests.get()
-    if started is not None:
-        started.pop(request_id, None)
-
-
-class EngineRequestsPerCall:
-    """ASGI middleware: the engine requests an HTTP call started live no longer than the call.
-
-    The call runs until its client leaves (services/connection.py); when it ends, whatever engine
-    request it started and that has not finished is aborted: no second call is needed, and the
-    abort happens on the replica that runs the request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        try:
-            body = await read_body(scope, receive, MAX_BODY_BYTES)
-        except ClientLeft:
-            return
-        except BodyTooLarge:
-            return await refuse(scope, receive, send, RequestError(f"the body is over {MAX_BODY_BYTES} bytes", status=413))
-        started: dict[str, Callable[[list[str]], Awaitable[None]]] = {}
-        token = _call_requests.set(started)
-        try:
-            await run_until_client_leaves(self.app, scope, body, receive, send)
-        finally:
-            _call_requests.reset(token)
-            for request_id, abort in list(started.items()):
-                engine_metrics().aborted.inc()
-                await abort([request_id])
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from services.gpu.llm_service import EngineRequestsPerCall, own_engine_request, release_engine_request
+from services.gpu.request_ownership import EngineRequestsPerCall, own_engine_request, release_engine_request
 from services.kv_blocks import block_keys
 from services.protocol import (
     AdapterInfo,
