@@ -38,6 +38,7 @@ from services.front.openai.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from services.front.openai import serving_chat, serving_completion
 from services.front.openai.serving import OpenAIServing, error_response
 from services.protocol import AdapterUpdate, LoadAdapterRequest, UnloadAdapterRequest
 
@@ -138,7 +139,7 @@ def respond(result: Any) -> Any:
     tags=["OpenAI"],
 )
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-    result = await serving(raw_request).chat(request, raw_request.headers.get("X-Request-Id"))
+    result = await serving_chat.create_chat_completion(serving(raw_request), request, raw_request.headers.get("X-Request-Id"))
     return respond(result)
 
 
@@ -150,7 +151,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     tags=["OpenAI"],
 )
 async def create_completion(request: CompletionRequest, raw_request: Request):
-    result = await serving(raw_request).completion(request, raw_request.headers.get("X-Request-Id"))
+    result = await serving_completion.create_completion(serving(raw_request), request, raw_request.headers.get("X-Request-Id"))
     return respond(result)
 
 
