@@ -24,8 +24,8 @@ from services.front.health import TierMonitor
 from services.front.inflight import InflightRequest, SequenceBudget
 from services.front.llm_client import LLMClient
 from services.front.metrics import front_metrics
-from services.front.openai.router import app as openai_app
-from services.front.openai.router import attach_lora_routes
+from services.front.openai.api_router import app as openai_app
+from services.front.openai.api_router import attach_lora_routes
 from services.front.openai.serving import OpenAIServing
 from services.front.text.templates import ChatFormatter, load_chat_template
 from services.front.text.tokenizer import load_tokenizer
@@ -96,7 +96,7 @@ def replica_router():
     return ReplicaRouter(gpu_tier, make_policy(settings.routing, weights))
 
 
-@bentoml.asgi_app(openai_app, path="/")  # /v1/*, /tokenize, /detokenize (services/front/openai/router.py)
+@bentoml.asgi_app(openai_app, path="/")  # /v1/*, /tokenize, /detokenize (services/front/openai/api_router.py)
 @bentoml.service(
     name="PromptService",
     workers=settings.prompt_workers,

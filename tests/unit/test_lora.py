@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from test_request_life import Front
 
 from services.config import Settings
-from services.front.openai.router import app as openai_app
-from services.front.openai.router import attach_lora_routes
+from services.front.openai.api_router import app as openai_app
+from services.front.openai.api_router import attach_lora_routes
 from services.front.openai.serving import OpenAIServing
 from services.gpu.lora import AdapterExists, AdapterRegistry, resolve_adapter_path
 from services.lora_modules import LoraModule, parse_lora_modules

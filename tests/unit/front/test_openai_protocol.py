@@ -16,7 +16,7 @@ from services.front.openai.protocol import (
     ProtocolError,
     TokenizeChatRequest,
 )
-from services.front.openai.router import app
+from services.front.openai.api_router import app
 
 USER = [{"role": "user", "content": "hi"}]
 

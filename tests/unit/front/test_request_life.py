@@ -26,7 +26,7 @@ from services.front.generation import TextGeneration
 from services.front.health import TierMonitor
 from services.front.inflight import InflightRequest, SequenceBudget
 from services.front.llm_client import LLMClient
-from services.front.openai.router import app as openai_app
+from services.front.openai.api_router import app as openai_app
 from services.front.openai.serving import OpenAIServing
 from services.front.text.templates import ChatFormatter, load_chat_template
 from services.front.text.tokenizer import load_tokenizer

@@ -19,8 +19,8 @@ from services.config import settings
 from services.front.admission import AdmissionMiddleware
 from services.front.generation import TextGeneration
 from services.front.inflight import SequenceBudget
-from services.front.openai.router import app as openai_app
-from services.front.openai.router import attach_lora_routes
+from services.front.openai.api_router import app as openai_app
+from services.front.openai.api_router import attach_lora_routes
 from services.front.openai.serving import OpenAIServing
 from services.front.routing.discovery import DnsRecords, FixedList, UrlFile, replica_name
 from services.front.routing.policy import make_policy

@@ -1,13 +1,9 @@
-"""The OpenAI-compatible HTTP routes, as a FastAPI app that PromptService mounts at "/".
+"""The OpenAI-compatible HTTP routes: a FastAPI app that PromptService mounts at "/".
 
-Routes only parse, call `OpenAIServing` and shape errors (vLLM's api_router.py pattern). Paths are
-vLLM's: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize. BentoML mounts
-the app with a "passive" mount that only claims the paths this app defines, so mounting at the
-root leaves /generate, /readyz, /livez, /metrics and /docs.json to BentoML, and BentoML merges this
-app's OpenAPI paths into the service's document (/docs.json, Swagger UI at /).
-
-The app reaches the worker's handler through `app.state.serving`, set by PromptService.__init__
-(each worker process builds its own).
+Routes only parse, call the handlers (serving.py, serving_chat.py, serving_completion.py) and shape
+errors, as vLLM's api_router.py modules do; the paths are vLLM's. BentoML's passive mount claims only
+these paths, so /generate, /readyz, /livez, /metrics and /docs.json stay BentoML's. Each worker sets
+its own handler in `app.state.serving` (PromptService.__init__).
 """
 
 from __future__ import annotations
