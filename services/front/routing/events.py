@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.front.routing.replicas import Replica
+from services.front.routing.replica import Replica
 
 logger = logging.getLogger("bentoml.service.prompt")
 

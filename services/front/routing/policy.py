@@ -49,7 +49,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.front.routing.replicas import Replica
+from services.front.routing.replica import Replica
 from services.kv_blocks import block_keys
 
 

@@ -24,95 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from functools import cached_property
 
 from services.errors import TierUnavailable
-from services.front.health import TierMonitor
-from services.front.llm_client import LLMClient
 from services.front.metrics import front_metrics
-from services.front.routing.discovery import DiscoveryError, Source, replica_name
-from services.front.routing.index import PREDICTION_TTL_S, BlockIndex
-from services.protocol import LoadAdapterRequest, ModelInfo, ReplicaLoad
+from services.front.routing.discovery import DiscoveryError, Source
+from services.front.routing.events import follow_cache_events
+from services.front.routing.index import PREDICTION_TTL_S
+from services.front.routing.replica import Replica
+from services.protocol import LoadAdapterRequest, ModelInfo
 
 logger = logging.getLogger("bentoml.service.prompt")
-
-DEFAULT_CAPACITY_BLOCKS = 4096  # the history's bound for a replica that does not say its cache size
-
-
-class Replica:
-    """One LLMService replica as this worker sees it."""
-
-    def __init__(self, url: str, *, token: str, timeout_s: float, check_interval_s: float, retry_after_s: int,
-                 on_change: Callable[[Replica, bool], None], prediction_ttl_s: float = PREDICTION_TTL_S) -> None:
-        self.url = url
-        self.name = replica_name(url)
-        self.monitor = TierMonitor(self.name, interval_s=check_interval_s, retry_after_s=retry_after_s,
-                                   on_change=lambda ready: on_change(self, ready))
-        self.client = LLMClient(url, token=token, timeout_s=timeout_s, monitor=self.monitor)
-        self.prediction_ttl_s = prediction_ttl_s
-        self.info: ModelInfo | None = None
-        self.index: BlockIndex | None = None  # made once the block size is known; None: no prefix cache
-        self.load: ReplicaLoad | None = None  # the engine's own last report (None while its stream is down)
-        self.sent_since_report = 0  # requests this worker sent since that report, still running
-        self.report_number = 0  # which report `sent_since_report` counts from
-        self.inflight = 0  # this worker's requests streaming from it now
-        self.retired = False  # left discovery: no new request; closed when its last stream ends
-        self.tasks: list[asyncio.Task] = []
-        self.metrics.ready.set(0)
-
-    @cached_property
-    def metrics(self):
-        return front_metrics().for_replica(self.name)
-
-    @property
-    def ready(self) -> bool:
-        return self.monitor.ready and not self.retired
-
-    @property
-    def block_size(self) -> int | None:
-        return self.info.kv_block_size if self.info is not None else None
-
-    def use(self, info: ModelInfo) -> None:
-        """The replica's model info (each time it comes up, and after adapter changes)."""
-        if self.index is None or info.kv_block_size != self.block_size:
-            self.index = None if info.kv_block_size is None else BlockIndex(
-                info.kv_cache_blocks or DEFAULT_CAPACITY_BLOCKS, prediction_ttl_s=self.prediction_ttl_s)
-        elif info.kv_cache_blocks:
-            self.index.capacity = info.kv_cache_blocks
-        self.info = info
-
-    def report(self, load: ReplicaLoad | None) -> None:
-        """The engine's load as it measured it (None: no report to go by)."""
-        self.load, self.sent_since_report = load, 0
-        self.report_number += 1
-
-    def sent(self) -> int:
-        """A request of this worker's starts here: counted until it ends or the next report
-        (which counts it itself); returns what `ended` needs to tell which."""
-        self.sent_since_report += 1
-        return self.report_number
-
-    def ended(self, sent: int) -> None:
-        if sent == self.report_number:  # ended before the engine reported again: no longer load
-            self.sent_since_report -= 1
-
-    @property
-    def active_requests(self) -> int:
-        """Its engine's running and waiting requests (over every front that sends it work), plus
-        those this worker sent since that report and that still run; never fewer than this
-        worker's own in flight there (a report taken before requests sent just before it reached
-        the replica would miss them, and they are no longer counted as sent since); without a
-        report, this worker's own in flight."""
-        if self.load is None:
-            return self.inflight
-        return max(self.load.running + self.load.waiting + self.sent_since_report, self.inflight)
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.monitor.stop()
-        await self.client.close()
 
 
 class ReplicaSet:
@@ -186,8 +107,6 @@ class ReplicaSet:
         self.replicas[url] = replica
         replica.monitor.watch(replica.client.is_ready, on_ready=lambda: self._bring_up(replica))
         if self.follow_events:
-            from services.front.routing.events import follow_cache_events
-
             replica.tasks.append(asyncio.get_running_loop().create_task(follow_cache_events(replica)))
         logger.warning("GPU tier replica %s joined", replica.name)
 

@@ -24,7 +24,8 @@ from contextlib import aclosing
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.front.routing.policy import Prompt, RoundRobin
-from services.front.routing.replicas import Replica, ReplicaSet
+from services.front.routing.replica import Replica
+from services.front.routing.replicas import ReplicaSet
 from services.protocol import AdapterUpdate, GenerateDelta, GenerateRequest, LoadAdapterRequest, ModelInfo, UnloadAdapterRequest
 
 logger = logging.getLogger("bentoml.service.prompt")

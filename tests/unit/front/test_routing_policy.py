@@ -7,7 +7,7 @@ import pytest
 
 from services.front.routing.index import BlockIndex
 from services.front.routing.policy import KvAware, LeastLoaded, Prompt, RoundRobin, Weights, kv_cost, make_policy
-from services.front.routing.replicas import Replica
+from services.front.routing.replica import Replica
 from services.kv_blocks import block_keys
 from services.protocol import CacheEvents, ModelInfo, ReplicaLoad
 
