@@ -1,6 +1,7 @@
 """The layout is the architecture (docs/architecture.md, "Which folder is which tier"): front →
-shared ← gpu. Read from the source, so an import that crosses the line fails here before it
-ships, whether at module level or inside a function."""
+shared ← gpu, and no import cycle among the modules of services/. Read from the source, so an
+import that crosses the line or closes a cycle fails here before it ships, whether at module
+level or inside a function."""
 
 from __future__ import annotations
 
@@ -55,6 +56,83 @@ def test_the_check_sees_a_crossing(tmp_path: Path) -> None:
 
 def test_every_tier_folder_has_modules() -> None:
     assert {tier(str(p.relative_to(SERVICES.parent))) for p in MODULES} == {"shared", "front", "gpu"}
+
+
+def module_name(path: Path, root: Path) -> str:
+    """services/front/health.py -> services.front.health; a package's __init__.py -> the package."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Each module of root/services and the modules of services it imports, wherever the import
+    sits (module level, a function, an `if TYPE_CHECKING:`). `from package import module` counts as
+    an import of that module; a relative import is resolved against the importing module."""
+    paths = sorted((root / "services").rglob("*.py"))
+    known = {module_name(path, root) for path in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        name = module_name(path, root)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{anchor}.{base}" if base else anchor
+                edges.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                             for alias in node.names)
+        graph[name] = (edges & known) - {name}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of imports (its modules, the first repeated at the end), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported):
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        if cycle := visit(module):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_among_the_services_modules() -> None:
+    """No module of services/ imports, even inside a function, a module that imports it back,
+    directly or through others: each module can be read, and imported, on its own."""
+    cycle = import_cycle(import_graph(SERVICES.parent))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_function(tmp_path: Path) -> None:
+    """The check itself can fail: a -> b at module level, b -> a inside a function."""
+    package = tmp_path / "services" / "front"
+    package.mkdir(parents=True)
+    (tmp_path / "services" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from services.front import b\n")
+    (package / "b.py").write_text("def f():\n    from .a import thing\n")
+    (package / "c.py").write_text("import services.front.a\n")
+    graph = import_graph(tmp_path)
+    assert graph["services.front.a"] == {"services.front.b"} and graph["services.front.b"] == {"services.front.a"}
+    assert import_cycle(graph) == ["services.front.a", "services.front.b", "services.front.a"]
+    assert import_cycle({"x": {"y"}, "y": set()}) is None
 
 
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".txt", ".toml", ".ini", ".json", ".cfg"}
