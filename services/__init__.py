@@ -1,9 +1,7 @@
-"""A two-tier LLM serving pipeline on BentoML and vLLM.
+"""A two-tier LLM serving pipeline on BentoML and vLLM (docs/architecture.md).
 
-- `front/`: PromptService, the front door on CPU (HTTP API, templates, tokenization, limits,
-  incremental detokenization, stop strings) and all it alone runs.
-- `gpu/`: LLMService, the GPU tier: one vLLM engine, token ids in and out, its engine-client
-  processes and LoRA adapters.
-- here, shared by both tiers: `protocol` (the contract between them), `config`, `security`,
-  `connection`, `errors`, `model_store`, `lora_modules`. Nothing here imports a tier.
+`front/` is PromptService, the CPU tier (HTTP API, templates, tokenization, detokenization,
+routing); `gpu/` is LLMService, the GPU tier (one vLLM engine, token ids in and out). The modules
+here are shared by both: the contract (`protocol`), settings, security, errors. Nothing here
+imports a tier.
 """

@@ -1,12 +1,9 @@
-"""One HTTP request at the ASGI level, on either tier: its body, read whole and bounded, and an
-end to its work as soon as its client goes away.
+"""One HTTP request at the ASGI level, on either tier: its body, read whole and bounded, and its
+work ended as soon as its client goes away.
 
-A server does not reliably stop a route when the client disconnects: a streamed response's
-generator can sit at a `yield` until garbage collection, and a non-streamed route runs to its
-end. `run_until_client_leaves` runs the app as a task of its own and watches the connection
-itself: when the client leaves before the response is complete, the app is cancelled, so every
-stream it opened is closed at once (on the front tier that closes its GPU-tier connection, which
-in turn aborts the engine request on the GPU tier).
+`run_until_client_leaves` runs the app as a task of its own and watches the connection itself, as
+a server does not reliably stop a route whose client left. Cancelling the app closes every stream
+it opened, which is how a request ends on both tiers (docs/architecture.md, "Reaching LLMService").
 """
 
 from __future__ import annotations

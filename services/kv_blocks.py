@@ -1,20 +1,9 @@
-"""The name of a block of KV cache, the same in both tiers: the key the front tier routes by and
-the key the GPU tier reports its engine's cache in.
+"""The key of a block of KV cache, computed the same in both tiers: the front tier routes by it,
+the GPU tier reports its engine's cache in it.
 
-vLLM's prefix cache holds a prompt's KV in blocks of `block_size` tokens, and a block is reused
-only when every token before it is the same, and so is the LoRA adapter. So a block's key is
-chained: the first hashes the adapter's name and the first `block_size` token ids, each next one
-hashes its parent's key and its own tokens. Only full blocks have a key (the engine caches no
-partial block). A prompt then names its blocks as a list, and "the first k of them are cached on
-that replica" is one walk along it.
-
-The project's own hash, not vLLM's: vLLM's block hash is seeded per process (`PYTHONHASHSEED`,
-`sha256_cbor` with a random seed in 0.26), so it means nothing to another process. LLMService
-recomputes these keys from the token ids that vLLM's `BlockStored` events carry
-(services/gpu/kv_events.py), and PromptService from the prompts it tokenized
-(services/front/routing/). BLAKE2b (the standard library's) with 8-byte digests, masked to 63
-bits so a key is a non-negative JSON integer in every language: a collision among the blocks of
-one replica costs one mis-predicted cache hit, nothing more.
+Keys are chained: the first block's hashes the adapter's name and its token ids, each next one its
+parent's key and its own tokens; only full blocks have one. The project's own hash (BLAKE2b, 63
+bits), not vLLM's, which is seeded per process (docs/architecture.md, "Block keys").
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The contract between the tiers: what PromptService sends LLMService, and what streams back.
 
-Token ids in, token ids out. The request is shaped after vLLM's tokens-in/tokens-out
-`GenerateRequest` (token_ids, sampling_params, stream, request_id); the reply is a stream of
-`GenerateDelta` objects, one JSON object per line (newline-delimited JSON). BentoML's proxy and
-HTTP transports may merge or split chunks anywhere, so the receiver buffers bytes and only parses
-complete lines (`DeltaDecoder`); JSON escapes every newline inside a string, so a newline can only
-ever end a frame.
+Token ids in, token ids out: a `GenerateRequest` shaped after vLLM's, and a stream of
+`GenerateDelta` frames, one line of JSON each, which `DeltaDecoder` parses from bytes however the
+transport cuts them (docs/architecture.md, "Framing").
 """
 
 from __future__ import annotations

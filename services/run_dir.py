@@ -1,24 +1,9 @@
 """A server's run directory, and the server's own Prometheus multiprocess folder inside it.
 
-Both tiers call `own_run_dir()` when their service module is imported. In the serving process
-(`bentoml serve`, or `start-http-server` of one tier), which imports the module before it starts
-its workers, this makes the run directory (`PIPELINE_ENGINE_RUN_DIR`, mode 0700, removed when that
-process exits) and points BentoML's Prometheus multiprocess folder into it. The workers inherit
-the environment, so they find the same directory and do nothing.
-
-Why the metrics folder: BentoML keeps its workers' Prometheus multiprocess files in
-`$BENTOML_HOME/prometheus_multiproc_dir` and empties that folder whenever a server starts
-(`bentoml.serving.ensure_prometheus_dir`). Two servers on one host with one BentoML home (two
-replicas on one GPU host, or the tiers side by side) would wipe and then report each other's
-series. Its caller reads the folder from BentoML's container setting, after the service module
-has been imported (bentoml_cli's `serve` and `start-http-server` load the service first), so
-setting it here gives each server a folder of its own.
-
-Any process that imports a service module gets a run directory this way, the test process too.
-A process that then starts servers must not hand it down (bench/servers.py leaves it out of
-every server's environment): servers sharing one would share the engine's sockets and
-`engine.json`, and a new server's engine client would take another's engine for the one it had
-joined before, and stop it.
+`own_run_dir()` runs when a service module is imported: in the serving process it makes the run
+directory (`PIPELINE_ENGINE_RUN_DIR`, mode 0700, removed at exit) and points BentoML's Prometheus
+folder into it; the workers inherit both. A process that starts servers must not hand its own
+run directory down to them (docs/architecture.md, "Metrics: each server its own folder").
 """
 
 from __future__ import annotations

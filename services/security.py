@@ -1,14 +1,9 @@
 """Who may call each tier, decided before anything of the request is read.
 
-- The front door (PromptService) takes optional API keys: `Authorization: Bearer <key>`
-  (`PIPELINE_API_KEYS`; with none configured the check is not installed).
-- The GPU tier (LLMService) takes calls only from the front tier: every call carries the shared
-  secret `PIPELINE_INTERNAL_TOKEN` as its Bearer token, and every request body must be JSON.
-  BentoML would otherwise accept a pickled body on any service but the entry one and unpickle it
-  (run code) before any route sees it (docs/operations.md, "Threat model").
-
-Keys are compared in constant time. Health and metrics paths stay open on both tiers, so probes
-and Prometheus need no secret; they read nothing from the request.
+PromptService takes optional API keys (`PIPELINE_API_KEYS`); LLMService takes only calls carrying
+the internal token (`PIPELINE_INTERNAL_TOKEN`), with JSON bodies, since BentoML would otherwise
+unpickle a pickled body (docs/operations.md, "Threat model"). Keys are compared in constant time;
+health and metrics paths stay open on both tiers.
 """
 
 from __future__ import annotations

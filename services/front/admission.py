@@ -1,18 +1,9 @@
-"""What the front door lets in, and the one place a request's life begins and ends.
+"""What the front door lets in, and the one place a generation request's life begins and ends.
 
-One ASGI middleware on PromptService, per worker process:
-- every request body is read up to `max_body_bytes` before the route sees it (413 above, whether
-  the client sent a Content-Length or not);
-- a generation request (/generate, /v1/chat/completions, /v1/completions) is refused with 503 at
-  once while the GPU tier is not ready (services/front/health.py), before its body is read;
-- a generation request then lives under one `InflightRequest` (services/front/inflight.py): the route
-  charges it the engine sequences it starts (429 when the worker's budget is spent), its streams
-  and deadline hang off it, and it is closed when the request's ASGI call ends;
-- the call runs until its client leaves (services/connection.py): then the route is cancelled,
-  which closes every GPU-tier stream it opened;
-- every 429 and 503 leaves with `Retry-After`; a 5xx refusal that BentoML would mask ("An
-  unexpected error has occurred") leaves with its real message; a response that fails after it
-  started ends without its last chunk, so that clients see a cut stream rather than a complete one.
+One ASGI middleware per PromptService worker: every body is read up to `max_body_bytes` (413), a
+generation request is refused at once (503) while the GPU tier is not ready, and each generation
+request runs under one `InflightRequest` until its call ends or its client leaves. Every 429 and
+503 carries `Retry-After` (docs/architecture.md, "The front door").
 """
 
 from __future__ import annotations

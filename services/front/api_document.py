@@ -1,11 +1,8 @@
 """The OpenAPI document PromptService serves at /docs.json, labelled with the version it is written in.
 
-Every schema in it is JSON Schema 2020-12 as pydantic writes it: BentoML's for /generate (numeric
-`exclusiveMinimum`, `{"type": "null"}` branches) and FastAPI's for the mounted OpenAI API (FastAPI
-itself labels its documents 3.1.0). That is OpenAPI 3.1's schema dialect, and not 3.0's, yet
-BentoML 1.4 labels the merged document 3.0.2, which validators, fuzzers and client generators
-then read with 3.0's rules and reject. So the document is declared 3.1.0, the version its schemas
-follow; tests/unit/front/test_api_document.py checks it with openapi-spec-validator.
+Its schemas are JSON Schema 2020-12 as pydantic writes them (OpenAPI 3.1's dialect), yet BentoML 1.4
+labels the merged document 3.0.2, which validators and client generators then reject: so it is
+declared 3.1.0. tests/unit/front/test_api_document.py checks it with openapi-spec-validator.
 """
 
 from __future__ import annotations

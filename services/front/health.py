@@ -1,18 +1,9 @@
-"""Whether the GPU tier can take work now, known without waiting on it.
+"""Whether the GPU tier can take work now, known without waiting on it (`TierMonitor`).
 
-PromptService polls LLMService's /readyz in the background (every `tier_check_interval_s`, each
-check bounded by a short timeout) and marks the tier down at once when a call to it fails. While
-it is down, generation requests are refused with 503 and `Retry-After` before any work is done,
-and PromptService's own /readyz says not ready; the next successful check brings it back. So a
-dead, restarting or hung GPU tier costs a client one quick 503, never a long timeout.
-
-Each time the tier becomes ready, `on_ready` runs first (PromptService learns the engine's limits
-there, over an authenticated call); if it fails, the tier stays down with its reason. A check that
-fails because this process is out of sockets or memory says nothing about the tier: the state is
-kept as it was.
-
-Each change is also the gauge `pipeline_gpu_tier_ready` (services/front/metrics.py), what the
-PipelineGpuTierDown alert watches (deploy/prometheus/).
+The front polls LLMService's /readyz in the background and marks the tier down at once when a
+call to it fails; while it is down, generation requests get a quick 503 with `Retry-After`, never
+a long timeout. A check that fails for this process's own lack of sockets or memory changes
+nothing (docs/architecture.md, "The front door").
 """
 
 from __future__ import annotations

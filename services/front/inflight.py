@@ -1,18 +1,9 @@
-"""One generation request's life in the front tier, owned by one object.
+"""One generation request's life in the front tier, owned by one object (`InflightRequest`).
 
-The admission middleware (services/front/admission.py) makes an `InflightRequest` for each generation
-request when it enters the worker and closes it when the request's ASGI call ends, whatever the
-reason: the response was sent, the client left (the middleware cancels the route), or it failed.
-Everything that must end with the request hangs off it:
-
-- its admission charge: the engine sequences it starts (prompts x n), taken from the worker's
-  budget by `admit` and given back by `close`;
-- its deadline, from admission on (`PIPELINE_REQUEST_TIMEOUT_S`);
-- its GPU-tier streams (`stream`), at most `max_streams` open at once; a stream is closed when
-  its reader stops, and closing the connection is what aborts the engine request on the GPU tier
-  (services/gpu/llm_service.py), on the replica that runs it;
-- why it ended early, counted once per stream in `pipeline_aborted_requests{reason}`;
-- a failure after its response started (`break_response`), which ends the response abnormally.
+The admission middleware makes it when the request enters the worker and closes it when the ASGI
+call ends, whatever the reason. Everything that must end with the request hangs off it: its charge
+of engine sequences, its deadline, its GPU-tier streams (closing one aborts its engine request)
+and why it ended early (docs/architecture.md, "Reaching LLMService").
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""The front tier's side of the contract: calls LLMService at the address `bentoml.depends` gives.
+"""The front tier's client of LLMService, at the address `bentoml.depends` gives (`LLMClient`).
 
-Why not the dependency proxy's own streaming call: the proxy never closes the HTTP response when
-its caller stops reading (measured, see docs/architecture.md), so the engine would go on generating
-for nobody. Here every stream is read under `async with`, so leaving it closes the connection,
-and LLMService aborts the engine requests of a connection that closes (services/gpu/llm_service.py).
-Frames are reassembled from bytes with `DeltaDecoder`. Every call carries the internal token.
-
-Failing safely: a request is refused at once (503) while the tier monitor says the GPU tier is
-not ready; a connection the GPU tier refuses or cuts marks the tier down, but this worker's own
-lack of sockets or memory does not (it fails the one request); the GPU tier's 429 (engine at its
-cap) comes back as `Overloaded`; and every generation ends at its request's deadline, after which
-the stream is closed and `DeadlineExceeded` raised. The HTTP stream is read by a pump task of its
-own, so that the deadline (one timer per stream) can stop it wherever it is waiting.
+Every stream is read under `async with`, so leaving it closes the connection and LLMService aborts
+the engine request (BentoML's own dependency proxy does not close it). Every call carries the
+internal token, and every stream ends at its request's deadline. Which failures mark the tier
+down: docs/architecture.md, "The front door".
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""The front tier's own Prometheus metrics, served by PromptService's BentoML `/metrics`
-(the GPU tier's: services/gpu/metrics.py).
+"""The front tier's own Prometheus metrics (`pipeline_*`), on PromptService's `/metrics`.
 
-BentoML already counts requests by endpoint and HTTP status (`bentoml_service_request_total`),
-their duration and the requests in progress. These add what only the front knows, all prefixed
-`pipeline_`: prompt and completion tokens, time spent in templating and tokenization, time to
-first token and inter-token latency as the client sees them, requests aborted (by reason: the
-client left, the deadline passed, the GPU tier failed), whether the GPU tier is ready as the
-front sees it (set by services/front/health.py when it changes, never on the request path), and
-requests and tokens per LoRA adapter; and, with several GPU-tier replicas
-(services/front/routing/), per replica (`replica` = its host:port): requests routed, their prompt
-blocks and those the router believed cached there, requests in flight, readiness, and requests
-moved away before their first token.
-
-BentoML runs prometheus_client in multiprocess mode and sets its directory only when a worker
-starts, after this module is imported, so metrics are created on first use (`front_metrics()`),
-never at import time.
+They add what only the front knows to BentoML's request counts: tokens, templating time, TTFT and
+inter-token latency as the client sees them, aborts by reason, the GPU tier's readiness, and
+series per adapter and per replica. Created on first use (`front_metrics()`), never at import:
+BentoML sets the multiprocess folder only when a worker starts, after this module is imported.
 """
 
 from __future__ import annotations

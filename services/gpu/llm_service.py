@@ -1,14 +1,9 @@
 """LLMService, the GPU tier: one vLLM engine, token ids in and token ids out.
 
-No text: the engine takes a `GenerateRequest` (see protocol.py) and streams `GenerateDelta` frames
-of token ids (`detokenize=False`). It loads the tokenizer only because a structured-output grammar
-is compiled against the vocabulary (vLLM refuses grammars with `skip_tokenizer_init`). It checks
-what it receives even though the front tier checked first.
-
-Who may call it: only holders of the internal token, with JSON bodies (services/security.py);
-health and metrics are open. Each HTTP call owns the engine requests it started: when the call
-ends before they finish (the front tier closed the connection: its client left, a stop string
-matched, a deadline passed), they are aborted here, on the replica that runs them.
+It takes a `GenerateRequest` (services/protocol.py) and streams `GenerateDelta` frames of token ids;
+it loads the tokenizer only to compile structured-output grammars, and checks what it receives
+even though the front tier checked first. Only holders of the internal token may call it, and each
+call owns the engine requests it starts (services/gpu/request_ownership.py).
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """LoRA adapters: which ones the GPU tier serves, under which stable integer id, from which folder.
 
-vLLM names an adapter in each request with `LoRARequest(name, int_id, path)`; the engine caches
-adapters by their int id and loads one lazily, from its path, the first time a request needs it.
-So every engine-client process of one engine (LLMService's workers share one EngineCore) must map
-a name to the same id and path, and an id must never be given to another adapter while the
-engine lives (it would serve the cached weights of the old one).
-
-`AdapterRegistry` keeps that map:
-- the configured adapters (`PIPELINE_LORA_MODULES`, vLLM's `--lora-modules`) get ids 1..k in
-  configuration order;
-- adapters loaded at run time (`/v1/load_lora_adapter`) get the next id never used, and are kept,
-  with every unload, in a small JSON file (`PIPELINE_LORA_REGISTRY_PATH`; by default a file in the
-  replica's run directory, `PIPELINE_ENGINE_RUN_DIR`, shared by its engine clients), written atomically (a new file renamed over the old)
-  under an `fcntl` lock, and read again whenever it changed (its inode and mtime), so a load
-  through one worker is seen by all the workers that share the file.
-
-Nothing here runs for a request on the base model.
+The engine caches adapters by id, so every engine client of one engine must map a name to the
+same id and path, and an id is never given to another adapter. `AdapterRegistry` keeps that map
+in a small JSON file the workers share (docs/architecture.md, "LoRA adapters"). Nothing here runs
+for a request on the base model.
 """
 
 from __future__ import annotations

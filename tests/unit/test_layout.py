@@ -135,6 +135,18 @@ def test_the_cycle_check_sees_a_cycle_through_a_function(tmp_path: Path) -> None
     assert import_cycle({"x": {"y"}, "y": set()}) is None
 
 
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SERVICES.parent)))
+def test_every_module_opens_with_a_short_docstring(path: Path) -> None:
+    """3 to 8 lines, quotes included: what the module is for and the one thing to know. The
+    reasoning and the measured numbers belong in docs/architecture.md and docs/benchmarks.md."""
+    body = ast.parse(path.read_text(), str(path)).body
+    first = body[0] if body else None
+    assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str), \
+        f"{path.relative_to(SERVICES.parent)} has no module docstring"
+    lines = first.end_lineno - first.lineno + 1
+    assert 3 <= lines <= 8, f"{path.relative_to(SERVICES.parent)}: its docstring is {lines} lines, not 3 to 8"
+
+
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".txt", ".toml", ".ini", ".json", ".cfg"}
 CONFLICT_MARKER = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
 

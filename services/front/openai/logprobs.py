@@ -1,14 +1,8 @@
-"""Logprobs in OpenAI's two shapes, with the token strings vLLM's server would show.
+"""Logprobs in OpenAI's two shapes (chat and completion), with the token strings vLLM's server shows.
 
-The GPU tier returns, per output token, the sampled token's logprob and the top alternatives
-(`TokenLogprobs`, best first). vLLM orders a position's entries as: the sampled token, then the
-top-k in rank order (a sampled token already in the top-k is not repeated); both shapes below are
-cut from that order, as vLLM cuts them.
-
-Token strings follow vLLM (vllm/tokenizers/detokenizer_utils.py, vllm/v1/engine/logprobs.py):
-each id is decoded alone; SentencePiece-style tokenizers get back the leading space that a lone
-decode drops; a piece that ends in an incomplete UTF-8 character is completed from up to four
-preceding sampled tokens.
+The GPU tier sends each output token's logprob and its top alternatives, best first; a position's
+entries are cut as vLLM cuts them (the sampled token, then the top-k), and each id is decoded
+alone as vLLM decodes it (docs/architecture.md, "The OpenAI API").
 """
 
 from __future__ import annotations

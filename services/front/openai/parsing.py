@@ -1,20 +1,9 @@
 """Tool calls and reasoning in chat answers, read by vLLM's own parsers in the front tier.
 
-`vllm serve --enable-auto-tool-choice --tool-call-parser NAME --reasoning-parser NAME` composes a
-tool parser (vllm/tool_parsers/) and a reasoning parser (vllm/reasoning/) into one `Parser`
-(vllm/parser/); its chat handler (vllm/entrypoints/openai/chat_completion/serving.py) then
-
-1. lets the parser `adjust_request` the request: for tool_choice "required" or a named function it
-   puts a grammar (a JSON schema or a structural tag) into `structured_outputs`, and the hermes
-   parser turns `skip_special_tokens` off;
-2. reads the finished text with `parse` (reasoning, content, tool calls), or each streamed delta
-   with `parse_delta`.
-
-This module does the same with the same classes, on the text PromptService detokenized: the
-request is rebuilt as vLLM's own `ChatCompletionRequest` (the parsers read its fields), the grammar
-and `skip_special_tokens` the parser chose go to the GPU tier through the contract, and the answer
-is shaped as vLLM's handler shapes it (`message`, `finish_reason`). Requests that use neither
-tools nor a reasoning parser never come here.
+As `vllm serve --tool-call-parser NAME --reasoning-parser NAME` does, vLLM's `Parser` adjusts the
+request (a grammar for a required or named tool choice; hermes keeps special tokens), then reads
+the detokenized text, whole or delta by delta; the request is rebuilt as vLLM's own
+`ChatCompletionRequest` for it. Requests without tools or a reasoning parser never come here.
 """
 
 from __future__ import annotations

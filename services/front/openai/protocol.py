@@ -1,15 +1,8 @@
-"""OpenAI-compatible request and response models, shaped after vLLM's own server.
+"""OpenAI-compatible request and response models, shaped after vLLM 0.32's own server.
 
-Field names, defaults and response shapes follow vLLM 0.32 (`vllm/entrypoints/openai/*/protocol.py`,
-`vllm/entrypoints/serve/tokenize/protocol.py`). Two deliberate differences, both in the direction
-of "never ignore silently":
-
-- A field this server does not implement (images, audio, logit_bias, ...) is refused with 400
-  naming the field, where vLLM would use it or ignore it.
-- A field nobody knows (a typo, a newer OpenAI field) is refused too, where vLLM ignores it.
-
-Every refusal raises `ProtocolError`, a ValueError that carries the field name, so the router can
-put it in the error body's `param`.
+Two deliberate differences, both "never ignore silently": a field this server does not implement
+(images, audio, logit_bias, ...) and a field nobody knows (a typo) are refused with 400 naming the
+field. Every refusal raises `ProtocolError`, a ValueError that carries the field for the body's `param`.
 """
 
 from __future__ import annotations

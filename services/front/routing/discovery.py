@@ -1,19 +1,9 @@
 """Where the GPU tier's replicas are: `PIPELINE_GPU_TIER_REPLICAS`, read as a source of base URLs.
 
-    http://a:3000,http://b:3000   a fixed list
-    dns://NAME:PORT               the A/AAAA records of NAME (a Kubernetes headless Service), each at PORT
-    file:///path                  one URL a line (blank lines and `#` comments skipped), read again when it changes
-    bentocloud                    BentoML's `LLMService.get_hosts()` (BentoCloud's runner load balancer; untested here)
-
-`parse_source` checks the setting's shape and raises `ValueError` with a message that names it;
-`source_of` turns that into a source that never gives a replica, so a malformed setting is logged
-and leaves the front not ready with its reason instead of stopping it (under an orchestrator, a
-front that stops at start-up is a crash loop). What can only be known later (a name that does not
-resolve, a missing or empty file, a malformed line in it) makes `DiscoveryError`: the replica set
-logs it and is not ready with that reason (services/front/routing/replicas.py), and tries again
-at the next refresh; it never crashes the worker and never fails a request with anything but a
-503. A DNS lookup that fails for a while (the resolver's "try again", or no answer in time) keeps
-the replicas of the last answer: a short DNS outage is no GPU-tier outage.
+A fixed list (`http://a:3000,http://b:3000`), DNS (`dns://NAME:PORT`: a headless Service's A/AAAA
+records), a file (`file:///path`, one URL a line, read again when it changes) or `bentocloud`.
+A malformed setting, or a source that yields nothing now, is a reason and never a crash: the front
+is not ready, with it, until a refresh finds replicas (docs/architecture.md, "Routing").
 """
 
 from __future__ import annotations

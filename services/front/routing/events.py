@@ -1,11 +1,8 @@
 """One replica's `/kv_events` stream, followed into its `BlockIndex` and load.
 
-While the replica is ready and its ModelInfo says it streams events, this worker holds one
-stream to it (a POST with the internal token, one JSON frame a line: services/protocol.py's
-`CacheEvents`). Each new stream starts with a snapshot, so nothing is carried over a reconnect.
-When the stream fails or ends, the index falls back to this worker's routing history and the load
-to this worker's own in-flight count, and the stream is opened again after a backoff (doubling
-from `first_backoff_s` up to `max_backoff_s`, reset by a stream that delivered its snapshot).
+Each stream starts with a snapshot, so nothing is carried over a reconnect. While it is down, the
+index falls back to this worker's routing history and the load to its own in-flight count, and
+the stream is opened again after a backoff (doubling from `first_backoff_s` to `max_backoff_s`).
 """
 
 from __future__ import annotations

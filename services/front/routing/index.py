@@ -1,21 +1,9 @@
-"""Which KV-cache blocks one replica holds, as far as this front worker knows: the router's view of
-one replica's prefix cache, keyed by `services/kv_blocks.py`'s block keys.
+"""Which KV-cache blocks one replica holds, as far as this front worker knows (`BlockIndex`).
 
-Three sources, in the order they are trusted:
-
-- `held`: what the replica's engine says it holds (its `/kv_events` stream: a snapshot, then
-  deltas). Bounded by the blocks that exist there: the engine reports every removal.
-- `predicted`: the blocks of requests this worker just sent there, counted as held until the
-  engine's events confirm them (a `stored` key drops its prediction) or `prediction_ttl_s` passes.
-  So a burst of requests with one new prefix goes to one replica, not wherever each lands before
-  the first events arrive. Bounded by the TTL and by the replica's capacity.
-- `history`: this worker's routing history, least recently routed first, bounded by the
-  replica's `kv_cache_blocks`: the approximate index used while the replica has no events (its
-  ModelInfo says `kv_events` false, or its stream is down). Kept always, so it is warm when a
-  stream goes down.
-
-`cached_prefix` is one walk along a prompt's keys (dict and set lookups: about a microsecond per
-block of the prompt).
+Three sources, most trusted first: `held` (the engine's own /kv_events), `predicted` (the blocks of
+requests just sent there, until events confirm them or `prediction_ttl_s` passes) and `history`
+(this worker's routing history, used while the replica has no events). Keys are
+services/kv_blocks.py's; docs/architecture.md, "Routing", says why each source exists.
 """
 
 from __future__ import annotations

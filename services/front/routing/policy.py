@@ -1,44 +1,10 @@
 """Which ready replica takes a request: `PIPELINE_ROUTING` = `kv`, `least-loaded` or `round-robin`.
 
-`kv` picks the replica with the lowest cost, in the spirit of NVIDIA Dynamo's KV router, in
-prompt tokens of work:
-
-    cost = new_tokens                        prefill: the prompt's tokens past the blocks it holds
-         + load_weight x active_requests     load: its engine's running + waiting requests (its own
-                                             report, so every front worker and PromptService replica
-                                             counts), plus what this worker sent since that
-                                             report and is still running, and never less than
-                                             this worker's own in flight there
-         - edge, on the prompt's home only   agreement: the anchor's length, at most home_tokens (below)
-
-**The prompt's home.** Every front worker (and every PromptService replica) routes on its own,
-and the engines' events reach them a few milliseconds to seconds after a request was sent. Left
-there, a burst of requests with a new prefix, spread over several workers, lands on every
-replica (each worker's own predictions cover only its own requests), and once two replicas hold
-a prefix, the load term keeps splitting its requests between them: both copies stay hot, the
-duplicates crowd other prefixes out, and the cache thrashes (measured on the H100: 50% of prompt
-tokens hit at c=64 where one router with a global view reached 90%). So each prompt has a home
-every worker computes alike, without talking to the others: among the replicas holding the most of
-it, the one that wins a rendezvous hash (highest random weight) of its anchor and the adapter. The
-anchor is the part of the prompt known to be shared, the tokens those replicas hold, or for a
-prompt held nowhere its first `home_tokens` tokens (a guess: a shared prefix starts a prompt). The
-home's cost is lowered by the anchor's length, up to `home_tokens`: requests that share a prefix
-meet on one replica from every worker at once, a duplicated prefix's requests gather on one copy
-(the other ages out of its cache), and the load term still moves a request once the home's load
-exceeds another's by `home_tokens / load_weight` requests (8 by default). Prompts that share
-nothing spread by their hashes, within that tilt of least-loaded, and a short common start (a
-system prompt every replica holds) tilts by its own few tokens only. When a replica leaves, only
-the prompts at home there move. `home_tokens` 0 turns the home off.
-
-with two guards: a replica whose KV cache is nearly full (`kv_usage >= kv_saturation`) or whose
-engine queues `queue_saturation` requests or more is passed over while another is not; when all
-are, the request goes to the least loaded (spread: no prefix is worth a queue). Ties go to the
-replica holding more of the prompt, then to the one with fewer of this worker's requests, then
-in turn. Each scorer is a small function below, so the cost can be read and tested term by term.
-
-The prompt's block keys are computed once per request and block size (services/kv_blocks.py:
-about 0.3 ms for 2,048 tokens on the CI machine), its anchor once per request (one BLAKE2b of
-its tokens); every other step is a few lookups per replica.
+`kv` picks the lowest cost in prompt tokens: the prompt's tokens past the blocks a replica holds,
+plus `load_weight` x its active requests, minus the prompt's shared part on the prompt's home (the
+replica every front worker picks alike for it, by a rendezvous hash); a full KV cache or a long
+queue passes a replica over. Each scorer is a small function below, to be read and tested term by
+term; the reasoning and the measured cache hits: docs/architecture.md, "Routing".
 """
 
 from __future__ import annotations

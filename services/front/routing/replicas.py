@@ -1,22 +1,9 @@
-"""The GPU tier as a set of replicas: who they are (discovery), which are ready, and what each
-holds and carries. One `ReplicaSet` per front worker.
+"""The GPU tier as a set of replicas, one `ReplicaSet` per front worker: who they are, which are ready.
 
-- Every `refresh_s` the discovery source is asked for the replicas' URLs
-  (services/front/routing/discovery.py). A new URL becomes a `Replica`; a URL that is gone is
-  retired: it takes no new request, and its connections close once its last stream ends (a
-  replica told to stop finishes its streams). A source that fails (a name that does not resolve,
-  a missing or empty file) leaves no replica, with its reason logged once and given with each 503.
-- Each replica has its own `LLMClient` (the internal token, the stream with its deadline) and its
-  own `TierMonitor` polling its `/readyz`: a replica that turns not ready, or whose call fails,
-  gets no new request until a check finds it ready again. Before it is marked ready it is asked
-  for its `ModelInfo` (block size, cache size, whether it streams events) and given the LoRA
-  adapters the other ready replicas serve (a replica that joins late, or comes back).
-- Each replica's `/kv_events` stream is followed (services/front/routing/events.py) into its
-  `BlockIndex` and its last `ReplicaLoad`.
-
-The set is ready while one replica is; it offers the admission middleware what a `TierMonitor`
-offers (`ready`, `require`, `confirm_at_start`), so the front door works the same over one GPU
-tier or many.
+Every `refresh_s` it asks discovery for the URLs: a new one becomes a `Replica` (given its model
+info, and with runtime LoRA the others' adapters, before it is ready; its /kv_events followed), one
+gone is retired and closed when its last stream ends. The set is ready while one replica is, and
+offers the admission middleware a `TierMonitor`'s door, so the front works alike over one or many.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""The GPU tier over several replicas, in the shape of one `LLMClient`: what `TextGeneration`,
-`InflightRequest` and the OpenAI serving call (`generate`, `model_info`, `update_adapter`).
+"""The GPU tier over several replicas, in the shape of one `LLMClient` (`generate`, `model_info`,
+`update_adapter`), so `TextGeneration` and the OpenAI handlers do not know how many there are.
 
-- `generate`: the policy picks a ready replica (services/front/routing/policy.py) and the
-  request streams from that replica's own `LLMClient`. A replica that fails or refuses it before
-  its first frame (refused or reset connection, 503, 429, 5xx) has its stream closed (closing the
-  connection aborts the engine request there), and the request, with the same request id, goes
-  once to another ready replica; nothing was sent to the client yet, so nothing is duplicated.
-  The request's own faults (400, 404) and the deadline (504) are not retried, and a stream
-  already under way that fails ends with an error, as with one replica.
-- `model_info`: every ready replica's, as one: the smallest context length, the union of adapters
-  (so `/v1/models` lists what any replica serves).
-- `update_adapter`: a LoRA load or unload goes to every ready replica at once; replicas that join
-  later are given the others' adapters before they turn ready (services/front/routing/replicas.py).
+`generate` streams from the replica the policy picks; one that fails or refuses before its first
+frame is closed (which aborts the engine request there) and the request goes once to another.
+`model_info` is the ready replicas' as one; `update_adapter` goes to every ready replica
+(docs/architecture.md, "Routing").
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""Token ids back to text, a few at a time, and stop strings.
+"""Token ids back to text, a few at a time, and stop strings (`IncrementalDetokenizer`).
 
-`tokenizers`' DecodeStream does the incremental decoding: it returns nothing until a character
-that spans several tokens (a multi-byte UTF-8 sequence, byte-fallback tokens) is complete. On top
-of it this module holds back just enough text to recognise a stop string that may still be
-forming, and cuts the output before it (or after it, with `include_stop_str_in_output`). As in
-vLLM, a stop string counts only once more than `min_tokens` tokens are out, and only where it
-ends in the text of the tokens after the first `min_tokens`.
+`tokenizers`' DecodeStream holds back a character until all its tokens are in; on top of it this
+module holds back just enough text to recognise a stop string still forming, and cuts the output
+before it (after it, with `include_stop_str_in_output`). As in vLLM, a stop string counts only in
+the text of the tokens after the first `min_tokens`.
 """
 
 from __future__ import annotations
