@@ -38,7 +38,7 @@ class TierMonitor:
                  on_change: Callable[[bool], None] | None = None) -> None:
         self.name = name
         # what a change of state is reported to: by default the front's one `pipeline_gpu_tier_ready`;
-        # each replica's own monitor (services/front/routing/replicas.py) reports its own series
+        # each replica's own monitor (services/front/routing/replica.py) reports its own series
         self.on_change = on_change or (lambda ready: front_metrics().gpu_tier_ready.set(1 if ready else 0))
         self.interval_s = interval_s
         self.retry_after_s = retry_after_s

@@ -1,7 +1,7 @@
 """The engine gets the sampling parameters vLLM's own server would give it for the same request.
 
 A chat request goes through the front tier's schema (`sampling_fields`), the contract
-(`protocol.SamplingParams`) and LLMService's `vllm_sampling_params`; vLLM's own OpenAI schema builds
+(`protocol.SamplingParams`) and the GPU tier's `vllm_sampling_params` (engine_io.py); vLLM's own OpenAI schema builds
 its `SamplingParams` from the same body. Every field must agree except those the split changes on
 purpose: the GPU tier does not detokenize, and always streams deltas to the front. That includes
 the defaults a model's generation_config.json sets, which `vllm serve` applies to unset fields.
