@@ -96,6 +96,18 @@ class GenerateRequest(BaseModel):
     sampling_params: SamplingParams
     stream: bool = True
     adapter: str | None = Field(None, min_length=1, description="the LoRA adapter to run with, by name; none: the base model")
+    block_keys: list[int] | None = Field(
+        None, max_length=1 << 20,
+        description="the prompt's block keys at the replica's block size (services/kv_blocks.py), from the front's "
+                    "router: the replica announces them as pending on /kv_events until its engine stores them or the "
+                    "request ends")
+
+    @model_validator(mode="after")
+    def _keys_fit_the_prompt(self) -> GenerateRequest:
+        if self.block_keys is not None and (len(self.block_keys) > len(self.token_ids)
+                                            or any(not 0 <= key < 1 << 63 for key in self.block_keys)):
+            raise ValueError("block_keys must be at most one key per prompt token, each in [0, 2**63)")
+        return self
 
 
 class TokenLogprobs(BaseModel):
@@ -156,6 +168,8 @@ class ModelInfo(BaseModel):
     kv_block_size: int | None = Field(None, ge=1, description="tokens per KV-cache block")
     kv_cache_blocks: int | None = Field(None, ge=0, description="blocks the engine's KV cache holds in all")
     kv_events: bool = Field(False, description="whether /kv_events streams the engine's own cache events")
+    epoch: str | None = Field(None, description="this replica's start: another value means another engine, whose cache "
+                                                "began empty (the front forgets what it knew of the replica)")
 
 
 # --- LoRA adapters at run time (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter bodies) --
@@ -191,21 +205,31 @@ class ReplicaLoad(BaseModel):
     running: int = Field(0, ge=0, description="requests the engine is running")
     waiting: int = Field(0, ge=0, description="requests waiting in the engine's queue")
     kv_usage: float = Field(0.0, ge=0, le=1, description="the share of the KV cache's blocks in use")
+    prefill_tokens: int = Field(0, ge=0, description="prompt tokens of the requests accepted and not yet prefilled "
+                                                     "(no first token yet): the work queued ahead of a new request")
 
 
 class CacheEvents(BaseModel):
     """One frame of LLMService's `/kv_events` stream: what its engine's prefix cache holds, as
     block keys (services/kv_blocks.py), and its load.
 
-    The first frame of a stream is a snapshot: `cleared`, then every block held in `stored`; each
-    later frame is the change since the one before, applied in order: `cleared` (the engine dropped
-    every block), then `removed`, then `stored`. A frame with only `load` is the engine's load."""
+    The first frame of a stream is a snapshot: `cleared` and the replica's `epoch`, then every block
+    held in `stored` and every pending one in `pending`; each later frame is the change since the one
+    before, applied in order: `cleared` (the engine dropped every block), `removed`, `stored`,
+    `unpending`, `pending`. Pending blocks belong to requests the replica accepted and its engine has
+    not stored yet: a router counts them as held. Every frame says whether the replica's own index
+    is `degraded` (it may miss blocks the engine holds). A frame with only `load` is the engine's
+    load, sent at least every second: a stream silent for longer is dead."""
 
     model_config = ConfigDict(extra="forbid")
 
     cleared: bool = False
+    epoch: str | None = None
     removed: list[int] = Field(default_factory=list)
     stored: list[int] = Field(default_factory=list)
+    unpending: list[int] = Field(default_factory=list)
+    pending: list[int] = Field(default_factory=list)
+    degraded: bool = False
     load: ReplicaLoad | None = None
 
 
