@@ -174,7 +174,8 @@ class Settings(BaseSettings):
         "or `round-robin`. Used only with gpu_tier_replicas."
     )
     routing_load_weight: float = Field(
-        256.0, ge=0, description="kv routing: how many prompt tokens to prefill one active request on a replica weighs."
+        256.0, ge=0, description="kv routing: how many prompt tokens to prefill one active request on a replica weighs "
+        "(the decode steps it shares with a new request)."
     )
     routing_kv_saturation: float = Field(
         0.95, gt=0, le=1, description="kv routing: a replica whose KV-cache usage is at or above this is passed over "
@@ -184,10 +185,19 @@ class Settings(BaseSettings):
         8, ge=1, description="kv routing: a replica whose engine has this many requests waiting or more is passed "
         "over while another is not."
     )
+    routing_imbalance_requests: int = Field(
+        32, ge=0, description="kv routing: a replica with this many more active requests than the least loaded one, "
+        "and routing_imbalance_ratio times as many, is passed over, whatever it holds: a hot prefix spreads to "
+        "another replica before the inter-token latency at its home suffers."
+    )
+    routing_imbalance_ratio: float = Field(
+        1.5, ge=1, description="kv routing: see routing_imbalance_requests."
+    )
     routing_home_tokens: int = Field(
         2048, ge=0, description="kv routing: every front worker sends a prompt to the same replica, its home (a "
-        "rendezvous hash of the part of the prompt a replica holds, or of its first this-many tokens when none does), "
-        "whose cost is lowered by that part's length, up to this many tokens; 0 turns the home off."
+        "rendezvous hash, weighted by free cache, of the part of the prompt the replicas hold, or of its first block "
+        "when none holds any), whose cost is lowered by the prompt's part that is not held everywhere, up to this many "
+        "tokens; 0 turns the home off."
     )
     trace_streams: bool = Field(
         False, description="Let BentoML's OpenTelemetry middleware trace the streaming routes too. It opens a span for "

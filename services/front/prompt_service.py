@@ -92,7 +92,9 @@ def replica_router():
     from services.front.routing.router import ReplicaRouter
 
     weights = Weights(load_weight=settings.routing_load_weight, kv_saturation=settings.routing_kv_saturation,
-                      queue_saturation=settings.routing_queue_saturation, home_tokens=settings.routing_home_tokens)
+                      queue_saturation=settings.routing_queue_saturation, home_tokens=settings.routing_home_tokens,
+                      imbalance_requests=settings.routing_imbalance_requests,
+                      imbalance_ratio=settings.routing_imbalance_ratio)
     return ReplicaRouter(gpu_tier, make_policy(settings.routing, weights))
 
 

@@ -1,16 +1,17 @@
 """Which ready replica takes a request: `PIPELINE_ROUTING` = `kv`, `least-loaded` or `round-robin`.
 
-`kv` picks the lowest cost in prompt tokens: the prompt's tokens past the blocks a replica holds,
-plus `load_weight` x its active requests, minus the prompt's shared part on the prompt's home (the
-replica every front worker picks alike for it, by a rendezvous hash); a full KV cache or a long
-queue passes a replica over. Each scorer is a small function below, to be read and tested term by
-term; the reasoning and the measured cache hits: docs/architecture.md, "Routing".
+`kv` picks the lowest cost in prompt tokens of engine work: the prompt's tokens past the blocks a
+replica holds or will hold, plus the prefill queued there, plus `load_weight` x its active requests,
+minus an edge on the prompt's home (the replica every front worker picks alike for the prompt's
+next block, by a rendezvous hash weighted by free cache). A full cache, a long queue or a load far
+above the least loaded passes a replica over. The reasoning: docs/architecture.md, "Routing".
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,10 +52,12 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Weights:
-    load_weight: float = 256.0  # prompt tokens to prefill that one active request weighs
+    load_weight: float = 256.0  # prompt tokens to prefill that one active request weighs (its decode steps)
     kv_saturation: float = 0.95  # kv_usage at or above which a replica is passed over
     queue_saturation: int = 8  # waiting requests at or above which a replica is passed over
-    home_tokens: int = 2048  # the anchor of a prompt held nowhere, and the home's largest edge, in tokens
+    home_tokens: int = 2048  # the home's largest edge, in tokens; 0: no home
+    imbalance_requests: int = 32  # a replica this many active requests above the least loaded...
+    imbalance_ratio: float = 1.5  # ...and this many times its load is passed over (vllm-router's cut-off)
 
 
 @dataclass
@@ -85,18 +88,55 @@ def saturated(replica: Replica, weights: Weights) -> bool:
     return load is not None and (load.kv_usage >= weights.kv_saturation or load.waiting >= weights.queue_saturation)
 
 
+def overloaded(replica: Replica, least_active: int, weights: Weights) -> bool:
+    """Far busier than the least loaded: a hot prefix's home hands its requests on before the
+    inter-token latency of everything there suffers."""
+    active = replica.active_requests
+    return active - least_active > weights.imbalance_requests and active > weights.imbalance_ratio * least_active
+
+
 def kv_cost(replica: Replica, prompt: Prompt, cached: int, weights: Weights) -> float:
-    return new_tokens(replica, prompt, cached) + weights.load_weight * replica.active_requests
+    """The engine work the request adds there, in prompt tokens: its own prefill, the prefill
+    queued ahead of it, and the requests it would share each decode step with."""
+    return new_tokens(replica, prompt, cached) + replica.queued_prefill + weights.load_weight * replica.active_requests
 
 
-def home(holders: list[Replica], prompt: Prompt, held_tokens: int, weights: Weights) -> tuple[Replica, int]:
-    """The prompt's home among `holders` (the replicas holding the most of it, `held_tokens`), and
-    the home's edge in tokens: a rendezvous hash of the prompt's anchor, so every front worker
-    picks the same replica, whatever order it sees them in."""
-    anchor_tokens = held_tokens or min(len(prompt.token_ids), weights.home_tokens)
+def free_blocks(replica: Replica) -> int:
+    """Blocks of its cache that hold no prefix it reported (at least 1)."""
+    index = replica.index
+    return max(1, index.capacity - len(index.held)) if index is not None else 1
+
+
+def home(candidates: list[Replica], holders: list[Replica], prompt: Prompt, held_tokens: int,
+         weights: Weights) -> tuple[Replica, int]:
+    """The prompt's home, and its edge in tokens. Among the replicas holding the most of the
+    prompt (`holders`, `held_tokens` each), a rendezvous hash of the prompt's anchor, weighted by
+    free cache, so every front worker picks the same replica whatever order it sees them in:
+    - held nowhere: the anchor is its first block, and requests that start alike meet (a burst on
+      a new prefix, before any engine has announced it);
+    - held by some replicas only: the anchor is the part they hold (its requests gather on one
+      copy), and the edge that part's length;
+    - held alike by every open replica: the anchor is that part plus one block, and the edge only
+      the prompt's new part: what is held everywhere pulls nowhere.
+    The edge is at most `home_tokens`."""
+    step = min((replica.block_size for replica in candidates if replica.block_size), default=16)
+    if held_tokens == 0:
+        anchor_tokens, edge = min(len(prompt.token_ids), step), len(prompt.token_ids)
+    elif len(holders) < len(candidates):
+        anchor_tokens, edge = held_tokens, held_tokens
+    else:
+        anchor_tokens, edge = min(len(prompt.token_ids), held_tokens + step), len(prompt.token_ids) - held_tokens
     anchor = prompt.anchor(anchor_tokens)
-    chosen = max(holders, key=lambda replica: hashlib.blake2b(anchor + replica.name.encode(), digest_size=8).digest())
-    return chosen, min(anchor_tokens, weights.home_tokens)
+    chosen = max(holders, key=lambda replica: rendezvous_score(anchor, replica.name, free_blocks(replica)))
+    return chosen, min(edge, weights.home_tokens)
+
+
+def rendezvous_score(anchor: bytes, name: str, weight: float) -> float:
+    """Weighted rendezvous hashing: each name wins an anchor with a chance in proportion to its
+    weight, and removing a name moves only the anchors it won."""
+    digest = hashlib.blake2b(anchor + name.encode(), digest_size=8).digest()
+    uniform = (int.from_bytes(digest, "little") + 0.5) / 2**64  # in (0, 1)
+    return weight / -math.log(uniform)
 
 
 # --- the policies -----------------------------------------------------------------------------------
@@ -141,6 +181,9 @@ class KvAware(RoundRobin):
     def choose(self, replicas: list[Replica], prompt: Prompt, now: float) -> Choice:
         in_turn = self.in_turn(replicas)
         open_ = [replica for replica in in_turn if not saturated(replica, self.weights)]
+        if open_:
+            least_active = min(replica.active_requests for replica in open_)
+            open_ = [replica for replica in open_ if not overloaded(replica, least_active, self.weights)]
         if not open_:  # every replica is full or queueing: spread
             replica = least_loaded(in_turn)
             cached, keys = cached_blocks(replica, prompt, now)
@@ -149,7 +192,7 @@ class KvAware(RoundRobin):
         held = [cached * (replica.block_size or 0) for replica, cached, _ in looked]
         most = max(held)
         holders = [replica for (replica, _, _), tokens in zip(looked, held) if tokens == most]
-        home_replica, edge = home(holders, prompt, most, self.weights) if self.weights.home_tokens else (None, 0)
+        home_replica, edge = home(open_, holders, prompt, most, self.weights) if self.weights.home_tokens else (None, 0)
         best: tuple | None = None
         for replica, cached, keys in looked:
             cost = kv_cost(replica, prompt, cached, self.weights) - (edge if replica is home_replica else 0)

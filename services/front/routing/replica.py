@@ -37,7 +37,8 @@ class Replica:
         self.index: BlockIndex | None = None  # made once the block size is known; None: no prefix cache
         self.load: ReplicaLoad | None = None  # the engine's own last report (None while its stream is down)
         self.sent_since_report = 0  # requests this worker sent since that report, still running
-        self.report_number = 0  # which report `sent_since_report` counts from
+        self.prefill_sent_since_report = 0  # their prompt tokens the replica did not hold (to prefill)
+        self.report_number = 0  # which report the two count from
         self.inflight = 0  # this worker's requests streaming from it now
         self.retired = False  # left discovery: no new request; closed when its last stream ends
         self.tasks: list[asyncio.Task] = []
@@ -66,18 +67,22 @@ class Replica:
 
     def report(self, load: ReplicaLoad | None) -> None:
         """The engine's load as it measured it (None: no report to go by)."""
-        self.load, self.sent_since_report = load, 0
+        self.load, self.sent_since_report, self.prefill_sent_since_report = load, 0, 0
         self.report_number += 1
 
-    def sent(self) -> int:
-        """A request of this worker's starts here: counted until it ends or the next report
-        (which counts it itself); returns what `ended` needs to tell which."""
+    def sent(self, prefill_tokens: int = 0) -> tuple[int, int]:
+        """A request of this worker's starts here, with `prefill_tokens` of its prompt not held
+        there: counted until it ends or the next report (which counts it itself); returns what
+        `ended` needs to tell which."""
         self.sent_since_report += 1
-        return self.report_number
+        self.prefill_sent_since_report += prefill_tokens
+        return self.report_number, prefill_tokens
 
-    def ended(self, sent: int) -> None:
-        if sent == self.report_number:  # ended before the engine reported again: no longer load
+    def ended(self, sent: tuple[int, int]) -> None:
+        report_number, prefill_tokens = sent
+        if report_number == self.report_number:  # ended before the engine reported again: no longer load
             self.sent_since_report -= 1
+            self.prefill_sent_since_report -= prefill_tokens
 
     @property
     def active_requests(self) -> int:
@@ -89,6 +94,12 @@ class Replica:
         if self.load is None:
             return self.inflight
         return max(self.load.running + self.load.waiting + self.sent_since_report, self.inflight)
+
+    @property
+    def queued_prefill(self) -> int:
+        """Prompt tokens queued for prefill there: its engine's report (over every front), plus
+        the new tokens of what this worker sent since."""
+        return (self.load.prefill_tokens if self.load is not None else 0) + self.prefill_sent_since_report
 
     async def close(self) -> None:
         for task in self.tasks:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
-from services.front.routing.policy import Prompt, RoundRobin
+from services.front.routing.policy import Choice, Prompt, RoundRobin
 from services.front.routing.replica import Replica
 from services.front.routing.replicas import ReplicaSet
 from services.protocol import AdapterUpdate, GenerateDelta, GenerateRequest, LoadAdapterRequest, ModelInfo, UnloadAdapterRequest
@@ -36,7 +36,7 @@ class ReplicaRouter:
         self.replicas = replicas
         self.policy = policy
 
-    def route(self, prompt: Prompt, exclude: tuple[Replica, ...] = ()) -> Replica:
+    def route(self, prompt: Prompt, exclude: tuple[Replica, ...] = ()) -> Choice:
         """The replica that takes `prompt` now, counted there (metrics, predicted blocks); the
         caller counts the request's load there (`Replica.sent` ... `ended`)."""
         candidates = self.replicas.ready_replicas(exclude)
@@ -52,14 +52,15 @@ class ReplicaRouter:
         metrics.requests.inc()
         metrics.prompt_blocks.inc(choice.blocks)
         metrics.cached_blocks_predicted.inc(choice.cached)
-        return replica
+        return choice
 
     async def generate(self, request: GenerateRequest, *, deadline: float, timeout_s: float) -> AsyncIterator[GenerateDelta]:
         prompt = Prompt(request.token_ids, request.adapter)
         tried: tuple[Replica, ...] = ()
         while True:
-            replica = self.route(prompt, exclude=tried)
-            sent = replica.sent()
+            choice = self.route(prompt, exclude=tried)
+            replica = choice.replica
+            sent = replica.sent(prefill_tokens=len(prompt.token_ids) - choice.cached * (replica.block_size or 0))
             replica.inflight += 1
             replica.metrics.inflight.inc()
             started, unfinished = False, request.sampling_params.n

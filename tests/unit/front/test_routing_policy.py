@@ -180,18 +180,82 @@ def test_without_the_home_the_same_burst_scatters_each_prefix():
     assert sum(len(names) == 2 for names in landed.values()) >= 8, landed
 
 
-def test_a_prefix_held_twice_gathers_on_one_copy_until_that_one_is_busier():
+def test_a_prefix_held_on_some_replicas_gathers_on_one_copy_until_that_one_is_busier():
     weights = Weights(load_weight=256, home_tokens=2048)
     prompts = [Prompt(PREFIX + [900 + i]) for i in range(8)]
     a, b = holding(replica(1, load=ReplicaLoad(running=5)), PREFIX), holding(replica(2, load=ReplicaLoad(running=5)), PREFIX)
+    c = replica(3, load=ReplicaLoad(running=5))
     policy = KvAware(weights)
-    chosen = {policy.choose([a, b], prompt, NOW).replica.name for prompt in prompts}
+    chosen = {policy.choose([a, b, c], prompt, NOW).replica.name for prompt in prompts}
     assert len(chosen) == 1  # equal load, equal cache: always the home, not in turn
     home_replica = a if chosen == {a.name} else b
     other = b if home_replica is a else a
-    # its edge is the anchor's length, the held prefix: 32 tokens, so 32 / 256 of one request
+    # its edge is the held part: 32 tokens, so 32 / 256 of one request
     home_replica.report(ReplicaLoad(running=6))
-    assert policy.choose([a, b], prompts[0], NOW).replica is other
+    assert policy.choose([a, b, c], prompts[0], NOW).replica is other
+
+
+def test_a_start_every_replica_holds_pulls_nowhere():
+    """Agents' tool prompts: a long common start held everywhere, then text of each request's own.
+    Anchored on the common start, every prompt had one home, which carried about 8 more requests
+    than the others for good; anchored on the start plus the request's next block, the prompts
+    spread, and the shared start gives no replica an edge."""
+    start = list(range(20000, 20000 + 64))
+    fleet8 = [holding(replica(port, load=ReplicaLoad(running=4)), start) for port in range(1, 9)]
+    policy = KvAware(Weights(load_weight=256, home_tokens=2048))
+    counts = dict.fromkeys((r.name for r in fleet8), 0)
+    for i in range(800):
+        counts[policy.choose(fleet8, Prompt(start + [30000 + i] * 8), NOW).replica.name] += 1
+    assert max(counts.values()) < 2 * min(counts.values()), counts
+
+
+def test_cold_prompts_with_a_long_common_start_spread_by_the_prefill_they_queue():
+    """A 3,000-token start of 4k-token documents, held nowhere, from 4 workers at once: the
+    requests meet on one home only until the prefill queued there outweighs its edge, so no
+    replica takes them all."""
+    start = list(range(40000, 40000 + 48))
+    workers = [(KvAware(Weights(load_weight=4, home_tokens=32)), [replica(port) for port in range(1, 9)]) for _ in range(4)]
+    landed: dict[str, int] = {}
+    for i in range(64):
+        policy, replicas = workers[i % 4]
+        choice = policy.choose(replicas, Prompt(start + list(range(50000 + 100 * i, 50000 + 100 * i + 16))), NOW)
+        choice.replica.sent(prefill_tokens=len(start) + 16 - choice.cached * BLOCK)
+        choice.replica.inflight += 1
+        landed[choice.replica.name] = landed.get(choice.replica.name, 0) + 1
+    assert max(landed.values()) <= 16 and len(landed) >= 6, landed
+
+
+def test_a_new_prefix_goes_home_in_proportion_to_free_cache():
+    """A replica whose cache is full of prefixes it holds takes fewer new ones (cache_aware gives a
+    new prefix to the replica with the least cached text)."""
+    full = replica(1, capacity=100)
+    full.index.apply(CacheEvents(stored=list(range(1, 91))))  # 90 of 100 blocks hold prefixes
+    empty = replica(2, capacity=100)
+    policy = KvAware(Weights(load_weight=256, home_tokens=2048))
+    picks = [policy.choose([full, empty], Prompt(list(range(60000 + 40 * i, 60040 + 40 * i))), NOW).replica
+             for i in range(200)]
+    assert picks.count(empty) >= 150, picks.count(empty)
+
+
+def test_a_hot_prefix_spills_to_another_replica_once_its_home_is_far_busier():
+    """Load in requests against prefill in tokens would keep a 16k-token prefix at home until it
+    ran about 62 more requests; the imbalance cut-off hands it on at 32 (and 1.5x)."""
+    hot = list(range(70000, 70000 + 16384))
+    home_replica = holding(replica(1, capacity=8192, load=ReplicaLoad(running=37)), hot)
+    spare = replica(2, capacity=8192, load=ReplicaLoad(running=4))
+    policy = KvAware()
+    assert policy.choose([home_replica, spare], Prompt(hot + [1] * 16), NOW).replica is spare
+    home_replica.report(ReplicaLoad(running=30))  # 26 more: at home
+    assert policy.choose([home_replica, spare], Prompt(hot + [1] * 16), NOW).replica is home_replica
+
+
+def test_the_prefill_queued_on_a_replica_counts_in_tokens():
+    """Two replicas with the same number of requests, one of them with 30k prompt tokens still to
+    prefill: a new prompt goes to the other."""
+    queued = replica(1, load=ReplicaLoad(running=2, waiting=2, prefill_tokens=30000))
+    idle = replica(2, load=ReplicaLoad(running=4))
+    for i in range(16):
+        assert KvAware().choose([queued, idle], Prompt(list(range(80000 + 50 * i, 80050 + 50 * i))), NOW).replica is idle
 
 
 def test_a_replica_holding_more_of_the_prompt_is_its_home_whatever_the_hash():
