@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.servers import Server, free_port
+from harness import Server, free_port
 
 HERE = Path(__file__).resolve().parent
 

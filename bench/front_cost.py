@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
-from bench.servers import Server, free_port, start_tier
+from harness import Server, free_port, start_tier
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def bench_argv(
 ) -> list[str]:
     share = lambda total: total // workload.clients + (1 if part < total % workload.clients else 0)  # noqa: E731
     return [
-        sys.executable, "-m", "bench.vllm_cli", "bench", "serve",
+        sys.executable, "-m", "harness.vllm_cli", "bench", "serve",
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
         "--model", served_name, "--tokenizer", tokenizer,
         "--dataset-name", "random",
@@ -105,8 +105,8 @@ def process_label(process: psutil.Process) -> str:
         service = cmdline[cmdline.index("--service-name") + 1]
         worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
         return f"{service}#{worker}"
-    if "bench.vllm_cli" in cmdline:  # vLLM's CLI: the load generator, or `vllm serve --api-server-count N`
-        command = cmdline[cmdline.index("bench.vllm_cli") + 1:]
+    if "harness.vllm_cli" in cmdline:  # vLLM's CLI: the load generator, or `vllm serve --api-server-count N`
+        command = cmdline[cmdline.index("harness.vllm_cli") + 1:]
         return "vllm-bench-serve" if command[:1] == ["bench"] else "vllm-serve"
     if "vllm.entrypoints.openai.api_server" in cmdline:
         return "vllm-api-server"

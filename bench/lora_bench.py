@@ -27,7 +27,7 @@ import httpx
 
 from bench.lora_adapters import default_model_folder, make_adapter
 from bench.machine import describe_machine
-from bench.servers import ROOT, own_bentoml_home, serve_pipeline
+from harness import ROOT, own_bentoml_home, serve_pipeline
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the bicycle spans more than two centuries. Early designs had no pedals and were pushed"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.servers import EngineSettings, free_port, make_server
+from harness import EngineSettings, free_port, make_server
 
 QUESTION = [{"role": "user", "content": "Invent a person: a name, an age and a city."}]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.loadgen import Workload, run_load
 from bench.metrics import summarize
-from bench.servers import EngineSettings, free_port, make_server
+from harness import EngineSettings, free_port, make_server
 
 
 def main() -> None:

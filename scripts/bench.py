@@ -30,7 +30,7 @@ from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
 from bench.server_metrics import level_means_ms, metrics_urls, scrape  # noqa: E402
-from bench.servers import EngineSettings, free_port, gpu_host_processes, make_server, parse_cpus, parse_target, pin  # noqa: E402
+from harness import EngineSettings, free_port, gpu_host_processes, make_server, parse_cpus, parse_target, pin  # noqa: E402
 from services.gpu.caches import cache_environment  # noqa: E402
 
 

@@ -156,7 +156,7 @@ async def round_trips(server, token_ids: list[int], n: int) -> dict:
 
 
 def serve_and_measure(model: str, load_format: str, port: int, n: int, log: Path, extra_env: dict[str, str]) -> dict:
-    from bench.servers import serve_pipeline
+    from harness import serve_pipeline
 
     env = {
         "PIPELINE_MODEL": model,

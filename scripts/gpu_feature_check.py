@@ -24,7 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import poll, serve_pipeline  # noqa: E402
+from harness import poll, serve_pipeline  # noqa: E402
 
 NAME = "smol"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.servers import start_tier  # noqa: E402
+from harness import start_tier  # noqa: E402
 
 SHAPES = {  # as ../shared/gpu/mkmodel.py; head counts divisible by 2, 4 and 8
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -21,7 +21,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.servers import Server, free_port  # noqa: E402
+from harness import Server, free_port  # noqa: E402
 
 
 def service_memory(server: Server) -> dict[str, float]:

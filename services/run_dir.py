@@ -15,7 +15,7 @@ has been imported (bentoml_cli's `serve` and `start-http-server` load the servic
 setting it here gives each server a folder of its own.
 
 Any process that imports a service module gets a run directory this way, the test process too.
-A process that then starts servers must not hand it down (bench/servers.py leaves it out of
+A process that then starts servers must not hand it down (harness/process.py leaves it out of
 every server's environment): servers sharing one would share the engine's sockets and
 `engine.json`, and a new server's engine client would take another's engine for the one it had
 joined before, and stop it.

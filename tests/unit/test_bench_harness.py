@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.profile import NATIVE, summarize
-from bench.servers import ROOT, EngineSettings, make_server
+from harness import ROOT, EngineSettings, make_server
 from services.gpu import llm_service
 from services.config import Settings
 
@@ -54,7 +54,7 @@ def test_a_server_never_inherits_this_process_run_directory(tmp_path: Path, monk
     """This process made a run directory when it imported the services (services/run_dir.py);
     handed down, every server started from here would share one engine's sockets and engine.json,
     and one server's engine client stopped another server's engine (seen in a whole-suite run)."""
-    from bench.servers import Server
+    from harness import Server
     from services.run_dir import RUN_DIR_ENV
 
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "the-tests-own"))
