@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from harness import poll, serve_pipeline  # noqa: E402
+from harness import poll, serve_pipeline
 
 NAME = "smol"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

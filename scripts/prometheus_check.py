@@ -41,8 +41,7 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from harness import free_port, own_bentoml_home, start_tier  # noqa: E402
+from harness import free_port, own_bentoml_home, start_tier
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "llm-pipeline.json"

@@ -29,7 +29,7 @@ def test_a_set_kv_cache_reaches_both_servers_and_the_engine(tmp_path: Path, monk
 
 
 def test_servers_sharing_a_gpu_must_set_their_kv_cache():
-    argv = [sys.executable, "scripts/bench.py", "run", "--model", "/m", "--served-name", "m", "--out", "/tmp/x",
+    argv = [sys.executable, "-m", "bench", "serve", "--model", "/m", "--served-name", "m", "--out", "/tmp/x",
             "--targets", "vllm", "pipeline", "--devices", "0", "0"]
     refused = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--kv-cache-memory-bytes" in refused.stderr
