@@ -86,7 +86,8 @@ def add_load(parser: argparse.ArgumentParser) -> None:
                        "(at least --min-prompts)")
     group.add_argument("--min-prompts", type=int, default=16)
     group.add_argument("--per-client", type=int, default=32, help="most concurrent requests per load-generator process")
-    group.add_argument("--warmup-concurrency", type=int, default=64)
+    group.add_argument("--warmup-concurrency", type=int, default=64, help="the warm-up's concurrency (at most the "
+                       "highest level's; 0: no warm-up)")
 
 
 def target_name(text: str) -> str:

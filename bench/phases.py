@@ -54,8 +54,10 @@ class Knobs:
     label: str  # the card's name, kept in each run's meta.json
     cpus: int
 
-    def shared(self, kv_bytes: int, servers: int) -> list[str]:
-        if not self.share_gpu:
+    def shared(self, kv_bytes: int, servers: int, rounds: bool = False) -> list[str]:
+        """The serve arguments that start `servers` together on GPU 0: with --share-gpu, and always
+        for a phase of several rounds (its servers take turns, so they are up side by side)."""
+        if not (self.share_gpu or rounds and self.rounds > 1):
             return []
         return ["--devices", *["0"] * servers, "--gpu-memory-utilization", str(SHARE_UTIL),
                 "--kv-cache-memory-bytes", str(kv_bytes)]
@@ -101,7 +103,7 @@ def table(k: Knobs) -> dict[str, Phase]:
         "clients": Phase([*serve, "--targets", "pipeline-ec4", "vllm-api8", "pipeline-ec2", *k.shared(SMOL_KV, 3),
                           *smol, "--concurrency", "64", "256", *SMOL_LOAD, "--out", f"{r}/clients"],
                          note="LLMService over N engine clients against vllm serve --api-server-count N"),
-        "pinned2": Phase([*serve, "--targets", "pipeline-ec1", "vllm-api1", "vllm-api2", *k.shared(SMOL_KV, 3),
+        "pinned2": Phase([*serve, "--targets", "pipeline-ec1", "vllm-api1", "vllm-api2", *k.shared(SMOL_KV, 3, rounds=True),
                           "--pin-gpu-host", "0-1", "--pin-rest", f"2-{k.cpus - 1}", *smol, "--concurrency", "64", "256",
                           *SMOL_LOAD, *rounds, "--caches", f"{c}/smol", "--out", f"{r}/pinned2"],
                          note="the GPU host's processes held to 2 CPUs, the load generators on the others"),
@@ -115,10 +117,10 @@ def table(k: Knobs) -> dict[str, Phase]:
                       extra=False),
         "startup_smol": startup("smol"),
         "startup_llama7b": startup("llama7b"),
-        "ttft1": Phase([*serve, "--targets", "pipeline-ec8", "vllm-api8", *k.shared(LLAMA_KV, 2), *llama,
+        "ttft1": Phase([*serve, "--targets", "pipeline-ec8", "vllm-api8", *k.shared(LLAMA_KV, 2, rounds=True), *llama,
                         "--concurrency", "1", "--min-prompts", "10", *rounds, "--caches", f"{c}/llama7b",
                         "--out", f"{r}/ttft1"], note="the first token at c=1, Llama-2-7B shape, rounds alternating"),
-        "repeats": Phase([*serve, "--targets", "pipeline-ec4", "vllm-api8", "pipeline-ec2", *k.shared(SMOL_KV, 3),
+        "repeats": Phase([*serve, "--targets", "pipeline-ec4", "vllm-api8", "pipeline-ec2", *k.shared(SMOL_KV, 3, rounds=True),
                           *smol, "--concurrency", "64", "256", *SMOL_LOAD, *rounds, "--caches", f"{c}/smol",
                           "--out", f"{r}/repeats"], note="the clients phase as alternating rounds"),
         "routing": routing("routing", ROUTING_KV, ["pipeline-kv", "pipeline-rr", "pipeline-kv-2fronts",

@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--first-len", type=int, default=1024, help="multiturn: tokens of a conversation's first message")
     group.add_argument("--turn-len", type=int, default=128, help="multiturn: tokens of each later message")
     group.add_argument("--turn-output-len", type=int, default=128)
+    group.add_argument("--warmup-conversations", type=int, default=8, help="one-turn conversations each system "
+                       "gets before its first run (0: none)")
     group.add_argument("--input-len", type=int, default=512, help="random: prompt tokens")
     group.add_argument("--output-len", type=int, default=256, help="random: output tokens")
 
@@ -296,8 +298,8 @@ def moved(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]
 def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str, warm_up: bool) -> dict:
     group.reset()
     doors = group.front_doors(system, name)
-    if warm_up:  # the first requests a server sees pay for its kernels' warm-up
-        warm = ChatWorkload("multiturn", 4, 8, 8, seed=10_000 + seed, turns=1, first_len=64)
+    if warm_up and args.warmup_conversations:  # the first requests a server sees pay for its kernels' warm-up
+        warm = ChatWorkload("multiturn", 4, args.warmup_conversations, 8, seed=10_000 + seed, turns=1, first_len=64)
         asyncio.run(run_chat_load(doors, args.served_name, warm, conversations(warm, args.tokenizer)))
         group.reset()
     if system.startswith("pipeline"):

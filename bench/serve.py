@@ -144,7 +144,7 @@ def sweep(args: argparse.Namespace, target: str, server, settings, out: Path, su
           warm_up: bool = True) -> None:
     """A warm-up at the highest concurrency, then every load level; one record per level (its file
     named `<target>-c<N><suffix>.json`)."""
-    if warm_up:
+    if warm_up and args.warmup_concurrency > 0:
         warm = min(max(args.concurrency), args.warmup_concurrency)
         warmup = Workload(args.input_len, args.output_len, warm, warm, args.seed + 1000, clients_for(warm, args.per_client))
         run_load(server.url, settings.served_name, settings.model, warmup, out / "logs" / f"{target}-warmup", server.pids())

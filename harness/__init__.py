@@ -1,12 +1,10 @@
 """The one process harness: starts, waits for and stops every server the tests, the benchmarks and
-the scripts run (either tier alone, both under `bentoml serve`, vLLM's own server).
+the scripts run. process.py: one server's process tree; tiers.py: the pipeline's tiers; engines.py:
+vLLM's server and the pipeline on the same engine settings; pinning.py: their processes onto CPUs.
 
     llm = start_tier("LLMService", log=tmp / "llm.log")
     front = start_tier("PromptService", log=tmp / "prompt.log", depends={"LLMService": llm.url})
     front.stop(); llm.stop()
-
-process.py: one server's process tree; tiers.py: the pipeline's tiers; engines.py: vLLM's server
-and the pipeline on the same engine settings; pinning.py: their processes onto CPUs.
 """
 
 from harness.engines import EngineSettings, cpu_engine_env, make_server, parse_target, pipeline_command, vllm_command

@@ -1,12 +1,10 @@
-"""The pipeline's tiers as the tests and containers start them.
+"""The pipeline's tiers as the tests and containers start them: `start_tier(service, ...)` one tier
+alone, as a container per tier runs it (BentoML's per-service `start-http-server`; PromptService
+reaches LLMService at the URL `depends` gives), `serve_pipeline(...)` both under `bentoml serve`,
+as ./scripts/serve.sh runs them. The tiers of one harness share `PIPELINE_INTERNAL_TOKEN`
+(`INTERNAL_TOKEN`, made once per process unless the environment has one).
 
-- `start_tier(service, ...)`: one tier alone, as a container per tier runs it (deploy/kubernetes/):
-  BentoML's per-service start, `start-http-server <bento> --service-name <Service> [--depends
-  Dep=http://host:port]`; PromptService alone reaches LLMService at the URL `depends` gives.
-- `serve_pipeline(...)`: `bentoml serve` of both tiers, as ./scripts/serve.sh runs it.
-
-The tiers of one harness share `PIPELINE_INTERNAL_TOKEN` (`INTERNAL_TOKEN`, made once per process
-unless the environment has one); `Server.llm_tier()` sends it.
+    llm = start_tier("LLMService", log=tmp / "llm.log"); llm.restart()   # same port
 """
 
 from __future__ import annotations

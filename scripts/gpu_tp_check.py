@@ -1,12 +1,11 @@
 """Tensor parallelism by configuration, checked on a machine with several GPUs (issue 6).
 
-Serves the pipeline the way deploy/kubernetes/ does, one tier at a time (BentoML's per-service
-start): LLMService alone with PIPELINE_TENSOR_PARALLEL_SIZE=N, on a dummy-weights model of the
-Llama-2-7B shape (bench/models.py), then PromptService alone pointing at it. Checks that BentoML
-gave the engine's worker N GPUs, that vLLM ran with tensor_parallel_size=N and that every GPU holds
-a share of the model; then measures start-up, one request and a burst through both tiers.
+Serves the pipeline the way deploy/kubernetes/ does, one tier at a time: LLMService alone with
+PIPELINE_TENSOR_PARALLEL_SIZE=N on a dummy-weights model of the Llama-2-7B shape (bench/models.py),
+then PromptService pointing at it. Checks that BentoML gave the engine N GPUs, that vLLM ran with
+tensor_parallel_size=N and that each GPU holds a share; then times start-up, a request and a burst.
 
-    python scripts/gpu_tp_check.py run --tp 2      # on a GPU host; --tp 1 --shape smol --cpu: a CPU dry run
+    python scripts/gpu_tp_check.py run --tp 2      # --tp 1 --shape smol --cpu: a dry run on a CPU
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Repeated, alternating runs (`python -m bench serve --rounds R`): medians and spread per server
-and level, and the pipeline-over-vLLM ratio of the medians and of each round.
+and level, and the pipeline-over-vLLM ratio of the medians and of each round (the two servers
+measured back to back in each round).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from services.config import settings
 
 LOGS = ROOT / ".cache" / "test-logs"
 REFRESH_S = 1.0
-BLOCK = 128  # the CPU engine's KV block size (FINDINGS.md)
+BLOCK = 128  # the CPU engine's KV block size
 REPLICA_ENV = {
     "PIPELINE_ENGINE_CLIENTS": "1",
     "PIPELINE_CPU_KVCACHE_SPACE_GIB": "1",
