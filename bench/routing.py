@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine-clients", type=int, default=2, help="each LLMService replica's PIPELINE_ENGINE_CLIENTS")
     group.add_argument("--api-servers", type=int, default=2, help="each vllm serve replica's --api-server-count")
     group.add_argument("--side-by-side", action="store_true", help="both kinds' replicas up at once on GPU 0")
-    group.add_argument("--router-path", default="", help="a folder holding vllm_router, where it is not installed")
     group = parser.add_argument_group("workloads")
     group.add_argument("--workloads", nargs="+", type=parse_run, default=[parse_run("prefix:32")],
                        help="NAME:CONCURRENCY, NAME one of prefix, multiturn, random")
@@ -75,11 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.side_by_side and not args.cpu and not args.kv_cache_memory_bytes:
         parser.error("replicas sharing a GPU need --kv-cache-memory-bytes")
-    if any(s.startswith("router") for s in args.systems):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.router_path, os.environ.get("PYTHONPATH")) if p)}
-        imported = subprocess.run([sys.executable, "-c", "import vllm_router"], env=env, capture_output=True)
-        if imported.returncode != 0:
-            parser.error("vllm_router does not import: `pip install vllm-router==0.1.17`, or give --router-path")
+    if any(s.startswith("router") for s in args.systems) and importlib.util.find_spec("vllm_router") is None:
+        parser.error("the router-* systems need vllm-router: pip install vllm-router==0.1.17")
 
 
 # --- the workloads -----------------------------------------------------------------------------------
@@ -239,8 +235,7 @@ class VllmGroup(ReplicaGroup):
             for index, replica in enumerate(self.replicas):
                 argv += ["--kv-event-source", f"{replica.url}=tcp://127.0.0.1:{KV_EVENTS_PORT + 10 * index}"]
             argv += ["--kv-event-block-size", str(self.block), "--kv-event-model", self.settings.served_name]
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (self.args.router_path, os.environ.get("PYTHONPATH")) if p)}
-        self.router = Server(system, argv, env, port, self.logs / f"{run_name}.log", ready_path="/health", live_path=None)
+        self.router = Server(system, argv, {}, port, self.logs / f"{run_name}.log", ready_path="/health", live_path=None)
         self.router.start_and_wait(120)
         return [self.router.url]
 
