@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
-        command.set_defaults(module=module)
+        command.set_defaults(module=module, command_parser=command)
     return parser
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args.module, "check"):
-        args.module.check(parser, args)
+        args.module.check(args.command_parser, args)
     # a SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so every server started is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return args.module.run(args)

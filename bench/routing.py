@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     args.model, args.served_name = settings.model, settings.served_name
     args.tokenizer = get_tokenizer(args.model)
     meta = {"question": "routing", "machine": describe_machine(), "engine": settings.__dict__, "label": args.label,
-            "args": {k: v for k, v in vars(args).items() if k not in ("module", "tokenizer")}, "ready_s": {}}
+            "args": {k: v for k, v in vars(args).items() if k not in ("module", "command_parser", "tokenizer")}, "ready_s": {}}
     caches = Path(args.caches or Path(os.environ.get("TMPDIR", "/tmp")) / "routing-bench-caches")
     kinds = [kind for kind in ("pipeline", "vllm") if any(s.startswith(kind if kind == "pipeline" else "router")
                                                           for s in args.systems)]
