@@ -1,9 +1,7 @@
-"""Benchmarks of the pipeline against vLLM's own OpenAI server (see docs/benchmarks.md), and the
-process harness they share with the tests and the device scripts.
+"""The benchmarks, as one command: `python -m bench <serve|routing|startup|costs|lora|structured|report|phases>`.
 
-servers.py starts, waits for and stops every server the project runs (either tier alone, both
-under `bentoml serve`, vLLM's own server; tests/integration and scripts/ use it too); loadgen.py
-drives one with `vllm bench serve` (in one or several processes) and keeps the per-request
-figures; metrics.py turns those into percentiles and throughputs; report.py compares the two
-servers (JSON, markdown, plots).
+One module per subcommand (serve.py, routing.py, ...), sharing cli.py's argument groups,
+datasets.py's workloads, loadgen.py and chat_load.py's load generators and report/'s writer; the
+servers come from the harness package. Results go to bench/results/<date>-<subcommand>/.
+bench/README.md says what each subcommand measures and how to run it.
 """

@@ -1,81 +1,21 @@
-"""Chat conversations as load, for the routing benchmark (scripts/routing_bench.py): each turn a
-streamed `/v1/chat/completions` call that resends the whole conversation so far.
-
-Two workloads, both built from token ids the model's tokenizer decodes, with a seed:
-- `prefix`: vLLM's own `prefix_repetition` prompts (`PrefixRepetitionRandomDataset`, the prompts
-  `vllm bench serve --dataset-name prefix_repetition` sends for the same seed): `num_prefixes`
-  shared prefixes of `prefix_len` tokens, each prompt one of them plus `suffix_len` tokens of its
-  own, one turn each, in vLLM's shuffled order;
-- `multiturn`: conversations of `turns` turns (a first message of `first_len` tokens, then
-  `turn_len` tokens a turn), each turn's prompt the whole history with the server's own answers,
-  as vLLM's multi-turn benchmark (benchmarks/multi_turn in vLLM's repository, not its wheel) sends
-  them. `concurrency` conversations run at once, each turn after the previous one's answer.
-
-Why not `vllm bench serve` for these: it has no multi-turn dataset, and it sends to one URL, while
-the two-front run spreads every prefix over both PromptService replicas (request i goes to
-`base_urls[i % n]`, as a load balancer in front of them would).
-
-Figures follow vLLM's definitions (its `async_request_openai_chat_completions`): TTFT is the first
-chunk carrying a choice, ITL the gaps between such chunks, latency the last of them, token counts
-from the final usage chunk. The record has the shape bench/loadgen.py's `merge` gives, so
-bench/metrics.py's `summarize` reads it, plus each request's shared-prefix length for the ideal
-cache-hit rate (`ideal_hit_rate`).
+"""Chat conversations as load (bench/datasets.py's `ChatWorkload`): each turn a streamed
+`/v1/chat/completions` call that resends the whole conversation so far, request i going to
+`base_urls[i % n]` (as a load balancer in front of several fronts would). `vllm bench serve` has no
+multi-turn dataset and sends to one URL, hence this. Figures follow vLLM's definitions (TTFT: the
+first chunk carrying a choice; ITL: the gaps between such chunks); the record has the shape
+bench/loadgen.py's `merge` gives, so bench/metrics.py's `summarize` reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 
 import aiohttp
 
-
-@dataclass(frozen=True)
-class ChatWorkload:
-    kind: str  # "prefix" or "multiturn"
-    concurrency: int
-    conversations: int  # prefix: prompts (one turn each); multiturn: conversations
-    output_len: int
-    seed: int = 0
-    prefix_len: int = 2048
-    suffix_len: int = 128
-    num_prefixes: int = 16
-    turns: int = 4
-    first_len: int = 1024
-    turn_len: int = 128
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}-c{self.concurrency}"
-
-
-@dataclass
-class Conversation:
-    turns: list[str]  # the user's messages, in order
-    shared_prefix: int  # tokens of the first message another conversation starts with (prefix: the prefix)
-
-
-def conversations(workload: ChatWorkload, tokenizer) -> list[Conversation]:
-    if workload.kind == "prefix":
-        from vllm.benchmarks.datasets import PrefixRepetitionRandomDataset
-
-        samples = PrefixRepetitionRandomDataset(random_seed=workload.seed).sample(
-            tokenizer, workload.conversations, prefix_len=workload.prefix_len, suffix_len=workload.suffix_len,
-            num_prefixes=workload.num_prefixes, output_len=workload.output_len)
-        return [Conversation([sample.prompt], workload.prefix_len) for sample in samples]
-    if workload.kind == "multiturn":
-        rng = random.Random(workload.seed)
-        ordinary = [i for i in range(tokenizer.vocab_size) if i not in set(tokenizer.all_special_ids)]
-
-        def text(tokens: int) -> str:
-            return tokenizer.decode([rng.choice(ordinary) for _ in range(tokens)], skip_special_tokens=True)
-
-        return [Conversation([text(workload.first_len), *(text(workload.turn_len) for _ in range(workload.turns - 1))], 0)
-                for _ in range(workload.conversations)]
-    raise ValueError(f"unknown chat workload {workload.kind!r}: prefix or multiturn")
+from bench.datasets import ChatWorkload, Conversation
 
 
 @dataclass
@@ -185,32 +125,3 @@ def chat_record(turns: list[Turn], workload: ChatWorkload, talks: list[Conversat
         "requests": requests,
         "shared_prefix": [talk.shared_prefix for talk in talks],
     }
-
-
-def ideal_hit_rate(record: dict, block_size: int) -> float:
-    """The share of prompt tokens a perfect router could serve from cache, in whole blocks of
-    `block_size`: in `prefix`, the prefix of every prompt but the first of its group (vLLM's
-    prompts do not say which prefix they carry; the groups are the workload's `num_prompts //
-    num_prefixes` prompts per prefix); in `multiturn`, each turn's previous prompt (the answer that
-    followed it re-tokenized need not match the engine's own tokens, so it is left out)."""
-    requests, workload = record["requests"], record["workload"]
-    prompts = [length for length, error in zip(requests["prompt_len"], requests["error"]) if not error]
-    total = sum(prompts)
-    if not total:
-        return float("nan")
-    whole = lambda tokens: tokens // block_size * block_size  # noqa: E731
-    if workload["kind"] == "prefix":
-        completed = len(prompts)
-        groups = min(workload["num_prefixes"], completed)
-        hits = (completed - groups) * whole(workload["prefix_len"])
-    else:
-        previous: dict[int, int] = {}
-        hits = 0
-        order = sorted(range(len(requests["turn"])), key=lambda i: (requests["conversation"][i], requests["turn"][i]))
-        for i in order:
-            if requests["error"][i]:
-                continue
-            conversation = requests["conversation"][i]
-            hits += whole(previous.get(conversation, 0))
-            previous[conversation] = requests["prompt_len"][i]
-    return hits / total

@@ -1,6 +1,7 @@
 """A BentoML service that streams small NDJSON lines, to measure the per-chunk cost of BentoML's
-HTTP path (bench/chunk_cost.py). CHUNK_VARIANT: 0 BentoML's defaults; 1 tracing, metrics and access
-log off; 2 only the route excluded from tracing; 3 only metrics and access log off."""
+HTTP path (`python -m bench costs --parts chunks`). CHUNK_VARIANT: 0 BentoML's defaults; 1 tracing,
+metrics and access log off; 2 only the route excluded from tracing; 3 only metrics and access log off.
+"""
 import os
 from collections.abc import AsyncGenerator
 

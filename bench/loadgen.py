@@ -2,7 +2,7 @@
 
 One load level (a concurrency) may be split over several load-generator processes, each with its
 share of the concurrency and prompts and its own seed, started together (BENCH_START_FILE, see
-vllm_cli.py), so that the generator is never the limit. While they run, the CPU use of each
+harness/vllm_cli.py), so that the generator is never the limit. While they run, the CPU use of each
 generator process and of every server process is sampled, so the report can show that the
 generator had headroom and where the server spent its CPU.
 """
@@ -15,22 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Workload:
-    input_len: int
-    output_len: int
-    concurrency: int
-    num_prompts: int
-    seed: int = 0
-    clients: int = 1  # load-generator processes
+from bench.datasets import Workload
+from harness import ROOT
 
 
 def bench_argv(
@@ -38,7 +29,7 @@ def bench_argv(
 ) -> list[str]:
     share = lambda total: total // workload.clients + (1 if part < total % workload.clients else 0)  # noqa: E731
     return [
-        sys.executable, "-m", "bench.vllm_cli", "bench", "serve",
+        sys.executable, "-m", "harness.vllm_cli", "bench", "serve",
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
         "--model", served_name, "--tokenizer", tokenizer,
         "--dataset-name", "random",
@@ -105,8 +96,8 @@ def process_label(process: psutil.Process) -> str:
         service = cmdline[cmdline.index("--service-name") + 1]
         worker = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
         return f"{service}#{worker}"
-    if "bench.vllm_cli" in cmdline:  # vLLM's CLI: the load generator, or `vllm serve --api-server-count N`
-        command = cmdline[cmdline.index("bench.vllm_cli") + 1:]
+    if "harness.vllm_cli" in cmdline:  # vLLM's CLI: the load generator, or `vllm serve --api-server-count N`
+        command = cmdline[cmdline.index("harness.vllm_cli") + 1:]
         return "vllm-bench-serve" if command[:1] == ["bench"] else "vllm-serve"
     if "vllm.entrypoints.openai.api_server" in cmdline:
         return "vllm-api-server"
@@ -128,7 +119,6 @@ def run_load(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"c{workload.concurrency}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     start_file = out_dir / f"{stem}.start"
     for stale in out_dir.glob(f"{stem}.start*"):
         stale.unlink()
@@ -139,7 +129,7 @@ def run_load(
         result.unlink(missing_ok=True)
         log = (out_dir / f"{stem}-part{part}.log").open("w")
         argv = bench_argv(base_url, served_name, tokenizer, workload, part, result)
-        clients.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        clients.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         results.append(result)
         logs.append(log)
     sampler = CpuSampler({"loadgen": [c.pid for c in clients], "server": server_pids})

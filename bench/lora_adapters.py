@@ -1,10 +1,7 @@
-"""Small LoRA adapters for the default model, made on the fly with peft (nothing downloaded,
-nothing committed): the LoRA tests (tests/integration/test_lora_parity.py, tests/unit) and the
-LoRA benchmark (bench/lora_bench.py) make them in a temporary folder.
-
-Each adapter is rank `rank` on q_proj and v_proj with random, non-zero A and B matrices from a
-fixed seed (peft starts B at zero, which would make the adapter a no-op), scaled so that greedy
-output differs from the base model's but stays text. A different seed gives a different adapter.
+"""Small LoRA adapters for the default model, made on the fly with peft (nothing downloaded or
+committed) for the LoRA tests and `python -m bench lora`: rank `rank` on q_proj and v_proj, random
+non-zero A and B from a seed (peft starts B at zero, a no-op), scaled so that greedy output differs
+from the base model's but stays text. A different seed gives a different adapter.
 
     python -m bench.lora_adapters OUT_DIR [--seed N] [--rank R]
 """

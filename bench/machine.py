@@ -1,4 +1,7 @@
-"""What the benchmark ran on: processor, GPU, and the versions that matter."""
+"""What a benchmark ran on: processor, memory, GPUs, and the versions that matter.
+
+`describe_machine()` goes into every results folder's meta.json.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""A stand-in for LLMService that streams frames at a set pace, to profile the CPU tier alone.
-
-On a machine without a GPU the CPU engine makes tens of tokens a second, far too few to load
-PromptService the way an H100 does. This server speaks LLMService's contract
-(services/protocol.py: `/generate` streams `GenerateDelta` frames, `/model_info`, `/readyz`) and emits
-one token per choice every `--interval-ms`, so PromptService, started on its own with
-`--depends LLMService=http://127.0.0.1:PORT`, sees the token rates of a GPU. For profiling only;
-the tests and the benchmarks against vLLM use the real engine.
+"""A stand-in for LLMService that streams frames at a set pace, to measure the CPU tier alone at a
+GPU's token rates without a GPU (`python -m bench costs --parts front`). It speaks LLMService's
+contract (services/protocol.py: `/generate` streams `GenerateDelta` frames, `/model_info`,
+`/readyz`) and emits one token per choice every `--interval-ms`.
 
     python -m bench.paced_gpu_tier --port 3101 --interval-ms 2
 """

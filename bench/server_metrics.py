@@ -15,7 +15,7 @@ import sys
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.servers import Server
+from harness import Server
 
 # histogram -> the name it gets in the record
 HISTOGRAMS = {

@@ -1,17 +1,10 @@
 """A server's start-up, broken down from its log (vLLM 0.26-0.32 and BentoML 1.4 messages).
 
-`phases(log_text, started_at)` gives
-- milestones: seconds from the process's start (`started_at`, a time.time()) to the first (or,
-  for `clients_ready`, the last) line that marks each step, read from the lines' own timestamps
-  (whole seconds: BentoML's `2026-11-29T17:15:56+0000`, vLLM's local `11-29 17:16:50`);
-- durations: what vLLM itself reports for weights, Dynamo, Inductor, loading compiled graphs,
-  torch.compile in all, CUDA-graph capture and the engine's whole initialisation.
-
-Whole seconds are too coarse for the engine clients' part of a start (about a second on CPU), so
-`follow(path)` also notes when each line reaches the log here (a thread reading it every 20 ms),
-and `client_phases(arrivals, started_at)` gives, from those arrival times, when the engine was up
-and when each LLMService engine client connected ("engine client N of M connected"), and each
-client's lag behind the engine.
+`phases(log_text, started_at)`: seconds from the start to the lines that mark each step (their own
+timestamps, whole seconds) and vLLM's own durations. `follow(path)` notes when each line reaches the
+log (sub-second), `watch_processes(pid)` when each process of the tree was created; from those,
+`client_phases` gives the engine clients' lag behind the engine and `breakdown` the same phases for
+LLMService and `vllm serve`: launcher, imports and config, EngineCore imports, its init, to ready.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ README_PROMPT = "What is the capital of France?"
 LOCAL = "127.0.0.1"
 READY_TIMEOUT_S = 900.0  # an engine start on this shared 2-core machine: 1 to 5 minutes
 STOP_GRACE_S = 60  # the manifests' terminationGracePeriodSeconds
-# What a CPU machine needs on top of the manifests' settings (as bench/servers.py's tier_env).
+# What a CPU machine needs on top of the manifests' settings (as harness/tiers.py's tier_env).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PIPELINE_MAX_MODEL_LEN": "2048", "PIPELINE_PROMPT_WORKERS": "1"}
 SECRET_MARKERS = ("HF_TOKEN=", "hf_", "PIPELINE_API_KEYS=", "PIPELINE_INTERNAL_TOKEN=", "--mount=type=secret")
 

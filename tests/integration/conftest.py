@@ -1,5 +1,5 @@
 """The real pipeline, started once per test session: `bentoml serve` of both services with the
-real vLLM engine and the default model (bench/servers.py starts and stops it). Every call has a
+real vLLM engine and the default model (harness/ starts and stops it). Every call has a
 timeout; every process started is stopped.
 """
 
@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from bench.servers import ROOT, Server, own_bentoml_home, serve_pipeline
+from harness import ROOT, Server, own_bentoml_home, serve_pipeline
 
 LOGS = ROOT / ".cache" / "test-logs"
 

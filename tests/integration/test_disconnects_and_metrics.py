@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from bench.server_metrics import samples
-from bench.servers import poll
+from harness import poll
 
 DROPS = 50
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}

@@ -1,5 +1,5 @@
 """LLMService over several engine-client processes on one engine (PIPELINE_ENGINE_CLIENTS, which
-the test tiers set to 2: bench/servers.py TIER_DEFAULTS, so the whole suite runs that way).
+the test tiers set to 2: harness/tiers.py TIER_DEFAULTS, so the whole suite runs that way).
 
 - every LLMService worker streams generations, and a burst through the front is answered;
 - the engine's load is the sum over the workers;
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bench.servers import Server, own_bentoml_home, poll, serve_pipeline
+from harness import Server, own_bentoml_home, poll, serve_pipeline
 
 CHAT = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Tell me a story."}],
         "max_tokens": 24, "temperature": 0}

@@ -17,7 +17,7 @@ import pytest
 
 from bench.lora_adapters import default_model_folder, make_adapter
 from bench.server_metrics import engine_counters
-from bench.servers import ROOT, Server, own_bentoml_home, start_tier
+from harness import ROOT, Server, own_bentoml_home, start_tier
 from services.kv_blocks import block_keys
 from services.protocol import CacheEvents, FrameDecoder
 

@@ -29,7 +29,7 @@ import pytest
 from test_openai_parity import HERMES_TEMPLATE, MODEL_NAME, START_TIMEOUT_S, call, model_folder, summary
 
 from bench.lora_adapters import make_adapter
-from bench.servers import ROOT, EngineSettings, Server, free_port, make_server, own_bentoml_home, serve_pipeline
+from harness import ROOT, EngineSettings, Server, free_port, make_server, own_bentoml_home, serve_pipeline
 from services.gpu.engine_args import CPU_DTYPE
 
 LOGS = ROOT / ".cache" / "test-logs"

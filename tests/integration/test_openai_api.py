@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from bench.server_metrics import samples
-from bench.servers import poll
+from harness import poll
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

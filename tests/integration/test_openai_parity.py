@@ -29,7 +29,7 @@ import json
 import httpx
 import pytest
 
-from bench.servers import ROOT, EngineSettings, free_port, make_server
+from harness import ROOT, EngineSettings, free_port, make_server
 from services.gpu.engine_args import CPU_DTYPE
 
 MODEL_NAME = "smollm2-135m-instruct"

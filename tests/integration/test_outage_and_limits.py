@@ -1,5 +1,5 @@
 """The front door's limits, and the GPU tier going away and coming back, on a pair of tiers of
-this module's own (started apart, as containers start them: bench/servers.py), with API keys on,
+this module's own (started apart, as containers start them: harness/), with API keys on,
 a small cap on requests in flight and a short deadline.
 
 Order matters: the restart test comes last, since it stops the GPU tier.
@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from bench.servers import Server, own_bentoml_home, start_tier
+from harness import Server, own_bentoml_home, start_tier
 
 KEY = "test-key-2"
 AUTH = {"Authorization": f"Bearer {KEY}"}

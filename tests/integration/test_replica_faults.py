@@ -22,7 +22,7 @@ import time
 import httpx
 import psutil
 
-from bench.servers import ROOT, Server, poll, start_tier
+from harness import ROOT, Server, poll, start_tier
 
 LOGS = ROOT / ".cache" / "test-logs"
 ORPHAN_DEADLINE_S = 15  # the engine of a dead worker is gone within this

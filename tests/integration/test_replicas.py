@@ -26,7 +26,7 @@ import pytest
 
 from bench.lora_adapters import make_adapter
 from bench.server_metrics import engine_counters
-from bench.servers import ROOT, Server, poll, start_tier
+from harness import ROOT, Server, poll, start_tier
 from services.config import settings
 
 LOGS = ROOT / ".cache" / "test-logs"

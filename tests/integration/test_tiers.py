@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.servers import READY_TIMEOUT_S, Server, start_tier
+from harness import READY_TIMEOUT_S, Server, start_tier
 
 QUESTION = "What is the capital of France?"
 

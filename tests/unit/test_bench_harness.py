@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.profile import NATIVE, summarize
-from bench.servers import ROOT, EngineSettings, make_server
+from harness import ROOT, EngineSettings, make_server
 from services.config import Settings
 from services.gpu import engine_args
 
@@ -29,7 +29,7 @@ def test_a_set_kv_cache_reaches_both_servers_and_the_engine(tmp_path: Path, monk
 
 
 def test_servers_sharing_a_gpu_must_set_their_kv_cache():
-    argv = [sys.executable, "scripts/bench.py", "run", "--model", "/m", "--served-name", "m", "--out", "/tmp/x",
+    argv = [sys.executable, "-m", "bench", "serve", "--model", "/m", "--served-name", "m", "--out", "/tmp/x",
             "--targets", "vllm", "pipeline", "--devices", "0", "0"]
     refused = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--kv-cache-memory-bytes" in refused.stderr
@@ -54,7 +54,7 @@ def test_a_server_never_inherits_this_process_run_directory(tmp_path: Path, monk
     """This process made a run directory when it imported the services (services/run_dir.py);
     handed down, every server started from here would share one engine's sockets and engine.json,
     and one server's engine client stopped another server's engine (seen in a whole-suite run)."""
-    from bench.servers import Server
+    from harness import Server
     from services.run_dir import RUN_DIR_ENV
 
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "the-tests-own"))

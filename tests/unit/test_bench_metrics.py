@@ -1,12 +1,13 @@
-"""The benchmark's arithmetic (bench/loadgen.py merge, bench/metrics.py, bench/report.py compare)."""
+"""The benchmark's arithmetic (bench/loadgen.py merge, bench/metrics.py, bench/report/serve.py compare)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.loadgen import Workload, merge
+from bench.datasets import Workload
+from bench.loadgen import merge
 from bench.metrics import percentile, summarize
-from bench.report import best_configurations, check_targets, compare
+from bench.report.serve import best_configurations, check_targets, compare
 
 
 def part(start: float, ttft: float, itl: list[float], output_len: int, error: str = "") -> dict:

@@ -1,13 +1,11 @@
-"""The routing benchmark's own parts (bench/chat_load.py, bench/routing_report.py,
-scripts/routing_bench.py), without engines: the conversations it sends (against a stand-in
+"""The routing benchmark's own parts (bench/datasets.py, bench/chat_load.py, bench/report/routing.py,
+bench/routing.py), without engines: the conversations it sends (against a stand-in
 OpenAI server), the ideal hit rate, and the report's targets."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from bench.chat_load import ChatWorkload, Conversation, chat_record, conversations, ideal_hit_rate, run_chat_load
-from bench.routing_report import analyse, load, markdown
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def routing_bench():
-    spec = importlib.util.spec_from_file_location("routing_bench", ROOT / "scripts" / "routing_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from bench import routing
+from bench.chat_load import chat_record, run_chat_load
+from bench.datasets import ChatWorkload, Conversation, conversations, ideal_hit_rate
+from bench.report.routing import analyse, load, markdown
 
 
 class StandIn:
@@ -160,11 +150,10 @@ def test_the_report_measures_each_target_as_the_median_of_the_rounds_ratios(tmp_
 
 
 def test_workload_names_are_checked():
-    bench = routing_bench()
-    assert bench.parse_run("prefix:32") == bench.Run("prefix", 32)
+    assert routing.parse_run("prefix:32") == routing.Run("prefix", 32)
     for bad in ("prefix", "prefix:0", "chat:4", "random:x"):
         with pytest.raises(Exception):
-            bench.parse_run(bad)
+            routing.parse_run(bad)
 
 
 def test_chat_record_puts_turns_in_start_order():

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.servers import ROOT
+from harness import ROOT
 
 SHOW = """
 import json, os

@@ -1,5 +1,5 @@
 """The start-up breakdown read from a server's log (bench/startup_log.py) and the repeated runs'
-medians and ratios (bench/repeats.py)."""
+medians and ratios (bench/report/repeats.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bench import repeats
+from bench.report import repeats
 from bench.startup_log import client_phases, follow, phases
 
 LOG = """=== python -m bentoml_cli._internal.start start-http-server . --service-name LLMService

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from bench.servers import free_port
+from harness import free_port
 from services.front.llm_client import LLMClient
 from services.protocol import GenerateDelta, GenerateRequest, SamplingParams, encode_frame
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.servers import ROOT, parse_cpus, parse_target
+from harness import ROOT, parse_cpus, parse_target
 from services.config import Settings
 from services.gpu import engine_args, engine_clients
 from services.gpu.engine_clients import (
@@ -110,7 +110,7 @@ def test_pinning_moves_every_thread_of_a_process():
 
     import psutil
 
-    from bench.servers import pin
+    from harness import pin
 
     mine = os.sched_getaffinity(0)
     started = threading.Event()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.servers import ROOT, poll
+from harness import ROOT, poll
 from services.gpu import engine_clients, engine_watch
 
 # A "worker" that starts an "engine" child watching it (as the EngineCore does) and prints its pid.

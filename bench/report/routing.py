@@ -1,9 +1,6 @@
-"""The routing benchmark's report (scripts/routing_bench.py): per workload and system the medians
-over rounds with their spread, each replica's measured hit rate and requests, and issue 22's
-targets, each a ratio of two systems measured in the same round (then the median of the rounds'
-ratios, with its spread).
-
-    python scripts/routing_bench.py report RESULTS --out docs/benchmarks/<name>   # routing.json, README.md
+"""The `routing` report: per workload and system the medians over rounds with their spread, each
+replica's measured hit rate and requests, and issue 22's targets, each a ratio of two systems
+measured in the same round (then the median of the rounds' ratios, with its spread).
 """
 
 from __future__ import annotations
@@ -144,11 +141,7 @@ def markdown(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: Path, out: Path, title: str = "") -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+def summary(results: Path, out: Path, title: str = "") -> tuple[dict, str]:
     report = analyse(load(results))
     meta = results / "meta.json"
-    document = {"meta": json.loads(meta.read_text()) if meta.exists() else {}, "report": report}
-    (out / "routing.json").write_text(json.dumps(document, indent=1, default=str))
-    (out / "README.md").write_text(markdown(report, title))
-    return report
+    return {"meta": json.loads(meta.read_text()) if meta.exists() else {}, "report": report}, markdown(report, title)
