@@ -77,9 +77,10 @@ def table(k: Knobs) -> dict[str, Phase]:
 
     def startup(shape: str) -> Phase:
         return Phase(["-m", "bench", "startup", "--model", f"{m}/{shape}", "--served-name", shape, "--load-format",
-                      "dummy", "--targets", "pipeline-ec8", "vllm-api8", "--plan", "cold", "warm", "warm", "--first",
+                      "dummy", "--targets", "pipeline-ec8", "vllm-api8", "--plan", "cold", "warm", "cold", "warm", "cold",
+                      "warm", "--first",
                       "0" if shape == "smol" else "1", "--caches", f"{c}/{shape}", "--out", f"{r}/startup_{shape}"],
-                     note=f"a new replica's start, {shape} shape: LLMService alone against vllm serve, cold then warm")
+                     note=f"a new replica's start, {shape} shape: LLMService alone against vllm serve, 3 cold and 3 warm starts each")
 
     def routing(name: str, kv: int, systems: list[str], workloads: list[str]) -> Phase:
         return Phase(["-m", "bench", "routing", "--model", f"{m}/llama7b", "--served-name", "llama7b", "--load-format",
@@ -120,9 +121,11 @@ def table(k: Knobs) -> dict[str, Phase]:
         "ttft1": Phase([*serve, "--targets", "pipeline-ec8", "vllm-api8", *k.shared(LLAMA_KV, 2, rounds=True), *llama,
                         "--concurrency", "1", "--min-prompts", "10", *rounds, "--caches", f"{c}/llama7b",
                         "--out", f"{r}/ttft1"], note="the first token at c=1, Llama-2-7B shape, rounds alternating"),
-        "repeats": Phase([*serve, "--targets", "pipeline-ec4", "vllm-api8", "pipeline-ec2", *k.shared(SMOL_KV, 3, rounds=True),
-                          *smol, "--concurrency", "64", "256", *SMOL_LOAD, *rounds, "--caches", f"{c}/smol",
-                          "--out", f"{r}/repeats"], note="the clients phase as alternating rounds"),
+        "repeats": Phase([*serve, "--targets", "pipeline-ec8", "vllm-api8", "pipeline-ec8-kvevents",
+                          *k.shared(SMOL_KV, 3, rounds=True), *smol, "--concurrency", "64", "256", *SMOL_LOAD, *rounds,
+                          "--caches", f"{c}/smol", "--out", f"{r}/repeats"],
+                         note="the headline, as alternating rounds: the pipeline against vllm serve --api-server-count 8, "
+                              "and the pipeline with KV cache events on"),
         "routing": routing("routing", ROUTING_KV, ["pipeline-kv", "pipeline-rr", "pipeline-kv-2fronts",
                                                    "router-cache_aware", "router-round_robin"],
                            ["prefix:32", "prefix:64", "multiturn:16", "random:64"]),

@@ -7,8 +7,10 @@ is `vllm`, `vllm-apiN` (`vllm serve --api-server-count N`), `pipeline` or `pipel
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,17 +96,27 @@ def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int,
     return serve_command(port), env
 
 
-TARGET = re.compile(r"vllm(?:-api(?P<api_servers>[1-9][0-9]*))?|pipeline(?:-ec(?P<engine_clients>[1-9][0-9]*))?")
+TARGET = re.compile(r"(?:vllm(?:-api(?P<api_servers>[1-9][0-9]*))?|pipeline(?:-ec(?P<engine_clients>[1-9][0-9]*))?)"
+                    r"(?P<kv_events>-kvevents)?")
 
 
 def parse_target(target: str) -> tuple[str, int | None]:
     """`vllm`, `vllm-apiN` (`vllm serve --api-server-count N`), `pipeline`, `pipeline-ecN`
-    (PIPELINE_ENGINE_CLIENTS=N): the server kind and its process count, if given."""
+    (PIPELINE_ENGINE_CLIENTS=N), each optionally `-kvevents` (the engine publishes KV cache
+    events; `kv_events`): the server kind and its process count, if given."""
     match = TARGET.fullmatch(target)
     if not match:
-        raise ValueError(f"unknown target {target!r}: vllm, vllm-apiN, pipeline or pipeline-ecN")
+        raise ValueError(f"unknown target {target!r}: vllm, vllm-apiN, pipeline or pipeline-ecN, "
+                         "each optionally with -kvevents")
     count = match["api_servers"] or match["engine_clients"]
     return target.split("-")[0], int(count) if count else None
+
+
+def kv_events(target: str) -> bool:
+    """Whether the target's engine publishes KV cache events (`-kvevents`): what routing across
+    replicas needs, and costs the engine some work every step; off otherwise, as in `vllm serve`."""
+    match = TARGET.fullmatch(target)
+    return bool(match and match["kv_events"])
 
 
 def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path, prompt_workers: int = 1,
@@ -112,9 +124,15 @@ def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path,
     """vLLM's own OpenAI server (`vllm` or `vllm-apiN`, with `vllm_args` added to its command
     line) or the pipeline (`pipeline` or `pipeline-ecN`), not started yet."""
     kind, count = parse_target(target)
+    events = kv_events(target)
     if kind == "vllm":
         argv, env = vllm_command(settings, port, api_servers=count)
+        if events:  # published on a socket of its own, as the pipeline's engine publishes on one in its run directory
+            config = {"enable_kv_cache_events": True, "publisher": "zmq",
+                      "endpoint": f"ipc://{tempfile.gettempdir()}/kv-events-{port}"}
+            argv += ["--kv-events-config", json.dumps(config)]
         return Server(target, [*argv, *vllm_args], env, port, log_dir / f"server-{target}.log", ready_path="/health",
                       live_path=None)
     argv, env = pipeline_command(settings, port, prompt_workers, engine_clients=count)
+    env["PIPELINE_KV_EVENTS"] = "true" if events else "false"
     return Server(target, argv, env, port, log_dir / f"server-{target}.log")

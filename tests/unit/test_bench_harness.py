@@ -62,3 +62,16 @@ def test_a_server_never_inherits_this_process_run_directory(tmp_path: Path, monk
     assert RUN_DIR_ENV not in server.environment()
     given = Server("LLMService", ["true"], {RUN_DIR_ENV: str(tmp_path / "its-own")}, 1, tmp_path / "log")
     assert given.environment()[RUN_DIR_ENV] == str(tmp_path / "its-own")
+
+
+def test_kv_events_are_a_targets_choice_the_same_for_both_servers(tmp_path: Path):
+    """`-kvevents` turns the engine's KV cache events on in either server (what routing across
+    replicas needs); without it both run with them off, as `vllm serve` does by default."""
+    settings = EngineSettings(model="/m", served_name="m", max_model_len=4096)
+    plain, evented = (make_server(target, settings, 8000, tmp_path) for target in ("pipeline-ec8", "pipeline-ec8-kvevents"))
+    assert plain.env["PIPELINE_KV_EVENTS"] == "false" and evented.env["PIPELINE_KV_EVENTS"] == "true"
+    assert plain.env["PIPELINE_ENGINE_CLIENTS"] == evented.env["PIPELINE_ENGINE_CLIENTS"] == "8"
+    vllm_plain, vllm_evented = (make_server(target, settings, 8001, tmp_path) for target in ("vllm-api8", "vllm-api8-kvevents"))
+    assert "--kv-events-config" not in vllm_plain.argv
+    config = vllm_evented.argv[vllm_evented.argv.index("--kv-events-config") + 1]
+    assert '"enable_kv_cache_events": true' in config and vllm_evented.argv[vllm_evented.argv.index("--api-server-count") + 1] == "8"
