@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_script(name: str) -> types.ModuleType:
-    """A script of scripts/ as a module, by its path: scripts/ must not go on sys.path, where its
-    bench.py would shadow the bench package for every later test."""
+    """A script of scripts/ as a module, by its path (scripts/ is a folder of commands, not a
+    package, and stays off sys.path)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
