@@ -105,8 +105,8 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="after")
     def _keys_fit_the_prompt(self) -> GenerateRequest:
         if self.block_keys is not None and (len(self.block_keys) > len(self.token_ids)
-                                            or any(not 0 <= key < 1 << 63 for key in self.block_keys)):
-            raise ValueError("block_keys must be at most one key per prompt token, each in [0, 2**63)")
+                                            or any(not 0 <= key < 1 << 62 for key in self.block_keys)):
+            raise ValueError("block_keys must be at most one key per prompt token, each in [0, 2**62)")
         return self
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.kv_blocks import KEY_MASK, block_keys
+from services.kv_blocks import BASES, KEY_MASK, PRIME, SHORT, block_keys, root_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [random.Random(7).randrange(49152) for _ in range(1000)]
@@ -52,8 +52,35 @@ def test_keys_are_the_same_in_another_process() -> None:
     assert out.stdout.strip() == str(block_keys(PROMPT, 128, "a"))
 
 
-def test_keys_are_non_negative_63_bit_integers() -> None:
+def test_keys_are_non_negative_62_bit_integers() -> None:
     assert all(0 <= key <= KEY_MASK for key in block_keys(PROMPT, 16))
+
+
+def reference_keys(token_ids: list[int], block_size: int, adapter: str | None = None) -> list[int]:
+    """The definition, token by token: each of the two hashes is start * base**L + the prompt's
+    (token id + 1)s as the digits of a number in that base, modulo PRIME."""
+    start = root_key(adapter)
+    hashes = [start >> 31, start & PRIME]
+    keys = []
+    for position, token in enumerate(token_ids, 1):
+        hashes = [(h * base + token + 1) % PRIME for h, base in zip(hashes, BASES)]
+        if position % block_size == 0:
+            keys.append((hashes[0] << 31) | hashes[1])
+    return keys
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+def test_the_vectorized_keys_are_the_definitions(block_size: int) -> None:
+    assert block_keys(PROMPT, block_size, "a") == reference_keys(PROMPT, block_size, "a")
+    assert block_keys(PROMPT[:SHORT], block_size, "a") == reference_keys(PROMPT[:SHORT], block_size, "a")
+    extremes = [0, 2**32 - 1, 1, 2**31 - 1, 2**31, 2**31 + 1] * 40  # any uint32 token id
+    assert block_keys(extremes, block_size) == reference_keys(extremes, block_size)
+
+
+def test_a_long_prompt_grows_the_tables_and_keeps_its_keys() -> None:
+    long = PROMPT * 40  # 40,000 tokens: past the first tables
+    keys = block_keys(long, 16)
+    assert keys[:62] == block_keys(PROMPT, 16) and len(keys) == 2500 and len(set(keys)) == 2500
 
 
 def test_a_block_size_below_one_is_refused() -> None:
