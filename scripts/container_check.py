@@ -298,6 +298,14 @@ def check_serves(report: Report, name: str, url: str) -> str:
     return greedy
 
 
+def status_of(url: str, timeout_s: float = 10) -> int | None:
+    """GET url's status, or None when it does not answer in time."""
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def check_gpu_tier_down(report: Report, name: str, front: Container) -> None:
     with httpx.Client(base_url=front.url, timeout=30) as http:
         ready, live = http.get("/readyz"), http.get("/livez")
@@ -417,9 +425,13 @@ def run_checks(image: str, report: Report) -> None:
             replicas.append(container(f"llm-service-{name}", port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
                                       extra=["--shm-size", "1g"]).run())
         replicas_ready = {replica.name: replica.wait("/readyz", 200) for replica in replicas}
-        first, second = replicas
+        # `leaving` stops first; `staying` stops last and starts again. The front's --depends URL,
+        # a Service over every ready pod in the cluster, names `staying` here: BentoML's own
+        # readiness probe of that URL must answer while any replica does (with it refused, the
+        # front's /readyz does not answer at all).
+        leaving, staying = replicas
         front_port = free_port()
-        args, env = tier_start("prompt-service", front_port, depends_url=first.url,
+        args, env = tier_start("prompt-service", front_port, depends_url=staying.url,
                                replicas=[replica.url for replica in replicas])
         front = container("prompt-service", front_port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
                           extra=health_options(front_port)).run()
@@ -438,11 +450,11 @@ def run_checks(image: str, report: Report) -> None:
         check_routes_to_both(report, front, replicas)
 
         # one replica stops: the front stays ready and the other answers
-        check_clean_stop(report, first)
-        before = routed(front, [second])
+        check_clean_stop(report, leaving)
+        before = routed(front, [staying])
         code, text = readme_curl(front.url, GREEDY)
-        ready = httpx.get(f"{front.url}/readyz", timeout=10).status_code
-        served = moved_since(front, [second], before, lambda moved: all(
+        ready = status_of(f"{front.url}/readyz")
+        served = moved_since(front, [staying], before, lambda moved: all(
             counts["engine_finished"] >= 1 for counts in moved.values()))
         report.check("two replicas, one stopped: the front stays ready and the other replica answers",
                      code == 200 and text == greedy and ready == 200
@@ -451,13 +463,13 @@ def run_checks(image: str, report: Report) -> None:
 
         # both stop: the front is not ready, and says so; one starts again: the front follows
         stopping = time.monotonic()
-        check_clean_stop(report, second)
+        check_clean_stop(report, staying)
         not_ready_s = front.wait("/readyz", 503, timeout_s=60, since=stopping)
         check_gpu_tier_down(report, "two replicas, both stopped", front)
         unhealthy_s = wait_health(front, "unhealthy", 60)
-        first.start_again()
-        llm_again = first.wait("/readyz", 200)
-        front_again = front.wait("/readyz", 200, timeout_s=120, since=first.started)
+        staying.start_again()
+        llm_again = staying.wait("/readyz", 200)
+        front_again = front.wait("/readyz", 200, timeout_s=120, since=staying.started)
         code, text = readme_curl(front.url, GREEDY)
         follows = {"front_not_ready_after_last_stop_s": not_ready_s, "docker_unhealthy_after_s": unhealthy_s,
                    "llm_ready_again_s": llm_again, "front_ready_again_s": front_again, "answer": text}
@@ -465,7 +477,7 @@ def run_checks(image: str, report: Report) -> None:
         report.check("two replicas: front /readyz follows them (both down, then one back)",
                      code == 200 and text == greedy, follows)
         check_clean_stop(report, front)
-        check_clean_stop(report, first)
+        check_clean_stop(report, staying)
         for made in (front, *replicas):
             made.remove()
 
