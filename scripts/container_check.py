@@ -182,8 +182,9 @@ class Container:
     def state(self) -> dict:
         return json.loads(docker("inspect", "-f", "{{json .State}}", self.name))
 
-    def logs(self, tail: int = 60) -> str:
-        result = subprocess.run(["docker", "logs", "--tail", str(tail), self.name], capture_output=True,
+    def logs(self, tail: int = 60, timestamps: bool = False) -> str:
+        result = subprocess.run(["docker", "logs", *(["--timestamps"] if timestamps else []), "--tail", str(tail),
+                                 self.name], capture_output=True,
                                 text=True, timeout=60)
         return result.stdout + result.stderr
 
@@ -246,8 +247,10 @@ def check_clean_stop(report: Report, container: Container) -> None:
     stopped = container.stop()
     report.data["containers"].setdefault(container.name, {})["stop"] = stopped
     # SIGKILL after the grace period shows as 137; BentoML's own shutdown on SIGTERM is quicker.
-    report.check(f"{container.name}: stops cleanly on SIGTERM", stopped["exit_code"] != 137
-                 and stopped["stop_s"] < STOP_GRACE_S and not stopped["oom_killed"], stopped)
+    clean = stopped["exit_code"] != 137 and stopped["stop_s"] < STOP_GRACE_S and not stopped["oom_killed"]
+    if not clean:  # what it was doing when it did not stop
+        stopped["log_tail"] = container.logs(40, timestamps=True).splitlines()
+    report.check(f"{container.name}: stops cleanly on SIGTERM", clean, stopped)
 
 
 # --- what a user does -----------------------------------------------------------------------------
