@@ -428,10 +428,9 @@ def run_checks(image: str, report: Report) -> None:
             replicas.append(container(f"llm-service-{name}", port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
                                       extra=["--shm-size", "1g"]).run())
         replicas_ready = {replica.name: replica.wait("/readyz", 200) for replica in replicas}
-        # `leaving` stops first; `staying` stops last and starts again. The front's --depends URL,
-        # a Service over every ready pod in the cluster, names `staying` here: BentoML's own
-        # readiness probe of that URL must answer while any replica does (with it refused, the
-        # front's /readyz does not answer at all).
+        # `leaving` stops first; `staying` stops last and starts again. The front's --depends URL
+        # (in the cluster, the Service over every ready pod) names `staying`: with the replica
+        # list set, requests and readiness use the list, and that URL answers whenever a replica does.
         leaving, staying = replicas
         front_port = free_port()
         args, env = tier_start("prompt-service", front_port, depends_url=staying.url,
