@@ -275,7 +275,7 @@ else
   [ "$gpu" = 1 ] && gpu_tag=$(image_tag llm-pipeline)
   log "using the last images built: $cpu_tag ${gpu_tag:-}"
 fi
-log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1); daemon: $(du -sh "$work/docker" 2>/dev/null | cut -f1)"
+log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1)$([ -d "$work/docker" ] && echo "; private daemon's data: $(du -sh "$work/docker" | cut -f1)")"
 
 # --- the checks ----------------------------------------------------------------------------------
 images=("$cpu_tag")
