@@ -193,7 +193,9 @@ scrub() {  # the committed log names no folder of this machine: the repository i
   for ((i = 0; i < ${#pairs[@]}; i += 2)); do
     script+="s|$(printf '%s' "${pairs[i]}" | sed 's/[][\\.*^$|]/\\&/g')|$(printf '%s' "${pairs[i+1]}" | sed 's/[\\&|]/\\&/g')|g;"
   done
-  sed -u -e "$script" -e 's|/tmp/llm-pipeline-docker\.[A-Za-z0-9]*|<daemon-run>|g'
+  # pip's notes on this machine's own pip configuration (an index folder that is not there) go too
+  sed -u -e "$script" -e 's|/tmp/llm-pipeline-docker\.[A-Za-z0-9]*|<daemon-run>|g' \
+    -e "/^WARNING: Location '.*' is ignored/d"
 }
 # this run's output: on the terminal as it is, in docs/container/ scrubbed
 exec > >(tee >(scrub >"$out/run$([ "$gpu" = 1 ] && echo -gpu).log")) 2>&1
