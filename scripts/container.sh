@@ -28,13 +28,13 @@
 #    the classic builder runs the same Dockerfile the Bento carries (env/docker/Dockerfile);
 # 4. the checks (scripts/container_check.py) under the engine lock: each tier alone, then two
 #    GPU-tier containers behind one front (its replica list names both), then the whole Bento;
-#    their report and this script's output go to docs/container/, with the repository's path
+#    their report and this script's output go to bench/results/<date>-container-cpu/, with the repository's path
 #    written as `.` and this machine's other folders as placeholders.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 work=${CONTAINER_WORK:-$root/build/container}
-out=${CONTAINER_OUT:-$root/docs/container}
+out=${CONTAINER_OUT:-$root/bench/results/$(date -u +%F)-container-cpu}
 # The engine lock: one engine at a time on a shared machine (ENGINE_LOCK, as the other scripts).
 lock=${ENGINE_LOCK:-${TMPDIR:-/tmp}/llm-pipeline-engine.lock}
 base_image=python:3.11-slim
@@ -197,7 +197,7 @@ scrub() {  # the committed log names no folder of this machine: the repository i
   sed -u -e "$script" -e 's|/tmp/llm-pipeline-docker\.[A-Za-z0-9]*|<daemon-run>|g' \
     -e "/^WARNING: Location '.*' is ignored/d"
 }
-# this run's output: on the terminal as it is, in docs/container/ scrubbed
+# this run's output: on the terminal as it is, in the results folder scrubbed
 exec > >(tee >(scrub >"$out/run$([ "$gpu" = 1 ] && echo -gpu).log")) 2>&1
 log "disk before: $(df -h --output=used,avail "$root" | tail -1)"
 ./scripts/setup.sh --dev

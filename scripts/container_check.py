@@ -1,7 +1,7 @@
 """Run the pipeline's CPU container image as a user would, and write down what happened.
 
-    python scripts/container_check.py inspect IMAGE [IMAGE...] --out docs/container/image-NAME.json
-    python scripts/container_check.py run IMAGE --out docs/container/check-cpu.json   # starts engines:
+    python scripts/container_check.py inspect IMAGE [IMAGE...] --out bench/results/DATE-container-cpu/image-NAME.json
+    python scripts/container_check.py run IMAGE --out bench/results/DATE-container-cpu/check-cpu.json   # starts engines:
                                                                        # run it under the engine lock
     python scripts/container_check.py build-failure LOG [--trust-host-cas]   # one line, if LOG is a
                                                                        # build that failed on a certificate
