@@ -17,6 +17,9 @@ from services.front.routing.replica import Replica
 logger = logging.getLogger("bentoml.service.prompt")
 
 EVENTS_SILENCE_S = 3.5  # about three missed one-second load frames: the stream is dead
+# A replica that names no epoch predates that contract: it sent its load every 5 s when idle (two
+# missed, and a second). Without this, a front updated before its replicas would drop every idle stream.
+UNNAMED_SILENCE_S = 11.0
 
 
 def _lost(replica: Replica) -> None:
@@ -36,7 +39,8 @@ async def follow_cache_events(replica: Replica, *, first_backoff_s: float = 0.5,
             continue
         try:
             index = None  # the index this stream feeds, once its snapshot came
-            async for frame in replica.client.kv_events(silence_s):
+            deadline_s = silence_s if replica.epoch is not None else max(silence_s, UNNAMED_SILENCE_S)
+            async for frame in replica.client.kv_events(deadline_s):
                 if index is None:
                     if frame.epoch != replica.epoch:
                         logger.warning("GPU tier replica %s runs a new engine (epoch %s, was %s): its index, "
@@ -60,7 +64,7 @@ async def follow_cache_events(replica: Replica, *, first_backoff_s: float = 0.5,
             raise
         except TimeoutError:
             logger.warning("GPU tier replica %s sent nothing on /kv_events for %.1f s: its index is not trusted "
-                           "until a new stream's snapshot (next try in %.1f s)", replica.name, silence_s, backoff)
+                           "until a new stream's snapshot (next try in %.1f s)", replica.name, deadline_s, backoff)
         except Exception as error:  # refused, reset, 4xx/5xx, a bad frame: never ends the loop
             logger.warning("GPU tier replica %s: /kv_events failed (%r); routing by this worker's history "
                            "until it is back (next try in %.1f s)", replica.name, error, backoff)
