@@ -127,10 +127,10 @@ class FakeGpuTier:
         self.degraded = True
         self.event_log.append(CacheEvents(cleared=True))
 
-    def restart(self, epoch: str | None = "new") -> None:
-        """A new engine at the same address: another epoch (None: one that names none), an empty
-        cache, and its event streams end (as the old process's did)."""
-        self.epoch = new_epoch() if epoch == "new" else epoch
+    def restart(self) -> None:
+        """A new engine at the same address: another epoch (if it names one), an empty cache, and
+        its event streams end (as the old process's did)."""
+        self.epoch = new_epoch() if self.epoch is not None else None
         self.blocks.clear()
         self.pending.clear()
         self.degraded = False

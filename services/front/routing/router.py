@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
 from services.front.routing.index import BlockIndex, Routed
@@ -35,14 +36,15 @@ def worth_another_replica(error: RequestError, request: GenerateRequest) -> bool
     return error.status >= 500 and not isinstance(error, DeadlineExceeded)
 
 
+@dataclass(slots=True)
 class Sending:
     """A request routed to one replica: what to send it, and how to take back what routing it
     recorded there (its predicted blocks and history) if the replica refuses it."""
 
-    __slots__ = ("index", "keys", "replica", "routed")
-
-    def __init__(self, replica: Replica, keys: list[int] | None, index: BlockIndex | None, routed: Routed | None) -> None:
-        self.replica, self.keys, self.index, self.routed = replica, keys, index, routed
+    replica: Replica
+    keys: list[int] | None  # the prompt's block keys at its block size (None: not looked at)
+    index: BlockIndex | None  # the index that recorded the request (the replica's may be replaced since)
+    routed: Routed | None  # what it recorded
 
     def request(self, request: GenerateRequest) -> GenerateRequest:
         """`request` with the prompt's block keys at this replica's block size, for a replica that

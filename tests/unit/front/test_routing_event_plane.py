@@ -69,7 +69,7 @@ def test_a_snapshot_of_another_epoch_forgets_what_the_front_knew_of_the_replica(
         assert front.replica(fake).ready  # it never looked down
 
 
-def bring_up_again(front, fake, *, restart: bool, epoch: str | None = "new") -> None:
+def bring_up_again(front, fake, *, restart: bool) -> None:
     """The replica goes down and comes back, restarted or not; its event stream is refused from
     then on, so only what the front learns at the bring-up (ModelInfo) can tell a new engine."""
     fake.ready = False
@@ -77,7 +77,7 @@ def bring_up_again(front, fake, *, restart: bool, epoch: str | None = "new") -> 
     fake.events_refused = True
     fake.cut_event_streams()
     if restart:
-        fake.restart(epoch)
+        fake.restart()
     fake.ready = True
     wait_for(lambda: front.replica(fake).ready, what="the replica back")
     wait_for(lambda: not front.replica(fake).index.live, what="its stream lost")
