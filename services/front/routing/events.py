@@ -42,10 +42,7 @@ async def follow_cache_events(replica: Replica, *, first_backoff_s: float = 0.5,
             deadline_s = silence_s if replica.epoch is not None else max(silence_s, UNNAMED_SILENCE_S)
             async for frame in replica.client.kv_events(deadline_s):
                 if index is None:
-                    if frame.epoch != replica.epoch:
-                        logger.warning("GPU tier replica %s runs a new engine (epoch %s, was %s): its index, "
-                                       "predictions and routing history start over", replica.name, frame.epoch,
-                                       replica.epoch)
+                    if frame.epoch != replica.epoch:  # restarted since its model info (or the last snapshot)
                         replica.forget(frame.epoch)
                     index = replica.index
                     if index is None:  # the replica came back with prefix caching off

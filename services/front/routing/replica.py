@@ -9,6 +9,7 @@ policy.py and router.py import it; it imports none of them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from functools import cached_property
 
@@ -18,6 +19,8 @@ from services.front.metrics import front_metrics
 from services.front.routing.discovery import replica_name
 from services.front.routing.index import PREDICTION_TTL_S, BlockIndex
 from services.protocol import ModelInfo, ReplicaLoad
+
+logger = logging.getLogger("bentoml.service.prompt")
 
 DEFAULT_CAPACITY_BLOCKS = 4096  # the history's bound for a replica that does not say its cache size
 
@@ -75,6 +78,8 @@ class Replica:
     def forget(self, epoch: str | None) -> None:
         """The replica runs a new engine (`epoch`): its index, predictions, routing history and
         load start empty, so no request goes there on the strength of the old engine's cache."""
+        logger.warning("GPU tier replica %s runs a new engine (epoch %s, was %s), or may: what this worker knew "
+                       "of its cache is forgotten", self.name, epoch, self.epoch)
         self.epoch = epoch
         if self.index is not None:
             self.index = self._new_index(self.info)
