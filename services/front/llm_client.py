@@ -176,11 +176,12 @@ class LLMClient:
                 raise _error_from(response.status, response.headers, content)
             return answer.model_validate_json(content)
 
-    async def kv_events(self) -> AsyncIterator[CacheEvents]:
+    async def kv_events(self, silence_s: float) -> AsyncIterator[CacheEvents]:
         """The replica's `/kv_events` stream (a snapshot, then deltas and load frames), until it
-        ends or the caller leaves (which closes the connection). No read timeout: a quiet cache
-        sends nothing, and the replica's readiness is watched apart."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=None)
+        ends, the caller leaves (which closes the connection) or it sends nothing for `silence_s`
+        (TimeoutError: the replica sends its load at least every second, so a silent stream is a
+        hung host or a connection dropped on the way, which would otherwise look like a quiet cache)."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=silence_s)
         async with self._http.post("/kv_events", json={}, timeout=timeout) as response:
             if response.status != 200:
                 raise _error_from(response.status, response.headers, await response.read())

@@ -79,12 +79,16 @@ class FrontMetrics:
         self.replica_retries = Counter(
             "pipeline_replica_retries", "Requests moved away from a replica that failed or refused them before their "
             "first token.", ["replica"])
+        self.replica_events_live = Gauge(
+            "pipeline_replica_events_live", "1 while the replica's /kv_events stream is live (its snapshot arrived and "
+            "no silence past the read deadline since), so its index is trusted; else 0 (the lowest over the front's "
+            "live workers).", ["replica"], multiprocess_mode="livemin")
 
     def for_replica(self, replica: str) -> ReplicaMetrics:
         """One replica's series (made once per replica, so routing does no label lookups)."""
         return ReplicaMetrics(*(metric.labels(replica) for metric in (
             self.replica_requests, self.replica_prompt_blocks, self.replica_cached_blocks_predicted,
-            self.replica_inflight, self.replica_ready, self.replica_retries)))
+            self.replica_inflight, self.replica_ready, self.replica_retries, self.replica_events_live)))
 
     def count_adapter_request(self, adapter: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.lora_requests.labels(adapter).inc()
@@ -99,6 +103,7 @@ class ReplicaMetrics(NamedTuple):
     inflight: Any
     ready: Any
     retries: Any
+    events_live: Any
 
 
 @cache

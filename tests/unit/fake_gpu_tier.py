@@ -7,14 +7,17 @@ by `refuse_with` (a status, as a failing replica answers); the fake records whic
 which it saw aborted, and how many streams were open at once.
 
 As a replica of several (services/front/routing/), it serves `/kv_events` per the contract
-(services/protocol.py's `CacheEvents`: a snapshot, then deltas and load frames) when `kv_events`
-is set: a prompt it runs stores its blocks (services/kv_blocks.py), and a test may `store`,
-`evict`, `report_load` or `cut_event_streams` itself.
+(services/protocol.py's `CacheEvents`: a snapshot with its `epoch`, then deltas, every frame saying
+`degraded`, and a frame at least every `frame_every_s`) when `kv_events` is set: a prompt it runs
+is pending (its `block_keys`) until its blocks are stored (services/kv_blocks.py), and a test may
+`store`, `evict`, `announce_pending`, `report_load`, `lose_index`, `cut_event_streams`, make the
+streams go `silent` or `restart` it as a new engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -48,6 +51,11 @@ from services.security import BearerAuthMiddleware, JsonOnlyMiddleware
 TOKEN = "fake-internal-token-0123456789"
 VOCAB = 49152
 CONTEXT = 2048
+_starts = itertools.count(1)
+
+
+def new_epoch() -> str:
+    return f"fake-start-{next(_starts)}"
 
 
 class Behaviour(IntEnum):
@@ -77,7 +85,13 @@ class FakeGpuTier:
     kv_block_size: int | None = None
     kv_cache_blocks: int | None = None
     kv_events: bool = False
+    epoch: str | None = field(default_factory=new_epoch)  # this engine's start (None: a replica that names none)
     blocks: set[int] = field(default_factory=set)
+    pending: set[int] = field(default_factory=set)  # keys of requests accepted, not stored yet
+    degraded: bool = False  # every frame says so: its index may miss blocks the engine holds
+    silent: bool = False  # its /kv_events streams stay open and send nothing (a hung host, a dropped connection)
+    frame_every_s: float = 0.2  # a frame at least this often (the contract: a load frame at least every second)
+    block_keys_of: dict[str, list[int] | None] = field(default_factory=dict)  # request id -> the keys the front sent
     event_log: list[CacheEvents] = field(default_factory=list)  # every delta since start, in order
     event_streams: int = 0  # /kv_events streams open now
     event_stream_starts: int = 0
@@ -88,11 +102,39 @@ class FakeGpuTier:
 
     def store(self, keys: list[int]) -> None:
         self.blocks.update(keys)
+        self.pending.difference_update(keys)
         self.event_log.append(CacheEvents(stored=list(keys)))
 
     def evict(self, keys: list[int]) -> None:
         self.blocks.difference_update(keys)
         self.event_log.append(CacheEvents(removed=list(keys)))
+
+    def announce_pending(self, keys: list[int]) -> None:
+        """Keys of a request accepted (from this front or another), not stored yet."""
+        new = [key for key in keys if key not in self.blocks and key not in self.pending]
+        self.pending.update(new)
+        self.event_log.append(CacheEvents(pending=new))
+
+    def end_pending(self, keys: list[int]) -> None:
+        ended = [key for key in keys if key in self.pending]
+        self.pending.difference_update(ended)
+        if ended:
+            self.event_log.append(CacheEvents(unpending=ended))
+
+    def lose_index(self) -> None:
+        """Its own index starts over empty (a replay gap) while the engine keeps its blocks: a
+        `cleared` frame, and every frame degraded from now on."""
+        self.degraded = True
+        self.event_log.append(CacheEvents(cleared=True))
+
+    def restart(self) -> None:
+        """A new engine at the same address: another epoch (if it names one), an empty cache, and
+        its event streams end (as the old process's did)."""
+        self.epoch = new_epoch() if self.epoch is not None else None
+        self.blocks.clear()
+        self.pending.clear()
+        self.degraded = False
+        self.cut_event_streams()
 
     def report_load(self, running: int = 0, waiting: int = 0, kv_usage: float = 0.0) -> None:
         self.load = ReplicaLoad(running=running, waiting=waiting, kv_usage=kv_usage)
@@ -106,13 +148,24 @@ class FakeGpuTier:
         self.event_streams += 1
         self.event_stream_starts += 1
         try:
+            while self.silent and cut == self._cut:  # a stream opened to a hung host: not even a snapshot
+                await asyncio.sleep(0.01)
             # as LLMService's: the load reported last comes with the snapshot (a stream opened after
             # the report still learns it)
-            yield encode_frame(CacheEvents(cleared=True, stored=sorted(self.blocks), load=self.load))
+            yield encode_frame(CacheEvents(cleared=True, epoch=self.epoch, stored=sorted(self.blocks),
+                                           pending=sorted(self.pending), degraded=self.degraded, load=self.load))
+            sent_at = time.monotonic()
             while cut == self._cut:
-                while position < len(self.event_log):
-                    yield encode_frame(self.event_log[position])
-                    position += 1
+                if self.silent:
+                    position = len(self.event_log)
+                else:
+                    while position < len(self.event_log):
+                        yield encode_frame(self.event_log[position].model_copy(update={"degraded": self.degraded}))
+                        position += 1
+                        sent_at = time.monotonic()
+                    if time.monotonic() - sent_at >= self.frame_every_s:  # the load, whether it changed or not
+                        yield encode_frame(CacheEvents(degraded=self.degraded, load=self.load))
+                        sent_at = time.monotonic()
                 await asyncio.sleep(0.01)
         finally:
             self.event_streams -= 1
@@ -124,7 +177,7 @@ class FakeGpuTier:
         async def model_info(_: Request) -> JSONResponse:
             info = ModelInfo(model="fake", max_model_len=CONTEXT, vocab_size=VOCAB, eos_token_ids=self.eos_token_ids,
                              adapters=self.adapters, kv_block_size=self.kv_block_size,
-                             kv_cache_blocks=self.kv_cache_blocks, kv_events=self.kv_events)
+                             kv_cache_blocks=self.kv_cache_blocks, kv_events=self.kv_events, epoch=self.epoch)
             return JSONResponse(info.model_dump())
 
         async def load(_: Request) -> JSONResponse:
@@ -133,6 +186,7 @@ class FakeGpuTier:
         async def generate(request: Request):
             generation = GenerateRequest.model_validate((await request.json())["request"])
             self.received.append(generation.request_id)
+            self.block_keys_of[generation.request_id] = generation.block_keys
             if self.refuse_with is not None:
                 return JSONResponse(["refused"], status_code=self.refuse_with, headers={"Retry-After": "1"})
             behaviour = generation.token_ids[0]
@@ -147,6 +201,8 @@ class FakeGpuTier:
             self.started.append(generation.request_id)
             self.adapter_of[generation.request_id] = generation.adapter
             own_engine_request(generation.request_id, self._abort)
+            if self.kv_events and generation.block_keys:  # as LLMService: pending until stored or ended
+                self.announce_pending(generation.block_keys)
             if self.kv_block_size is not None:  # what the engine's prefix cache would now hold
                 keys = block_keys(generation.token_ids, self.kv_block_size, generation.adapter)
                 if self.kv_events:
@@ -210,6 +266,8 @@ class FakeGpuTier:
             release_engine_request(generation.request_id)
         finally:
             self.open_streams -= 1
+            if self.kv_events and generation.block_keys:
+                self.end_pending(generation.block_keys)
 
 
 class Server:

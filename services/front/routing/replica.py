@@ -9,6 +9,7 @@ policy.py and router.py import it; it imports none of them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from functools import cached_property
 
@@ -18,6 +19,8 @@ from services.front.metrics import front_metrics
 from services.front.routing.discovery import replica_name
 from services.front.routing.index import PREDICTION_TTL_S, BlockIndex
 from services.protocol import ModelInfo, ReplicaLoad
+
+logger = logging.getLogger("bentoml.service.prompt")
 
 DEFAULT_CAPACITY_BLOCKS = 4096  # the history's bound for a replica that does not say its cache size
 
@@ -34,6 +37,8 @@ class Replica:
         self.client = LLMClient(url, token=token, timeout_s=timeout_s, monitor=self.monitor)
         self.prediction_ttl_s = prediction_ttl_s
         self.info: ModelInfo | None = None
+        self.epoch: str | None = None  # the engine's start this worker's knowledge is of (ModelInfo, snapshots)
+        self.adapters: set[str] = set()  # the LoRA adapters it serves, by name
         self.index: BlockIndex | None = None  # made once the block size is known; None: no prefix cache
         self.load: ReplicaLoad | None = None  # the engine's own last report (None while its stream is down)
         self.sent_since_report = 0  # requests this worker sent since that report, still running
@@ -43,6 +48,7 @@ class Replica:
         self.retired = False  # left discovery: no new request; closed when its last stream ends
         self.tasks: list[asyncio.Task] = []
         self.metrics.ready.set(0)
+        self.metrics.events_live.set(0)
 
     @cached_property
     def metrics(self):
@@ -56,14 +62,41 @@ class Replica:
     def block_size(self) -> int | None:
         return self.info.kv_block_size if self.info is not None else None
 
-    def use(self, info: ModelInfo) -> None:
-        """The replica's model info (each time it comes up, and after adapter changes)."""
+    def use(self, info: ModelInfo, *, came_up: bool = False) -> None:
+        """The replica's model info (each time it comes up, `came_up`, and after adapter changes).
+        Another epoch is another engine, whose cache began empty: what this worker knew of the
+        replica is forgotten. So is it when a replica that names no epoch comes up again (it may
+        have restarted: nothing says it did not)."""
+        if self.info is not None and (info.epoch != self.epoch or (came_up and info.epoch is None)):
+            self.forget(info.epoch)
         if self.index is None or info.kv_block_size != self.block_size:
-            self.index = None if info.kv_block_size is None else BlockIndex(
-                info.kv_cache_blocks or DEFAULT_CAPACITY_BLOCKS, prediction_ttl_s=self.prediction_ttl_s)
+            self.index = None if info.kv_block_size is None else self._new_index(info)
         elif info.kv_cache_blocks:
             self.index.capacity = info.kv_cache_blocks
-        self.info = info
+        self.info, self.epoch = info, info.epoch
+        self.adapters = {adapter.name for adapter in info.adapters}
+
+    def forget(self, epoch: str | None) -> None:
+        """The replica runs a new engine (`epoch`): its index, predictions, routing history and
+        load start empty, so no request goes there on the strength of the old engine's cache."""
+        logger.warning("GPU tier replica %s runs a new engine (epoch %s, was %s), or may: what this worker knew "
+                       "of its cache is forgotten", self.name, epoch, self.epoch)
+        self.epoch = epoch
+        if self.index is not None:
+            self.index = self._new_index(self.info)
+        self.report(None)
+
+    def _new_index(self, info: ModelInfo | None) -> BlockIndex:
+        capacity = (info.kv_cache_blocks if info is not None else None) or DEFAULT_CAPACITY_BLOCKS
+        return BlockIndex(capacity, prediction_ttl_s=self.prediction_ttl_s)
+
+    def serves(self, adapter: str | None) -> bool:
+        """Whether it serves `adapter` (None: the base model), as its model info said last."""
+        return adapter is None or adapter in self.adapters
+
+    def lacks(self, adapter: str) -> None:
+        """It answered that it does not serve `adapter` (unloaded there since its model info)."""
+        self.adapters.discard(adapter)
 
     def report(self, load: ReplicaLoad | None) -> None:
         """The engine's load as it measured it (None: no report to go by)."""

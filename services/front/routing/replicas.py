@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from services.errors import TierUnavailable
 from services.front.metrics import front_metrics
 from services.front.routing.discovery import DiscoveryError, Source
-from services.front.routing.events import follow_cache_events
+from services.front.routing.events import EVENTS_SILENCE_S, follow_cache_events
 from services.front.routing.index import PREDICTION_TTL_S
 from services.front.routing.replica import Replica
 from services.protocol import LoadAdapterRequest, ModelInfo
@@ -26,8 +26,9 @@ logger = logging.getLogger("bentoml.service.prompt")
 class ReplicaSet:
     def __init__(self, source: Source, *, token: str, timeout_s: float, refresh_s: float, check_interval_s: float,
                  retry_after_s: int = 1, sync_adapters: bool = False, follow_events: bool = True,
-                 prediction_ttl_s: float = PREDICTION_TTL_S) -> None:
+                 prediction_ttl_s: float = PREDICTION_TTL_S, events_silence_s: float = EVENTS_SILENCE_S) -> None:
         self.source = source
+        self.events_silence_s = events_silence_s
         self.refresh_s = refresh_s
         self.retry_after_s = retry_after_s
         self.sync_adapters = sync_adapters
@@ -94,7 +95,8 @@ class ReplicaSet:
         self.replicas[url] = replica
         replica.monitor.watch(replica.client.is_ready, on_ready=lambda: self._bring_up(replica))
         if self.follow_events:
-            replica.tasks.append(asyncio.get_running_loop().create_task(follow_cache_events(replica)))
+            replica.tasks.append(asyncio.get_running_loop().create_task(
+                follow_cache_events(replica, silence_s=self.events_silence_s)))
         logger.warning("GPU tier replica %s joined", replica.name)
 
     def _retire(self, replica: Replica) -> None:
@@ -134,7 +136,7 @@ class ReplicaSet:
                     update.message)
             if missing:
                 info = await replica.client.model_info()
-        replica.use(info)
+        replica.use(info, came_up=True)
 
     # --- readiness ----------------------------------------------------------------------------------
 

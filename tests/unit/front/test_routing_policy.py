@@ -88,6 +88,82 @@ def test_without_events_the_routing_history_stands_in_lru_bounded():
     assert index.cached_prefix(second, NOW) == 8
 
 
+def test_pending_blocks_count_as_held_until_stored_or_unpended():
+    """A replica's pending blocks (requests it accepted, from any front) count as held: the
+    snapshot's replace the set, later frames add and drop them, a stored block leaves it."""
+    index = BlockIndex(capacity=100)
+    keys = block_keys(PREFIX, BLOCK)
+    index.apply(CacheEvents(cleared=True, stored=keys[:2], pending=keys[2:5]))
+    assert index.cached_prefix(keys, NOW) == 5
+    index.apply(CacheEvents(pending=keys[5:7]))
+    assert index.cached_prefix(keys, NOW) == 7
+    index.apply(CacheEvents(unpending=[keys[3]]))  # that request ended before its blocks were stored
+    assert index.cached_prefix(keys, NOW) == 3
+    index.apply(CacheEvents(stored=keys[2:4]))
+    assert index.cached_prefix(keys, NOW) == 7 and keys[2] not in index.pending
+    index.apply(CacheEvents(cleared=True))  # the engine's cache reset: the accepted requests still stand
+    assert index.cached_prefix(keys, NOW) == 0 and index.pending == set(keys[4:7])
+    index.events_lost()
+    index.apply(CacheEvents(cleared=True, pending=[keys[0]]))  # a new stream's snapshot replaces the set
+    assert index.pending == {keys[0]} and index.cached_prefix(keys, NOW) == 1
+
+
+def test_a_degraded_index_adds_this_workers_history_and_predictions_to_what_it_reports():
+    index = BlockIndex(capacity=100, prediction_ttl_s=1.0)
+    keys = block_keys(PREFIX, BLOCK)
+    index.apply(CacheEvents(cleared=True, stored=keys[:2]))
+    index.routed(keys[:6], NOW)
+    assert index.cached_prefix(keys, NOW + 5) == 2  # the predictions expired: the replica's word alone
+    index.apply(CacheEvents(degraded=True))  # its index may miss blocks: the history joins in
+    assert index.cached_prefix(keys, NOW + 5) == 6
+    index.apply(CacheEvents(load=ReplicaLoad()))  # every frame says: whole again
+    assert index.cached_prefix(keys, NOW + 5) == 2
+
+
+def test_a_refused_send_takes_back_its_predictions_and_history_but_no_other_requests():
+    index = BlockIndex(capacity=100, prediction_ttl_s=3.0)
+    index.apply(CacheEvents(cleared=True))
+    keys, others = block_keys(PREFIX, BLOCK), block_keys(list(range(100, 132)), BLOCK)
+    index.unrouted(index.routed(keys, NOW))  # refused: as if never sent
+    assert index.cached_prefix(keys, NOW + 1) == 0 and not index.predicted and not index.history
+    index.routed(keys[:4], NOW)  # an earlier request, accepted, holds the first half
+    index.unrouted(index.routed(keys, NOW + 1))
+    assert index.cached_prefix(keys, NOW + 2) == 4 and set(index.history) == set(keys[:4])
+    refused = index.routed(others, NOW)
+    index.routed(others, NOW + 1)  # another request with the same blocks, sent there since, and accepted
+    index.unrouted(refused)
+    assert index.cached_prefix(others, NOW + 2) == 8 and set(others) <= set(index.history)
+
+
+# --- a replica's start (its epoch) ----------------------------------------------------------------
+
+
+def test_another_epoch_or_an_unnamed_one_at_a_bring_up_is_a_new_engine_and_the_replica_is_forgotten():
+    def info(epoch: str | None) -> ModelInfo:
+        return ModelInfo(model="m", max_model_len=2048, vocab_size=100, kv_block_size=BLOCK, kv_cache_blocks=64,
+                         kv_events=True, epoch=epoch)
+
+    keys = block_keys(PREFIX, BLOCK)
+
+    def known(made: Replica) -> int:
+        return made.index.cached_prefix(keys, NOW)  # by the history (no stream here)
+
+    made = replica(1, live=False)
+    made.use(info("a"), came_up=True)
+    made.index.routed(keys, NOW)
+    made.use(info("a"), came_up=True)  # back after a blip, the same engine
+    assert known(made) == 8
+    made.use(info("b"))  # another engine (seen in a refresh of its model info)
+    assert known(made) == 0 and made.epoch == "b"
+    unnamed = replica(2, live=False)
+    unnamed.use(info(None), came_up=True)
+    unnamed.index.routed(keys, NOW)
+    unnamed.use(info(None))  # a replica that names no epoch, refreshed while up: nothing says it restarted
+    assert known(unnamed) == 8
+    unnamed.use(info(None), came_up=True)  # ... but back from down: it may have
+    assert known(unnamed) == 0
+
+
 # --- the kv policy -----------------------------------------------------------------------------------
 
 

@@ -44,10 +44,11 @@ class RoutedFront:
     """The front's request path over the replicas `source` names, served on loopback."""
 
     def __init__(self, source, *, policy: str = "kv", check_interval_s: float = 0.05, refresh_s: float = 0.1,
-                 sync_adapters: bool = False, prediction_ttl_s: float = 3.0) -> None:
+                 sync_adapters: bool = False, prediction_ttl_s: float = 3.0, events_silence_s: float = 2.0) -> None:
+        # the stand-ins send a frame every 0.2 s: a stream silent for 2 s is dead (3.5 s against 1 s in production)
         self.monitor = ReplicaSet(source, token=TOKEN, timeout_s=5, refresh_s=refresh_s,
                                   check_interval_s=check_interval_s, retry_after_s=2, sync_adapters=sync_adapters,
-                                  prediction_ttl_s=prediction_ttl_s)
+                                  prediction_ttl_s=prediction_ttl_s, events_silence_s=events_silence_s)
         self.router = ReplicaRouter(self.monitor, make_policy(policy))
         tokenizer, template = tokenizer_and_template()
         self.generation = TextGeneration(
