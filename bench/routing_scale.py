@@ -19,6 +19,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from services.front.routing.index import FleetIndex
 from services.front.routing.policy import KvAware, Prompt
 from services.front.routing.replica import Replica
 from services.kv_blocks import block_keys
@@ -33,9 +34,9 @@ def documents(count: int, rng: random.Random) -> list[list[int]]:
     return [[rng.randrange(VOCAB) for _ in range(int(256 * 32 ** rng.random()))] for _ in range(count)]
 
 
-def stand_in(port: int, blocks: int) -> Replica:
+def stand_in(port: int, blocks: int, fleet: FleetIndex) -> Replica:
     replica = Replica(f"http://10.{port // 250}.{port % 250}.1:3000", token="t" * 16, timeout_s=5,
-                      check_interval_s=1, retry_after_s=1, on_change=lambda *_: None)
+                      check_interval_s=1, retry_after_s=1, on_change=lambda *_: None, fleet=fleet)
     replica.monitor.ready = True
     replica.use(ModelInfo(model="m", max_model_len=65536, vocab_size=VOCAB, kv_block_size=BLOCK,
                           kv_cache_blocks=blocks, kv_events=True))
@@ -68,7 +69,8 @@ def measure(count: int, blocks: int, docs: list[list[int]], keys: list[list[int]
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    replicas = [stand_in(port, blocks) for port in range(count)]
+    fleet = FleetIndex()  # one worker's, as its ReplicaSet has
+    replicas = [stand_in(port, blocks, fleet) for port in range(count)]
     fill(replicas, keys, weights, blocks, rng)
     gc.collect()
     after = tracemalloc.take_snapshot()

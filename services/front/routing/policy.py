@@ -9,6 +9,7 @@ above the least loaded passes a replica over. The reasoning: docs/architecture.m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -79,6 +80,26 @@ def cached_blocks(replica: Replica, prompt: Prompt, now: float) -> tuple[int, li
     return replica.index.cached_prefix(keys, now), keys
 
 
+def cached_everywhere(replicas: list[Replica], prompt: Prompt, now: float) -> list[tuple[Replica, int, list[int] | None]]:
+    """`cached_blocks` for every replica: what they report comes from one walk along the prompt's
+    keys per fleet index and block size (FleetIndex.leading), each one's own predictions and
+    history from there."""
+    found: dict[int, tuple[int, list[int] | None]] = {}
+    groups: dict[tuple[int, int], list[Replica]] = {}
+    for replica in replicas:
+        index = replica.index
+        if index is not None and index.live and replica.block_size is not None:
+            groups.setdefault((id(index.fleet), replica.block_size), []).append(replica)
+        else:
+            found[id(replica)] = cached_blocks(replica, prompt, now)
+    for (_, block_size), group in groups.items():
+        keys = prompt.keys(block_size)
+        reported = group[0].index.fleet.leading(keys, [replica.index.bit for replica in group])
+        for replica in group:
+            found[id(replica)] = replica.index.cached_prefix(keys, now, reported.get(replica.index.bit, 0)), keys
+    return [(replica, *found[id(replica)]) for replica in replicas]
+
+
 def new_tokens(replica: Replica, prompt: Prompt, cached: int) -> int:
     return len(prompt.token_ids) - cached * (replica.block_size or 0)
 
@@ -88,17 +109,17 @@ def saturated(replica: Replica, weights: Weights) -> bool:
     return load is not None and (load.kv_usage >= weights.kv_saturation or load.waiting >= weights.queue_saturation)
 
 
-def overloaded(replica: Replica, least_active: int, weights: Weights) -> bool:
+def overloaded(active: int, least_active: int, weights: Weights) -> bool:
     """Far busier than the least loaded: a hot prefix's home hands its requests on before the
     inter-token latency of everything there suffers."""
-    active = replica.active_requests
     return active - least_active > weights.imbalance_requests and active > weights.imbalance_ratio * least_active
 
 
-def kv_cost(replica: Replica, prompt: Prompt, cached: int, weights: Weights) -> float:
+def kv_cost(replica: Replica, prompt: Prompt, cached: int, weights: Weights, active: int | None = None) -> float:
     """The engine work the request adds there, in prompt tokens: its own prefill, the prefill
     queued ahead of it, and the requests it would share each decode step with."""
-    return new_tokens(replica, prompt, cached) + replica.queued_prefill + weights.load_weight * replica.active_requests
+    active = replica.active_requests if active is None else active
+    return new_tokens(replica, prompt, cached) + replica.queued_prefill + weights.load_weight * active
 
 
 def free_blocks(replica: Replica) -> int:
@@ -134,9 +155,20 @@ def home(candidates: list[Replica], holders: list[Replica], prompt: Prompt, held
 def rendezvous_score(anchor: bytes, name: str, weight: float) -> float:
     """Weighted rendezvous hashing: each name wins an anchor with a chance in proportion to its
     weight, and removing a name moves only the anchors it won."""
-    digest = hashlib.blake2b(anchor + name.encode(), digest_size=8).digest()
-    uniform = (int.from_bytes(digest, "little") + 0.5) / 2**64  # in (0, 1)
-    return weight / -math.log(uniform)
+    mixed = _mix64(int.from_bytes(anchor[:8], "little") ^ _name_salt(name))
+    return weight / -math.log((mixed + 0.5) / 2**64)  # the uniform draw in (0, 1)
+
+
+@functools.lru_cache(maxsize=65536)
+def _name_salt(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finalizer: every bit of the input moves about half the output's bits."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
 
 
 # --- the policies -----------------------------------------------------------------------------------
@@ -180,22 +212,23 @@ class KvAware(RoundRobin):
 
     def choose(self, replicas: list[Replica], prompt: Prompt, now: float) -> Choice:
         in_turn = self.in_turn(replicas)
+        active = {replica: replica.active_requests for replica in in_turn}
         open_ = [replica for replica in in_turn if not saturated(replica, self.weights)]
         if open_:
-            least_active = min(replica.active_requests for replica in open_)
-            open_ = [replica for replica in open_ if not overloaded(replica, least_active, self.weights)]
+            least_active = min(active[replica] for replica in open_)
+            open_ = [replica for replica in open_ if not overloaded(active[replica], least_active, self.weights)]
         if not open_:  # every replica is full or queueing: spread
             replica = least_loaded(in_turn)
             cached, keys = cached_blocks(replica, prompt, now)
             return Choice(replica, prompt.blocks(replica.block_size), cached, keys)
-        looked = [(replica, *cached_blocks(replica, prompt, now)) for replica in open_]
+        looked = cached_everywhere(open_, prompt, now)
         held = [cached * (replica.block_size or 0) for replica, cached, _ in looked]
         most = max(held)
         holders = [replica for (replica, _, _), tokens in zip(looked, held) if tokens == most]
         home_replica, edge = home(open_, holders, prompt, most, self.weights) if self.weights.home_tokens else (None, 0)
         best: tuple | None = None
         for replica, cached, keys in looked:
-            cost = kv_cost(replica, prompt, cached, self.weights) - (edge if replica is home_replica else 0)
+            cost = kv_cost(replica, prompt, cached, self.weights, active[replica]) - (edge if replica is home_replica else 0)
             rank = (cost, -cached, replica.inflight)
             if best is None or rank < best[0]:  # strictly lower: ties stay with the earlier in turn
                 best = (rank, Choice(replica, prompt.blocks(replica.block_size), cached, keys))

@@ -17,7 +17,7 @@ from services.front.health import TierMonitor
 from services.front.llm_client import LLMClient
 from services.front.metrics import front_metrics
 from services.front.routing.discovery import replica_name
-from services.front.routing.index import PREDICTION_TTL_S, BlockIndex
+from services.front.routing.index import PREDICTION_TTL_S, BlockIndex, FleetIndex
 from services.protocol import ModelInfo, ReplicaLoad
 
 logger = logging.getLogger("bentoml.service.prompt")
@@ -29,8 +29,10 @@ class Replica:
     """One LLMService replica as this worker sees it."""
 
     def __init__(self, url: str, *, token: str, timeout_s: float, check_interval_s: float, retry_after_s: int,
-                 on_change: Callable[[Replica, bool], None], prediction_ttl_s: float = PREDICTION_TTL_S) -> None:
+                 on_change: Callable[[Replica, bool], None], prediction_ttl_s: float = PREDICTION_TTL_S,
+                 fleet: FleetIndex | None = None) -> None:
         self.url = url
+        self.fleet = fleet if fleet is not None else FleetIndex()  # shared by the worker's replicas (ReplicaSet)
         self.name = replica_name(url)
         self.monitor = TierMonitor(self.name, interval_s=check_interval_s, retry_after_s=retry_after_s,
                                    on_change=lambda ready: on_change(self, ready))
@@ -70,7 +72,7 @@ class Replica:
         if self.info is not None and (info.epoch != self.epoch or (came_up and info.epoch is None)):
             self.forget(info.epoch)
         if self.index is None or info.kv_block_size != self.block_size:
-            self.index = None if info.kv_block_size is None else self._new_index(info)
+            self._replace_index(None if info.kv_block_size is None else self._new_index(info))
         elif info.kv_cache_blocks:
             self.index.capacity = info.kv_cache_blocks
         self.info, self.epoch = info, info.epoch
@@ -83,12 +85,17 @@ class Replica:
                        "of its cache is forgotten", self.name, epoch, self.epoch)
         self.epoch = epoch
         if self.index is not None:
-            self.index = self._new_index(self.info)
+            self._replace_index(self._new_index(self.info))
         self.report(None)
 
     def _new_index(self, info: ModelInfo | None) -> BlockIndex:
         capacity = (info.kv_cache_blocks if info is not None else None) or DEFAULT_CAPACITY_BLOCKS
-        return BlockIndex(capacity, prediction_ttl_s=self.prediction_ttl_s)
+        return BlockIndex(capacity, prediction_ttl_s=self.prediction_ttl_s, fleet=self.fleet)
+
+    def _replace_index(self, index: BlockIndex | None) -> None:
+        if self.index is not None:
+            self.index.release()
+        self.index = index
 
     def serves(self, adapter: str | None) -> bool:
         """Whether it serves `adapter` (None: the base model), as its model info said last."""
@@ -138,5 +145,6 @@ class Replica:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._replace_index(None)  # its keys leave the fleet's index
         await self.monitor.stop()
         await self.client.close()

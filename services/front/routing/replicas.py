@@ -16,7 +16,7 @@ from services.errors import TierUnavailable
 from services.front.metrics import front_metrics
 from services.front.routing.discovery import DiscoveryError, Source
 from services.front.routing.events import EVENTS_SILENCE_S, follow_cache_events
-from services.front.routing.index import PREDICTION_TTL_S
+from services.front.routing.index import PREDICTION_TTL_S, FleetIndex
 from services.front.routing.replica import Replica
 from services.protocol import LoadAdapterRequest, ModelInfo
 
@@ -33,8 +33,9 @@ class ReplicaSet:
         self.retry_after_s = retry_after_s
         self.sync_adapters = sync_adapters
         self.follow_events = follow_events
+        self.fleet = FleetIndex()  # what every replica reports, for one walk along a prompt's keys
         self._replica_options = dict(token=token, timeout_s=timeout_s, check_interval_s=check_interval_s,
-                                     retry_after_s=retry_after_s, prediction_ttl_s=prediction_ttl_s)
+                                     retry_after_s=retry_after_s, prediction_ttl_s=prediction_ttl_s, fleet=self.fleet)
         self.replicas: dict[str, Replica] = {}  # by URL, in discovery order
         self.discovery_problem: str | None = "not discovered yet"
         self.seen_ready = False

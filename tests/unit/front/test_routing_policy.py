@@ -3,6 +3,8 @@ choice (prefix affinity, load, saturation guards, ties, spread). services/front/
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from services.front.routing.index import BlockIndex
@@ -418,3 +420,71 @@ def test_a_policy_is_named():
     assert [make_policy(name).name for name in ("kv", "least-loaded", "round-robin")] == ["kv", "least-loaded", "round-robin"]
     with pytest.raises(ValueError, match="kv, least-loaded or round-robin"):
         make_policy("random")
+
+
+# --- the fleet's index: one walk for every replica ------------------------------------------------
+
+
+def test_one_walk_over_the_fleet_finds_what_each_replica_holds_as_its_own_index_does():
+    """Replicas sharing a FleetIndex, fed random frames (snapshots, stores, removals, clears,
+    pending, degraded, lost streams) and this worker's routings: for any prompt, the fleet's one
+    walk plus each replica's own predictions and history gives exactly what walking each
+    replica's index alone gives."""
+    from services.front.routing.index import FleetIndex
+    from services.front.routing.policy import cached_blocks, cached_everywhere
+
+    rng = random.Random(5)
+    fleet = FleetIndex()
+    chains = [block_keys(list(range(1000 * c, 1000 * c + 64)), BLOCK) for c in range(6)]  # 16 keys each
+    fleet_of = [replica(port) for port in range(1, 9)]
+    for made in fleet_of:  # one worker's replicas share its fleet index
+        made.fleet = fleet
+        made._replace_index(made._new_index(made.info))
+        made.index.apply(CacheEvents(cleared=True))
+    for step in range(600):
+        made = rng.choice(fleet_of)
+        chain = rng.choice(chains)
+        cut = rng.randrange(1, len(chain) + 1)
+        action = rng.random()
+        if action < 0.05:
+            made.index.events_lost()
+        elif action < 0.12:
+            made.index.apply(CacheEvents(cleared=True, stored=chain[:cut], pending=rng.choice(chains)[:3],
+                                         degraded=rng.random() < 0.3))
+        elif action < 0.45:
+            made.index.apply(CacheEvents(stored=chain[:cut], degraded=made.index.degraded))
+        elif action < 0.6:
+            made.index.apply(CacheEvents(removed=rng.sample(chain, 3)))
+        elif action < 0.7:
+            made.index.apply(CacheEvents(pending=chain[:cut]))
+        elif action < 0.78:
+            made.index.apply(CacheEvents(unpending=chain[:cut]))
+        elif action < 0.82:
+            made.index.apply(CacheEvents(cleared=True))
+        else:
+            made.index.routed(chain[:cut], NOW + rng.random())
+        if step % 10 == 0:
+            tokens = list(range(1000 * chains.index(chain), 1000 * chains.index(chain) + 64)) + [9, 9]
+            prompt, now = Prompt(tokens), NOW + rng.random() * 4
+            alone = [(r, *cached_blocks(r, prompt, now)) for r in fleet_of]
+            assert cached_everywhere(fleet_of, prompt, now) == alone
+    owners = 0
+    for holders in fleet.holders.values():
+        owners |= holders
+    reported = {r.index.bit for r in fleet_of if r.index.held or r.index.pending}
+    assert all(owners & bit for bit in reported)
+
+
+def test_a_replaced_index_leaves_the_fleet():
+    from services.front.routing.index import FleetIndex
+
+    fleet = FleetIndex()
+    a, b = replica(1), replica(2)
+    for made in (a, b):
+        made.fleet = fleet
+        made._replace_index(made._new_index(made.info))
+        made.index.apply(CacheEvents(cleared=True, stored=block_keys(PREFIX, BLOCK)))
+    gone = a.index.bit
+    a.forget("a new engine")
+    assert all(not holders & gone for holders in fleet.holders.values())
+    assert fleet.leading(block_keys(PREFIX, BLOCK), [b.index.bit]) == {b.index.bit: 8}
