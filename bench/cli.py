@@ -20,6 +20,7 @@ from harness import EngineSettings, parse_target
 SUBCOMMANDS = {
     "serve": "the pipeline against `vllm serve`: throughput and latency over a concurrency sweep",
     "routing": "routing across GPU replicas: the pipeline's fronts against vllm-router",
+    "fleet": "what kv routing costs a front worker as the fleet grows: decision time and memory, stand-in replicas",
     "startup": "a new replica's start: LLMService alone against `vllm serve`, cold and warm caches",
     "costs": "the pipeline's own costs: the CPU tier per core, round trips, CPU time per token and chunk",
     "lora": "LoRA adapters: a request on an adapter next to one on the base model, a mixed burst",

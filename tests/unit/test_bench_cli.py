@@ -127,3 +127,17 @@ def test_the_report_command_writes_one_summary_per_phase_folder(tmp_path: Path):
     assert args.module.run(args) == 0
     assert (tmp_path / "R" / "smol" / "summary.md").exists()
     assert "| cpu_tier_per_core.frames.x | 1 |" in (tmp_path / "R" / "costs" / "summary.md").read_text()
+
+
+def test_the_fleet_subcommand_measures_a_small_fleet(tmp_path):
+    """`python -m bench fleet` on a few stand-in replicas: a decision time per prompt length, and
+    the index's memory, for each fleet size."""
+    from bench.cli import main
+
+    assert main(["fleet", "--replicas", "2", "3", "--blocks", "300", "--documents", "20", "--decisions", "5",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["replicas"] for row in summary["results"]] == [2, 3]
+    for row in summary["results"]:
+        assert set(row["decision"]) == {"2k", "8k", "32k"}
+        assert 0 < row["decision"]["8k"]["p50_ms"] and row["index_memory_mb"] > 0

@@ -1,24 +1,25 @@
 """What kv routing costs one front worker as the fleet grows, without a GPU: the routing decision's
 time, the memory of what the worker knows of every replica, and the streams a replica serves.
 
-    python -m bench.routing_scale --replicas 64 128 --blocks 30000 --out R
+    python -m bench fleet --replicas 64 128 --blocks 30000
 
-Stand-in replicas in one process (the real Replica, BlockIndex and KvAware policy, no network),
-each holding `--blocks` KV blocks of documents drawn with Zipf popularity; decisions on prompts of
-2k, 8k and 32k tokens that start with a document, interleaved with the engines' events.
+Stand-in replicas in one process (the real Replica, FleetIndex and KvAware policy, no network), each
+holding `--blocks` KV blocks of Zipf-popular documents; decisions on 2k, 8k and 32k-token prompts
+that start with a document, each after an engine event.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import time
 import tracemalloc
 from pathlib import Path
 
+from bench.machine import describe_machine
+from bench.results import log, results_folder, write_json
 from services.front.routing.index import FleetIndex
 from services.front.routing.policy import KvAware, Prompt
 from services.front.routing.replica import Replica
@@ -94,30 +95,31 @@ def measure(count: int, blocks: int, docs: list[list[int]], keys: list[list[int]
             "bytes_per_held_block": round(memory / (count * blocks), 1), "decision": timings}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replicas", nargs="+", type=int, default=[64, 128])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", nargs="+", type=int, default=[64, 128], help="fleet sizes, measured in turn")
     parser.add_argument("--blocks", type=int, default=30000, help="KV blocks each replica holds")
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--decisions", type=int, default=300, help="per prompt length")
     parser.add_argument("--workers", type=int, default=8, help="front workers per host (streams and memory per host)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="the results folder (default bench/results/<date>-fleet/)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = results_folder(args.out, "fleet")
     rng = random.Random(args.seed)
     docs = documents(args.documents, rng)
     keys = [block_keys(doc, BLOCK) for doc in docs]
     results = []
     for count in args.replicas:
         row = measure(count, args.blocks, docs, keys, args.decisions, args.seed)
-        row["streams_per_replica"] = f"{args.workers} per front host (one per front worker)"
+        row["streams_per_replica"] = args.workers  # one per front worker, on each front host
         row["index_memory_per_host_mb"] = round(row["index_memory_mb"] * args.workers, 1)
-        print(json.dumps(row), flush=True)
+        log(str(row))
         results.append(row)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "routing-scale.json").write_text(json.dumps({"workers_per_host": args.workers, "results": results}, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    write_json(out / "summary.json", {
+        "question": "what kv routing costs one front worker as the fleet grows (stand-in replicas)",
+        "machine": describe_machine(), "workers_per_host": args.workers, "block_size": BLOCK,
+        "documents": args.documents, "decisions_per_length": args.decisions, "results": results})
+    log(f"results: {out}")
+    return 0
