@@ -124,4 +124,5 @@ def chat_record(turns: list[Turn], workload: ChatWorkload, talks: list[Conversat
         "duration_s": (max(ends) - origin) if ends else 0.0,
         "requests": requests,
         "shared_prefix": [talk.shared_prefix for talk in talks],
+        "prefix": [talk.prefix for talk in talks],
     }

@@ -1,6 +1,7 @@
 """The model folders of the GPU phases: the default model's config and tokenizer (no weights) with
 the layer sizes of a shape, served with `--load-format dummy` (random weights: the speed of that
-shape, no download). `smol` is SmolLM2-135M itself; `llama7b` has Llama-2-7B's sizes.
+shape, no download). `smol` is SmolLM2-135M itself; `llama7b` has Llama-2-7B's sizes, `llama1b`
+TinyLlama-1.1B's.
 
     make_model(source, Path("/tmp/models/llama7b"), "llama7b")
 """
@@ -15,6 +16,9 @@ SHAPES = {  # head counts divisible by 2, 4 and 8
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
                     rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "llama1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=64, max_position_embeddings=16384, tie_word_embeddings=False,
+                    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),  # TinyLlama-1.1B's sizes
     "smol": {},
 }
 

@@ -28,6 +28,9 @@ LLAMA_KV = 26 << 30  # c=64 x ~780 tokens needs ~24.4 GiB (3 servers: ~126 GiB i
 # routing: the 7B shape holds 512 KiB of KV a token, so 16 prefixes of 2,048 tokens take 16 GiB; under
 # 11 GiB a replica holds half the prefixes and its share of the work, and round-robin thrashes
 ROUTING_KV, ROUTING_TIGHT_KV = 16 << 30, 11 << 30
+# the 1B shape holds 44 KiB of KV a token: 6 GiB holds the mixed workload's 64 prefixes (~147k tokens)
+# on one replica; under 1.5 GiB a replica holds about a quarter of them
+ROUTING4_KV, ROUTING4_TIGHT_KV = 6 << 30, 3 << 29
 SMOL_LOAD = ["--min-prompts", "32", "--prompts-per-concurrency", "4", "--warmup-concurrency", "256"]
 UNIT_TESTS = ["tests/unit/test_structured_outputs.py", "tests/unit/gpu/test_sampling_parity.py",
               "tests/unit/front/test_openai_protocol.py", "tests/unit/gpu/test_engine_clients.py",
@@ -82,13 +85,16 @@ def table(k: Knobs) -> dict[str, Phase]:
                       "0" if shape == "smol" else "1", "--caches", f"{c}/{shape}", "--out", f"{r}/startup_{shape}"],
                      note=f"a new replica's start, {shape} shape: LLMService alone against vllm serve, 3 cold and 3 warm starts each")
 
-    def routing(name: str, kv: int, systems: list[str], workloads: list[str]) -> Phase:
-        return Phase(["-m", "bench", "routing", "--model", f"{m}/llama7b", "--served-name", "llama7b", "--load-format",
-                      "dummy", "--max-model-len", "4096", "--replicas", "2", *(["--side-by-side"] if k.side_by_side else []),
-                      "--gpu-memory-utilization", str(SHARE_UTIL), "--kv-cache-memory-bytes", str(kv), "--systems",
-                      *systems, "--workloads", *workloads, "--rounds", str(k.rounds), "--caches", f"{c}/routing",
+    def routing(name: str, kv: int, systems: list[str], workloads: list[str], shape: str = "llama7b",
+                replicas: int = 2) -> Phase:
+        return Phase(["-m", "bench", "routing", "--model", f"{m}/{shape}", "--served-name", shape, "--load-format",
+                      "dummy", "--max-model-len", "10240", "--replicas", str(replicas),
+                      *(["--side-by-side"] if k.side_by_side else []), "--gpu-memory-utilization",
+                      str(SHARE_UTIL if replicas <= 2 else 0.05), "--kv-cache-memory-bytes", str(kv), "--systems",
+                      *systems, "--workloads", *workloads, "--rounds", str(k.rounds), "--caches", f"{c}/routing-{shape}",
                       "--label", k.label, "--out", f"{r}/{name}"],
-                     note=f"routing across two replicas on GPU 0, {kv >> 30} GiB of KV each: the pipeline against vllm-router")
+                     note=f"routing across {replicas} {shape}-shape replicas on GPU 0, {kv / 2**30:g} GiB of KV each: "
+                          "the pipeline against vllm-router")
 
     return {
         "llama7b": Phase([*serve, "--targets", "pipeline", "vllm", *devices, *k.shared(LLAMA_KV, 2), *llama,
@@ -128,9 +134,16 @@ def table(k: Knobs) -> dict[str, Phase]:
                               "and the pipeline with KV cache events on"),
         "routing": routing("routing", ROUTING_KV, ["pipeline-kv", "pipeline-rr", "pipeline-kv-2fronts",
                                                    "router-cache_aware", "router-round_robin"],
-                           ["prefix:32", "prefix:64", "multiturn:16", "random:64"]),
+                           ["prefix:32", "prefix:64", "mixed:32", "multiturn:16", "random:64"]),
         "routing_tight": routing("routing_tight", ROUTING_TIGHT_KV, ["pipeline-kv", "pipeline-rr", "router-cache_aware",
-                                                                     "router-round_robin"], ["prefix:32", "multiturn:16"]),
+                                                                     "router-round_robin"], ["prefix:32", "mixed:32", "multiturn:16"]),
+        # four replicas of a 1B shape on one GPU: routing, not prefill, is what differs
+        "routing4": routing("routing4", ROUTING4_KV, ["pipeline-kv", "pipeline-kv-2fronts", "router-cache_aware",
+                                                      "router-round_robin"],
+                            ["prefix:64", "mixed:64", "multiturn:32", "random:128"], shape="llama1b", replicas=4),
+        "routing4_tight": routing("routing4_tight", ROUTING4_TIGHT_KV, ["pipeline-kv", "router-cache_aware",
+                                                                        "router-round_robin"],
+                                  ["prefix:64", "mixed:64"], shape="llama1b", replicas=4),
         "costs": Phase(["-m", "bench", "costs", "--parts", "cpu-tier", "--model", f"{m}/smol", "--out", f"{r}/costs"],
                        note="the CPU tier's own costs per core on this machine's processor", extra=False),
     }

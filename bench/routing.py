@@ -54,12 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--side-by-side", action="store_true", help="both kinds' replicas up at once on GPU 0")
     group = parser.add_argument_group("workloads")
     group.add_argument("--workloads", nargs="+", type=parse_run, default=[parse_run("prefix:32")],
-                       help="NAME:CONCURRENCY, NAME one of prefix, multiturn, random")
-    group.add_argument("--prompts", type=int, default=384, help="prefix and random: requests per run")
+                       help="NAME:CONCURRENCY, NAME one of prefix, mixed, multiturn, random")
+    group.add_argument("--prompts", type=int, default=384, help="prefix, mixed and random: requests per run")
     group.add_argument("--prefix-len", type=int, default=2048)
     group.add_argument("--suffix-len", type=int, default=128)
     group.add_argument("--num-prefixes", type=int, default=16)
-    group.add_argument("--prefix-output-len", type=int, default=64)
+    group.add_argument("--prefix-output-len", type=int, default=64, help="prefix and mixed: tokens out")
+    group.add_argument("--mixed-prefixes", type=int, default=64, help="mixed: how many prefixes")
+    group.add_argument("--mixed-min-len", type=int, default=256, help="mixed: the shortest prefix, in tokens")
+    group.add_argument("--mixed-max-len", type=int, default=8192, help="mixed: the longest prefix (log-uniform between)")
+    group.add_argument("--zipf", type=float, default=1.1, help="mixed: the k-th prefix is picked with weight 1/k**zipf")
     group.add_argument("--conversations", type=int, default=64, help="multiturn: conversations per run")
     group.add_argument("--turns", type=int, default=4)
     group.add_argument("--first-len", type=int, default=1024, help="multiturn: tokens of a conversation's first message")
@@ -93,8 +97,8 @@ class Run:
 
 def parse_run(text: str) -> Run:
     name, _, concurrency = text.partition(":")
-    if name not in ("prefix", "multiturn", "random") or not concurrency.isdigit() or int(concurrency) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give prefix:C, multiturn:C or random:C")
+    if name not in ("prefix", "mixed", "multiturn", "random") or not concurrency.isdigit() or int(concurrency) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give prefix:C, mixed:C, multiturn:C or random:C")
     return Run(name, int(concurrency))
 
 
@@ -102,6 +106,9 @@ def chat_workload(args: argparse.Namespace, run: Run, seed: int) -> ChatWorkload
     if run.workload == "prefix":
         return ChatWorkload("prefix", run.concurrency, args.prompts, args.prefix_output_len, seed, args.prefix_len,
                             args.suffix_len, args.num_prefixes)
+    if run.workload == "mixed":
+        return ChatWorkload("mixed", run.concurrency, args.prompts, args.prefix_output_len, seed, args.mixed_max_len,
+                            args.suffix_len, args.mixed_prefixes, min_prefix_len=args.mixed_min_len, zipf=args.zipf)
     return ChatWorkload("multiturn", run.concurrency, args.conversations, args.turn_output_len, seed,
                         turns=args.turns, first_len=args.first_len, turn_len=args.turn_len)
 

@@ -93,6 +93,22 @@ def test_multiturn_conversations_are_made_of_ordinary_tokens(tokenizer):
     assert 40 <= len(tokenizer.encode(talks[0].turns[0], add_special_tokens=False)) <= 60
 
 
+def test_the_mixed_workload_draws_prefixes_of_many_lengths_by_popularity(tokenizer):
+    """64 prefixes of 256 to 8,192 tokens (log-uniform), the k-th picked with weight 1/k**1.1, each
+    prompt its prefix's text and a suffix of its own."""
+    workload = ChatWorkload("mixed", concurrency=4, conversations=400, output_len=4, seed=5, prefix_len=512,
+                            suffix_len=8, num_prefixes=64, min_prefix_len=16, zipf=1.1)
+    talks = conversations(workload, tokenizer)
+    counts = [sum(talk.prefix == k for talk in talks) for k in range(64)]
+    assert counts[0] > 3 * sum(counts[32:]) / 32, counts  # the most popular far above the tail
+    lengths = {talk.prefix: talk.shared_prefix for talk in talks}
+    assert min(lengths.values()) >= 16 and max(lengths.values()) <= 512 and len(set(lengths.values())) > 20
+    same = [talk for talk in talks if talk.prefix == 0][:2]
+    common = len(tokenizer.encode(same[0].turns[0], add_special_tokens=False))
+    assert same[0].turns[0] != same[1].turns[0] and same[0].turns[0][:40] == same[1].turns[0][:40]
+    assert common >= lengths[0]
+
+
 def record_of(kind: str, prompt_lens: list[int], conversation: list[int], turn: list[int], **workload) -> dict:
     n = len(prompt_lens)
     requests = {"start_s": [0.0] * n, "ttft_s": [0.1] * n, "latency_s": [1.0] * n, "prompt_len": prompt_lens,
@@ -106,6 +122,15 @@ def test_the_ideal_hit_rate_of_shared_prefixes_counts_every_prompt_but_each_pref
     record = record_of("prefix", [84] * 8, list(range(8)), [0] * 8, num_prefixes=2, prefix_len=64)
     assert ideal_hit_rate(record, block_size=16) == pytest.approx(6 * 64 / (8 * 84))
     assert ideal_hit_rate(record, block_size=128) == 0.0, "a prefix shorter than a block is never a hit"
+
+
+def test_the_ideal_hit_rate_of_mixed_prefixes_counts_every_prompt_but_the_first_on_its_prefix():
+    # prompts on prefixes 0, 1, 0, 0, 1 (of 64 and 40 tokens, + 10 each), sent in that order: the
+    # second and later on a prefix could reuse it in whole blocks of 16 (64 and 32)
+    record = record_of("mixed", [74, 50, 74, 74, 50], list(range(5)), [0] * 5)
+    record["requests"]["start_s"] = [0.0, 0.1, 0.2, 0.3, 0.4]
+    record["prefix"], record["shared_prefix"] = [0, 1, 0, 0, 1], [64, 40, 64, 64, 40]
+    assert ideal_hit_rate(record, block_size=16) == pytest.approx((64 + 64 + 32) / (3 * 74 + 2 * 50))
 
 
 def test_the_ideal_hit_rate_of_a_conversation_is_each_turns_previous_prompt_in_whole_blocks():
