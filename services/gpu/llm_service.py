@@ -8,7 +8,6 @@ call owns the engine requests it starts (services/gpu/request_ownership.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -20,11 +19,12 @@ from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavail
 from services.config import settings, stream_tracing
 from services.gpu.draining import Drain
 from services.gpu.engine_args import engine_args, kv_events_wanted
-from services.gpu.engine_clients import EngineClientSlot, EngineLoad, start_engine_client
+from services.gpu.engine_clients import EngineClientSlot, EngineLoad, begin_epoch, engine_epoch, start_engine_client
 from services.gpu.engine_io import to_deltas, vllm_sampling_params
 from services.gpu.engine_stats import EngineStats
 from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
-from services.gpu.kv_events import KvEventHub, KvEventSubscriber, KvIndex
+from services.gpu.kv_events import LOAD_EVERY_S, KvEventRelay
+from services.gpu.kv_indexer import KvIndexerProcess
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
 from services.gpu.metrics import engine_metrics
 from services.gpu.request_ownership import EngineRequestsPerCall, own_engine_request, release_engine_request
@@ -32,7 +32,6 @@ from services.model_store import adapter_reference, model_reference
 from services.protocol import (
     AdapterInfo,
     AdapterUpdate,
-    CacheEvents,
     GenerateRequest,
     LoadAdapterRequest,
     ModelInfo,
@@ -44,10 +43,6 @@ from services.run_dir import own_run_dir, share_run_dir
 from services.security import BearerAuthMiddleware, JsonOnlyMiddleware
 
 logger = logging.getLogger("bentoml.service.llm")
-
-# /kv_events: how often a stream sends the engine's load when it changed, and when it did not
-LOAD_EVERY_S = 0.25
-LOAD_ANYWAY_S = 5.0
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -98,6 +93,9 @@ class LLMService:
         # the engine's scheduler stats, shared by the workers (the load frames of /kv_events)
         self.engine_stats = EngineStats(self.run_dir, count, slot.index if slot else 0)
         stat_loggers = [self.engine_stats.stat_logger()]
+        launches_engine = slot is None or slot.launches_engine
+        if launches_engine:  # this engine's epoch, before it exists (the other workers read it once it greets them)
+            self.epoch = begin_epoch(self.run_dir)
         if slot is None:
             with launching_watched_engines():  # the engine goes when this worker does
                 self.engine = AsyncLLMEngine.from_engine_args(engine_args(settings), usage_context=usage,
@@ -106,9 +104,11 @@ class LLMService:
         else:
             self.engine = start_engine_client(engine_args(settings), slot, usage, settings.engine_start_timeout_s,
                                               stat_loggers=stat_loggers)
+        if not launches_engine:
+            self.epoch = engine_epoch(self.run_dir)
         self.engine_load = EngineLoad(slot)
         # SIGTERM: finish what is under way (worker 1 owns the engine: all of it), take nothing new
-        self.drain = Drain(self.engine_load.total if slot is None or slot.launches_engine else lambda: self.engine_load.own,
+        self.drain = Drain(self.engine_load.total if launches_engine else lambda: self.engine_load.own,
                            timeout_s=settings.drain_timeout_s)
         self.input_errors = _input_errors()
         from vllm.v1.engine.exceptions import EngineDeadError  # its engine client's, once the EngineCore is gone
@@ -117,7 +117,8 @@ class LLMService:
         model_config = self.engine.model_config
         cache_config = self.engine.vllm_config.cache_config
         prefix_caching = bool(cache_config.enable_prefix_caching)
-        self.kv_hub: KvEventHub | None = None  # made on start-up, on the event loop
+        self.block_size = cache_config.block_size
+        self.kv_relay: KvEventRelay | None = None  # made on start-up, on the event loop
         self.info = ModelInfo(
             model=settings.model_name,
             max_model_len=model_config.max_model_len,
@@ -126,9 +127,19 @@ class LLMService:
             kv_block_size=cache_config.block_size if prefix_caching else None,
             kv_cache_blocks=cache_config.num_gpu_blocks if prefix_caching else None,
             kv_events=prefix_caching and kv_events_wanted(settings),
+            epoch=self.epoch,
         )
         # LoRA adapters by name (None without LoRA: nothing of it on a request's path)
         self.adapters = AdapterRegistry(settings.lora_modules, settings.lora_registry_path) if settings.lora_enabled else None
+        # the replica's one KV indexer (services/gpu/kv_indexer.py), started with the engine, by its worker
+        self.kv_indexer = None
+        if self.info.kv_events and launches_engine:
+            self.kv_indexer = KvIndexerProcess(
+                self.run_dir, self.epoch, self.info.kv_cache_blocks,
+                pending_ttl_s=settings.request_timeout_s + 60,  # a request's end never heard of (BentoML's own cap: +30)
+                adapters=self.adapters.path if self.adapters is not None else None,
+                may_restart=lambda: not self.drain.draining,
+            ).start()
         engine_metrics()  # created now, so they read 0 rather than being absent until first used
         logger.info("engine ready: %s", self.info)
 
@@ -145,13 +156,11 @@ class LLMService:
 
     @bentoml.on_startup
     async def start_serving(self) -> None:
-        """Before the worker says ready: take over SIGTERM (drain), and subscribe to the engine's
-        KV cache events (a subscription made later would miss the first ones: ZMQ's slow joiner;
-        and a batch missed is asked of the replay socket)."""
+        """Before the worker says ready: take over SIGTERM (drain), and follow the replica's KV
+        indexer for the /kv_events streams."""
         self.drain.install()
         if self.info.kv_events:
-            self.kv_hub = KvEventHub(KvIndex(self._adapter_name))
-            self.kv_subscriber = KvEventSubscriber(self.run_dir, self.kv_hub, asyncio.get_running_loop())
+            self.kv_relay = KvEventRelay(self.run_dir, self.epoch, self.replica_load, worker=self.engine_load.index).start()
 
     async def __is_ready__(self) -> bool:
         return not self.engine.errored and not self.drain.draining
@@ -198,9 +207,17 @@ class LLMService:
         completed: dict[int, int] = {}
         prompt_tokens = len(request.token_ids)
         own_engine_request(request.request_id, self.engine.abort)
-        self.engine_load.add(+1)
+        self.engine_load.add(+1, prefill_tokens=prompt_tokens)
+        prefilling = True
+        # the prompt's blocks are pending on /kv_events until the engine stores them or the request ends
+        announced = bool(request.block_keys) and self.kv_relay is not None
+        if announced:
+            self.kv_relay.pending(request.request_id, request.block_keys)
         try:
             async for output in stream:
+                if prefilling:
+                    prefilling = False
+                    self.engine_load.add(0, prefill_tokens=-prompt_tokens)
                 if output.finished:
                     release_engine_request(request.request_id)
                 yield "".join(encode_frame(d) for d in to_deltas(output, prompt_tokens, completed))
@@ -215,7 +232,9 @@ class LLMService:
             release_engine_request(request.request_id)
             raise ServiceUnavailable("the engine has stopped; the service is restarting") from error
         finally:
-            self.engine_load.add(-1)
+            self.engine_load.add(-1, prefill_tokens=-prompt_tokens if prefilling else 0)
+            if announced:
+                self.kv_relay.done(request.request_id)
 
     @bentoml.api
     async def load_lora_adapter(self, request: LoadAdapterRequest) -> AdapterUpdate:
@@ -275,41 +294,29 @@ class LLMService:
 
     @bentoml.api
     async def kv_events(self) -> AsyncGenerator[str, None]:
-        """The engine's prefix cache as block keys (services/kv_blocks.py): a stream of CacheEvents
-        frames, one JSON line each: a snapshot (cleared, then every key held), then each change as
-        the engine makes it, and its load (ReplicaLoad) every LOAD_EVERY_S when it changed and
-        every LOAD_ANYWAY_S anyway. The stream ends when its caller leaves, or the replica stops."""
-        if self.kv_hub is None:
+        """The replica's prefix cache as block keys (services/kv_blocks.py): a stream of CacheEvents
+        frames, one JSON line each: a snapshot (cleared, the epoch, every key held and pending),
+        then each change, and the engine's load at least every second (services/gpu/kv_events.py).
+        The stream ends when its caller leaves, or the replica stops."""
+        if self.kv_relay is None:
             raise BentoMLException("KV cache events are off on this replica (PIPELINE_KV_EVENTS, or prefix "
                                    "caching off); see /model_info's kv_events", error_code=HTTPStatus.NOT_FOUND)
         if self.drain.draining:
             raise ServiceUnavailable("this replica is stopping")
-        loop = asyncio.get_running_loop()
-        stream = self.kv_hub.open()
-        sent_load, sent_at = None, 0.0
+        stream = self.kv_relay.open()
         try:
             while not self.drain.draining and not self.engine.errored:
-                try:
-                    await asyncio.wait_for(stream.ready.wait(), LOAD_EVERY_S)
-                except TimeoutError:
-                    pass
-                frames = stream.take(self.kv_hub.index)
-                load = self.replica_load()
-                if load != sent_load or loop.time() - sent_at >= LOAD_ANYWAY_S:
-                    if frames:
-                        frames[-1] = frames[-1].model_copy(update={"load": load})
-                    else:
-                        frames = [CacheEvents(load=load)]
-                    sent_load, sent_at = load, loop.time()
-                if frames:
-                    yield "".join(encode_frame(frame) for frame in frames)
+                chunk = await stream.take(LOAD_EVERY_S)
+                if chunk:
+                    yield chunk  # the indexer's bytes as they are (BentoML sends bytes unchanged)
         finally:
-            self.kv_hub.close(stream)
+            self.kv_relay.close(stream)
 
     def replica_load(self) -> ReplicaLoad:
         """The engine's load for the front's routers: how many requests it holds, exactly (its
-        workers count each from its start to its end: EngineLoad), split into running and waiting
-        by the scheduler's last stats, which also give the KV usage. The stats alone would mislead:
+        workers count each from its start to its end: EngineLoad, and the prompt tokens of those
+        with no output yet), split into running and waiting by the scheduler's last stats, which
+        also give the KV usage. The stats alone would mislead:
         they come with a step's outputs, so they lag the requests just sent, and when the engine
         goes idle the last step's counts stay (an idle replica would look busy, and a router that
         goes by them would never send it the request that refreshes them)."""
@@ -317,7 +324,8 @@ class LLMService:
         if held <= 0:
             return ReplicaLoad()
         waiting = min(stats.waiting, held)
-        return ReplicaLoad(running=held - waiting, waiting=waiting, kv_usage=stats.kv_usage)
+        return ReplicaLoad(running=held - waiting, waiting=waiting, kv_usage=stats.kv_usage,
+                           prefill_tokens=max(self.engine_load.prefill_tokens(), 0))
 
     @bentoml.api
     async def reset_prefix_cache(self) -> dict[str, bool]:
@@ -331,7 +339,7 @@ class LLMService:
         request. So a reset then runs one step of a request shorter than a block (one token in,
         one out: nothing cached, nothing reported), which publishes it now."""
         success = bool(await self.engine.reset_prefix_cache())
-        if success and self.kv_hub is not None:
+        if success and self.kv_relay is not None:
             from vllm import SamplingParams
             from vllm.inputs.engine import tokens_input
             from vllm.sampling_params import RequestOutputKind
@@ -357,13 +365,6 @@ class LLMService:
             ids.append(tokenizer.eos_token_id)
         return ids
 
-    def _adapter_name(self, lora_id: int) -> str | None:
-        """The name of the adapter the engine knows by `lora_id` (None: none served by it now)."""
-        for adapter in self.adapters.adapters() if self.adapters is not None else []:
-            if adapter.id == lora_id:
-                return adapter.name
-        return None
-
     def _lora_request(self, name: str):
         """vLLM's LoRARequest for the adapter served as `name` (404 when there is none)."""
         adapter = self.adapters.get(name) if self.adapters is not None else None
@@ -388,6 +389,11 @@ class LLMService:
         bad_stop = [token for token in request.sampling_params.stop_token_ids if not 0 <= token < vocab]
         if bad_stop:
             raise InvalidArgument(f"stop_token_ids must be in [0, {vocab}); got {bad_stop[:5]}")
+        if request.block_keys is not None and len(request.block_keys) > prompt_tokens // self.block_size:
+            raise InvalidArgument(
+                f"block_keys has {len(request.block_keys)} keys, more than the prompt's "
+                f"{prompt_tokens // self.block_size} full blocks ({prompt_tokens} tokens, {self.block_size} a block)"
+            )
 
 
 # `bentoml build` packs the adapters that come from the model store, as it packs the model.

@@ -91,12 +91,26 @@ class AdapterRegistry:
             else:
                 self._take(state)
 
+    @classmethod
+    def read_only(cls, path: Path) -> AdapterRegistry:
+        """The registry at `path`, which the replica's workers keep, for reading only (the KV
+        indexer's lora id -> name)."""
+        registry = cls.__new__(cls)
+        registry.path, registry._lock_path = Path(path), Path(path).with_name(Path(path).name + ".lock")
+        registry._configured, registry._resolve = [], resolve_adapter_path
+        registry._stamp, registry._adapters, registry._next_id = None, {}, 1
+        return registry
+
     # --- reading ---------------------------------------------------------------------------------
 
     def get(self, name: str) -> Adapter | None:
         """The adapter served under `name`, or None."""
         self._refresh()
         return self._adapters.get(name)
+
+    def name_of(self, adapter_id: int) -> str | None:
+        """The name of the adapter the engine knows by `adapter_id` (None: none served now)."""
+        return next((adapter.name for adapter in self.adapters() if adapter.id == adapter_id), None)
 
     def adapters(self) -> list[Adapter]:
         """Every adapter served now, in id order."""

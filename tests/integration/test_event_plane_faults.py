@@ -26,7 +26,7 @@ from test_replicas import BLOCK, REPLICA_ENV, complete, long_prefix, write_repli
 
 from bench.lora_adapters import make_adapter
 from bench.server_metrics import engine_counters
-from bench.servers import ROOT, Server, poll, start_tier
+from harness import ROOT, Server, poll, start_tier
 from services.config import settings
 
 LOGS = ROOT / ".cache" / "test-logs"

@@ -2,8 +2,8 @@
 and one told to stop loses nothing.
 
 - kill -9 of a worker (worker 1, which launched the engine, with one engine client; each kind with
-  two): the engine it ran on goes within seconds (no EngineCore is left without its parent), and
-  the replica serves again;
+  two): the engine it ran on goes within seconds (no EngineCore is left without its parent), and so
+  does the KV indexer worker 1 started; the replica serves again;
 - the harness's Server.stop leaves no process behind;
 - SIGTERM: the replica turns not ready at once, refuses new work with 503, finishes the stream
   under way whole, then exits.
@@ -55,14 +55,30 @@ def gone(process: psutil.Process) -> bool:
         return True
 
 
+def kv_indexers(server: Server) -> list[psutil.Process]:
+    """The replica's KV indexer processes (services/gpu/kv_indexer.py)."""
+    found = []
+    for process in server.tree():
+        try:
+            if "services.gpu.kv_indexer" in process.cmdline():
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def check_survives_the_kill(server: Server, victim: psutil.Process, engine: psutil.Process) -> None:
-    """`victim` killed: an engine it launched goes within seconds; then a request succeeds on a
-    new engine, whose parent is one of the replica's workers."""
+    """`victim` killed: an engine it launched goes within seconds, and so does the KV indexer it
+    started; then a request succeeds on a new engine, whose parent is one of the replica's workers."""
     launched_it = engine.parent() == victim
+    indexers = kv_indexers(server)
+    assert len(indexers) == 1 and (indexers[0].parent() == victim) == launched_it, "one indexer, worker 1's"
     victim.kill()
     if launched_it:
         assert poll(lambda: gone(engine), bool, within_s=ORPHAN_DEADLINE_S), \
             f"the EngineCore (pid {engine.pid}) outlived worker {victim.pid} by {ORPHAN_DEADLINE_S} s"
+        assert poll(lambda: gone(indexers[0]), bool, within_s=ORPHAN_DEADLINE_S), \
+            f"the KV indexer (pid {indexers[0].pid}) outlived worker {victim.pid} by {ORPHAN_DEADLINE_S} s"
     started = time.monotonic()
 
     def served_by_a_new_engine() -> bool:
@@ -75,6 +91,8 @@ def check_survives_the_kill(server: Server, victim: psutil.Process, engine: psut
     [core] = server.engine_cores()
     assert core.parent() in server.workers()["LLMService"]
     assert gone(engine), f"the old EngineCore (pid {engine.pid}) is still running"
+    [indexer] = poll(lambda: kv_indexers(server), lambda found: len(found) == 1, within_s=30)
+    assert indexer.parent() == core.parent(), "the new engine's worker runs the replica's one KV indexer"
     print(f"served by a new engine {time.monotonic() - started:.0f} s after the kill")
 
 

@@ -99,17 +99,12 @@ class BlockIndex:
 
     def apply(self, frame: CacheEvents) -> None:
         """One frame of `/kv_events`, in the contract's order: cleared, removed, stored, unpending,
-        pending. The first frame of a stream (this index not live) is a snapshot: it replaces what
-        is held and pending."""
+        pending. The first frame of a stream (this index not live), and any `cleared` one, is a
+        snapshot: it replaces what is held and pending."""
         held, pending, fleet, bit = self.held, self.pending, self.fleet, self.bit
-        if not self.live:
+        if not self.live or frame.cleared:
             self._forget_reported()
             self.live = True
-        elif frame.cleared:  # the engine dropped its blocks; the requests it accepted still stand
-            for key in held:
-                if key not in pending:
-                    fleet.discard(key, bit)
-            held.clear()
         self.degraded = frame.degraded
         for key in frame.removed:
             if key in held:

@@ -103,8 +103,10 @@ def test_pending_blocks_count_as_held_until_stored_or_unpended():
     assert index.cached_prefix(keys, NOW) == 3
     index.apply(CacheEvents(stored=keys[2:4]))
     assert index.cached_prefix(keys, NOW) == 7 and keys[2] not in index.pending
-    index.apply(CacheEvents(cleared=True))  # the engine's cache reset: the accepted requests still stand
+    index.apply(CacheEvents(cleared=True, pending=keys[4:7]))  # a cleared frame is a snapshot: held and pending
     assert index.cached_prefix(keys, NOW) == 0 and index.pending == set(keys[4:7])
+    index.apply(CacheEvents(cleared=True))
+    assert index.pending == set()
     index.events_lost()
     index.apply(CacheEvents(cleared=True, pending=[keys[0]]))  # a new stream's snapshot replaces the set
     assert index.pending == {keys[0]} and index.cached_prefix(keys, NOW) == 1

@@ -30,6 +30,8 @@ from services.gpu.engine_clients import (
     _engine_joined_before,
     _engine_that_greeted,
     _start_failure,
+    begin_epoch,
+    engine_epoch,
     launch_and_connect,
 )
 
@@ -80,6 +82,19 @@ def test_the_engine_load_is_the_sum_over_the_workers(tmp_path: Path):
     for _ in range(5):
         workers[2].add(-1)
     assert workers[1].total() == 2
+    # and the prompt tokens not yet prefilled, the same way
+    workers[0].add(+1, prefill_tokens=300)
+    workers[2].add(+1, prefill_tokens=1000)
+    assert [w.prefill_tokens() for w in workers] == [1300, 1300, 1300]
+    workers[2].add(0, prefill_tokens=-1000)  # its first output
+    assert workers[1].prefill_tokens() == 300 and workers[1].total() == 4
+
+
+def test_each_engine_gets_a_new_epoch_which_every_worker_reads(tmp_path: Path):
+    first = begin_epoch(tmp_path)
+    assert engine_epoch(tmp_path) == first
+    second = begin_epoch(tmp_path)  # the next engine (worker 1 started again)
+    assert second != first and engine_epoch(tmp_path) == second
 
 
 def test_one_engine_client_counts_its_own_requests():
