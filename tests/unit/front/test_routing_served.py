@@ -5,6 +5,7 @@ to fail. Each test asserts what a client sees and what each replica saw."""
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from functools import cache
@@ -264,6 +265,14 @@ def test_the_front_is_ready_while_one_replica_is_and_each_is_watched_on_its_own(
         assert complete(front.http, [Behaviour.PACED, 1]).status_code == 200
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Written as a ConfigMap mount or `mv` gives it, whole: a refresh between a truncation and a
+    write would read an empty list, which retires every replica (docs/configuration.md)."""
+    scratch = path.with_name(path.name + ".new")
+    scratch.write_text(text)
+    os.replace(scratch, path)
+
+
 def test_a_file_list_adds_and_retires_replicas_and_bad_input_is_not_ready_with_its_reason(tmp_path: Path):
     listing = tmp_path / "replicas"
     front = RoutedFront(UrlFile(listing), policy="round-robin")
@@ -275,16 +284,16 @@ def test_a_file_list_adds_and_retires_replicas_and_bad_input_is_not_ready_with_i
                      what="a missing file as the reason")
             refused = complete(http, [Behaviour.PACED, 1])
             assert refused.status_code == 503 and "cannot be read" in refused.json()["error"]["message"]
-            listing.write_text("not a url\n")
+            replace_file(listing, "not a url\n")
             wait_for(lambda: "lists no replica URL" in front.monitor.reason, what="a file of nothing usable")
-            listing.write_text(f"{fakes[0].url}\n")
+            replace_file(listing, f"{fakes[0].url}\n")
             wait_for(lambda: front.monitor.ready, what="the first replica from the file")
-            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n")  # added: gets traffic
+            replace_file(listing, f"{fakes[0].url}\n{fakes[1].url}\n")  # added: gets traffic
             wait_for(lambda: len(front.monitor.ready_replicas()) == 2, what="the second replica from the file")
             for i in range(4):
                 assert complete(http, [Behaviour.PACED, i]).status_code == 200
             assert [len(fake.started) for fake in fakes] == [2, 2]
-            listing.write_text(f"{fakes[1].url}\n")  # the first leaves: no new request after a refresh
+            replace_file(listing, f"{fakes[1].url}\n")  # the first leaves: no new request after a refresh
             wait_for(lambda: fakes[0].url not in front.monitor.replicas, what="the first replica retired")
             for i in range(3):
                 assert complete(http, [Behaviour.PACED, i]).status_code == 200
@@ -384,14 +393,14 @@ def test_a_lora_load_reaches_every_replica_and_a_late_joiner_gets_it(tmp_path: P
     attach_lora_routes()
     listing = tmp_path / "replicas"
     with replicas(3) as fakes:
-        listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n")
+        replace_file(listing, f"{fakes[0].url}\n{fakes[1].url}\n")
         front = RoutedFront(UrlFile(listing), sync_adapters=True)
         with served_front(front) as server, httpx.Client(base_url=server.url, timeout=15) as http:
             wait_for(lambda: len(front.monitor.ready_replicas()) == 2, what="both replicas")
             loaded = http.post("/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": "/a/z"})
             assert loaded.status_code == 200, loaded.text
             assert [[a.name for a in fake.adapters] for fake in fakes] == [["z"], ["z"], []]
-            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n{fakes[2].url}\n")
+            replace_file(listing, f"{fakes[0].url}\n{fakes[1].url}\n{fakes[2].url}\n")
             wait_for(lambda: len(front.monitor.ready_replicas()) == 3, what="the third replica")
             assert [a.name for a in fakes[2].adapters] == ["z"]  # given before it was marked ready
             again = http.post("/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": "/a/z"})
@@ -402,10 +411,10 @@ def test_a_lora_load_reaches_every_replica_and_a_late_joiner_gets_it(tmp_path: P
             # loaded again, then unloaded through another front worker (this one's view is stale):
             # a replica that comes back is given what the others serve now, not what they served
             assert http.post("/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": "/a/w"}).status_code == 200
-            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n")
+            replace_file(listing, f"{fakes[0].url}\n{fakes[1].url}\n")
             wait_for(lambda: len(front.monitor.replicas) == 2, what="the third replica gone")
             for fake in fakes:
                 fake.adapters = []
-            listing.write_text(f"{fakes[0].url}\n{fakes[1].url}\n{fakes[2].url}\n")
+            replace_file(listing, f"{fakes[0].url}\n{fakes[1].url}\n{fakes[2].url}\n")
             wait_for(lambda: len(front.monitor.ready_replicas()) == 3, what="the third replica back")
             assert fakes[2].adapters == []
