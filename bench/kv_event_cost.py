@@ -18,6 +18,8 @@ import asyncio
 import json
 import os
 import random
+import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import msgspec
 import psutil
 import zmq
 
-from services.kv_blocks import block_keys  # (the same in the checkout --before names)
+from services.kv_blocks import block_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # vLLM's publisher's sockets, as services/gpu/kv_indexer.py names them (and cfa69fe's kv_events.py)
@@ -37,10 +39,11 @@ TOPIC, EVENTS_SOCKET, REPLAY_SOCKET = b"kv", "kv-events", "kv-replay"
 END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
 
 
-def workload(blocks: int, block_size: int, per_batch: int, capacity: int, seed: int = 0) -> tuple[list[bytes], int]:
-    """vLLM's batches as msgpack (an EventBatch: [ts, events]), and the last block's key (the marker)."""
+def workload(blocks: int, block_size: int, per_batch: int, capacity: int, seed: int = 0) -> tuple[list[bytes], list[int]]:
+    """vLLM's batches as msgpack (an EventBatch: [ts, events]), and the last batch's token ids (its
+    last block's key is the marker, in whichever definition of the keys the measured code has)."""
     rng = random.Random(seed)
-    batches, held, made, last_key = [], [], 0, 0
+    batches, held, made, tokens = [], [], 0, []
     while made < blocks:
         tokens = [rng.randrange(1, 30000) for _ in range(per_batch * block_size)]
         hashes = [made + i + 1 for i in range(per_batch)]
@@ -51,9 +54,8 @@ def workload(blocks: int, block_size: int, per_batch: int, capacity: int, seed: 
             evicted, held = held[:len(held) - capacity], held[len(held) - capacity:]
             events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})
         batches.append(msgspec.msgpack.encode([time.time(), events]))
-        last_key = block_keys(tokens, block_size)[-1]
         made += per_batch
-    return batches, last_key
+    return batches, tokens
 
 
 class StandInEngine:
@@ -103,7 +105,9 @@ def measure(args) -> dict:
     from services.gpu.kv_indexer import SNAPSHOT_SOCKET, address
 
     run_dir = Path(tempfile.mkdtemp(prefix="kvc-"))
-    batches, marker = workload(args.blocks, args.block_size, args.per_batch, args.capacity)
+    batches, last_tokens = workload(args.blocks, args.block_size, args.per_batch, args.capacity)
+    marker = block_keys(last_tokens, args.block_size)[-1]
+    (run_dir / "last-tokens.json").write_text(json.dumps([last_tokens, args.block_size]))
     warm, _ = workload(args.per_batch, args.block_size, args.per_batch, args.capacity, seed=1)
     engine = StandInEngine(run_dir)
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -114,12 +118,12 @@ def measure(args) -> dict:
     # this file loaded by path, with `services` from the checkout measured (and nothing of bench/ on sys.path)
     load_this = (f"import importlib.util as u; s = u.spec_from_file_location('cost', {__file__!r}); "
                  f"m = u.module_from_spec(s); s.loader.exec_module(m); "
-                 f"m.run_worker({str(run_dir)!r}, {args.streams}, {marker}, {args.before!r})")
+                 f"m.run_worker({str(run_dir)!r}, {args.streams}, {args.before!r})")
     worker = subprocess.Popen([sys.executable, "-c", load_this], cwd=run_dir,
                               env={**environment, "PYTHONPATH": args.before or str(ROOT)},
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert worker.stdout.readline().strip() == "ready", "the worker did not start"
+        assert said(worker, "ready", 60), "the worker did not start"
         for payload in warm:  # every process up and subscribed (ZMQ's slow joiner), then idle
             engine.publish(payload)
         time.sleep(3)
@@ -142,7 +146,7 @@ def measure(args) -> dict:
             assert wait_for(lambda: (reply := fetch_snapshot(context, snapshot, 5)) and str(marker).encode() in reply[3],
                             600), "the indexer never had the last block"
             done["indexer"] = cpu(processes["indexer"])
-        assert worker.stdout.readline().strip() == "marker", "the worker never relayed the last block"
+        assert said(worker, "marker", 600), "the worker never relayed the last block"
         done["worker"] = cpu(processes["worker"])
         wall = time.monotonic() - started
         result = {"blocks": args.blocks, "block_size": args.block_size, "blocks_per_batch": args.per_batch,
@@ -159,12 +163,23 @@ def measure(args) -> dict:
             if process is not None:
                 process.terminate()
                 process.wait(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_worker(run_dir: str, streams: int, marker: int, before: str | None) -> None:
+def said(process: subprocess.Popen, line: str, within_s: float) -> bool:
+    """Whether the process printed `line` next, within the deadline."""
+    ready, _, _ = select.select([process.stdout], [], [], within_s)
+    return bool(ready) and process.stdout.readline().strip() == line
+
+
+def run_worker(run_dir: str, streams: int, before: str | None) -> None:
     """A worker's event plane with `streams` streams drained, until stdin closes; says `marker`
-    once a stream has carried the marker key."""
+    once a stream has carried the last block's key (by the measured checkout's own block keys)."""
+    from services.kv_blocks import block_keys
     from services.protocol import ReplicaLoad
+
+    last_tokens, block_size = json.loads((Path(run_dir) / "last-tokens.json").read_text())
+    marker = block_keys(last_tokens, block_size)[-1]
 
     async def main() -> None:
         marker_text = str(marker).encode()
