@@ -84,6 +84,7 @@ class EngineEvents:
         self.replay_address = address(run_dir, REPLAY_SOCKET)
         self.expected = 0  # the publisher numbers its batches from 0
         self.blocks_stored = 0
+        self.live = False  # a batch has come through the subscription (it is in effect)
 
     def receive(self, most: int = 256) -> None:
         """The batches that have arrived (up to `most`), without waiting."""
@@ -94,6 +95,7 @@ class EngineEvents:
                 _, seq, payload = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.live = True
             self._receive(int.from_bytes(seq, "big"), payload)
 
     def _receive(self, seq: int, payload: bytes) -> None:
@@ -194,6 +196,8 @@ class KvIndexer:
                     if self.parent is not None and os.getppid() != self.parent:
                         logger.info("KV indexer: the worker that started it is gone; exiting")
                         return
+                    if not self.engine.live:  # a batch sent before the subscription took effect is only replayed
+                        self.engine.catch_up(until=None, timeout_ms=100)
                     self.index.expire(older_than=time.monotonic() - self.pending_ttl_s)
                     self.publish()
                     self.changes.send_multipart(pack(self.instance, self.seq, self.index.degraded, b""))

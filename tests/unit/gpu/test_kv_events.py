@@ -34,6 +34,15 @@ async def read(stream, view: View, until, within_s: float = 10) -> bool:
     return bool(until(view))
 
 
+async def sent(send, within_s: float = 5) -> bool:
+    """`send()` (a relay's pending or done) until the relay's socket to the indexer is connected:
+    before then a message is dropped, by design."""
+    deadline = time.monotonic() + within_s
+    while not (done := send()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return done
+
+
 @pytest.fixture
 def plane():
     """A run directory with an engine (vLLM's publisher) and an indexer; relays made on demand."""
@@ -91,7 +100,7 @@ def test_a_stream_opened_again_starts_on_a_snapshot_of_now(plane):
     async def run():
         relay = plane.relay()
         stream, view = relay.open(), View()
-        relay.pending("r1", KEYS)
+        assert await sent(lambda: relay.pending("r1", KEYS))
         for event in CHAIN[:2]:
             plane.engine.publish(batch(event))
         assert await read(stream, view, lambda seen: seen.keys == set(KEYS[:2]) and seen.pending == {KEYS[2]})
@@ -109,11 +118,11 @@ def test_a_workers_pending_keys_show_on_every_stream_until_stored_or_done(plane)
         one, two = plane.relay(worker=0), plane.relay(worker=1)
         stream, view = two.open(), View()
         assert await read(stream, view, lambda seen: seen.frames)
-        assert one.pending("r1", KEYS)
+        assert await sent(lambda: one.pending("r1", KEYS))
         assert await read(stream, view, lambda seen: seen.pending == set(KEYS))
         plane.engine.publish(batch(CHAIN[0]))
         assert await read(stream, view, lambda seen: seen.keys == {KEYS[0]} and seen.pending == set(KEYS[1:]))
-        two.pending("r1", KEYS[1:2])  # the same request id on another worker: another request
+        assert await sent(lambda: two.pending("r1", KEYS[1:2]))  # the same request id on another worker: another request
         one.done("r1")
         assert await read(stream, view, lambda seen: seen.pending == {KEYS[1]})
         two.done("r1")

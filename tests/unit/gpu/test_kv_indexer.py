@@ -97,6 +97,16 @@ def test_batches_published_before_the_indexer_started_are_replayed(run_dir, engi
     assert frame == CacheEvents(cleared=True, epoch="e1", stored=KEYS) and not degraded
 
 
+def test_batches_sent_before_the_subscription_took_effect_are_replayed(run_dir, engine, indexers):
+    indexers.append(IndexerThread(run_dir, epoch="e1"))
+    snapshot(run_dir)  # the indexer is past its first catch-up, subscribed to an engine not there yet
+    pub = engine()  # the engine binds and publishes at once: before the subscription reconnects
+    for event in CHAIN:
+        pub.publish(batch(event))
+    # no later batch reveals the gap: only the replay brings them
+    assert wait_for(lambda: snapshot(run_dir)[3].stored == KEYS, within_s=5, every_s=0.2)
+
+
 def test_a_gap_the_replay_no_longer_holds_makes_the_index_degraded(run_dir, engine, indexers):
     pub = engine(buffer_steps=2)  # keeps the last two batches only: the first two are gone
     for event in [*CHAIN, stored([9], PROMPT[:BLOCK])]:
