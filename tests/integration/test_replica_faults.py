@@ -4,7 +4,7 @@ and one told to stop loses nothing.
 - kill -9 of a worker (worker 1, which launched the engine, with one engine client; each kind with
   two): the engine it ran on goes within seconds (no EngineCore is left without its parent), and so
   does the KV indexer worker 1 started; the replica serves again;
-- the harness's Server.stop leaves no process behind;
+- the harness's Server.stop leaves no process behind (after those restarts);
 - SIGTERM: the replica turns not ready at once, refuses new work with 503, finishes the stream
   under way whole, then exits.
 
@@ -107,7 +107,7 @@ def test_one_engine_client_survives_a_kill_of_its_worker():
         server.stop()
 
 
-def test_two_engine_clients_survive_a_kill_of_either_worker():
+def test_two_engine_clients_survive_a_kill_of_either_worker_and_the_harness_stop_leaves_nothing_behind():
     server = replica("faults-2", clients=2)
     try:
         for kind in ("worker 1, which launched the engine", "worker 2"):
@@ -119,15 +119,11 @@ def test_two_engine_clients_survive_a_kill_of_either_worker():
             # every worker is an engine client of the new engine
             readiness = poll(server.engine_client_readiness, lambda seen: seen == {1: 200, 2: 200}, within_s=60)
             assert readiness == {1: 200, 2: 200}, f"after killing {kind}: {readiness}"
+        # the replica's processes after two restarts: its workers, an engine, an indexer
+        processes = server.tree()
+        assert server.engine_cores() and kv_indexers(server)
     finally:
         server.stop()
-
-
-def test_the_harness_stop_leaves_nothing_behind():
-    server = replica("faults-stop", clients=2)
-    processes = server.tree()
-    assert server.engine_cores()
-    server.stop()
     left = [p for p in processes if not gone(p)]
     assert not left, f"left running after stop: {[(p.pid, p.name()) for p in left]}"
 
