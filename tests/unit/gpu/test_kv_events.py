@@ -122,7 +122,8 @@ def test_a_workers_pending_keys_show_on_every_stream_until_stored_or_done(plane)
         assert await read(stream, view, lambda seen: seen.pending == set(KEYS))
         plane.engine.publish(batch(CHAIN[0]))
         assert await read(stream, view, lambda seen: seen.keys == {KEYS[0]} and seen.pending == set(KEYS[1:]))
-        assert await sent(lambda: two.pending("r1", KEYS[1:2]))  # the same request id on another worker: another request
+        # the same request id on another worker: another request
+        assert await sent(lambda: two.pending("r1", KEYS[1:2]))
         one.done("r1")
         assert await read(stream, view, lambda seen: seen.pending == {KEYS[1]})
         two.done("r1")
