@@ -4,7 +4,9 @@ Parts (`--parts`): `cpu-tier` (templates, tokenization, detokenization and frame
 in-process); `round-trips` and `llm-tier` (one served pipeline: the bare hop, the full path, and
 LLMService's CPU time per output token); `front` (PromptService alone against a stand-in GPU tier
 at GPU token rates: its CPU time per token); `chunks` (BentoML's CPU time per streamed chunk);
-`kv-events` (a replica's KV event plane per stored block: its indexer, a worker's relay).
+`kv-events` (a replica's KV event plane per stored block: its indexer, a worker's relay);
+`workers` (how evenly PromptService's workers share a kept-alive client's requests, with
+PIPELINE_SPREAD_CONNECTIONS off and on).
 
     python -m bench costs --parts cpu-tier round-trips --cpu
 """
@@ -31,7 +33,7 @@ from bench.metrics import summarize
 from bench.results import finish, log, results_folder, write_json
 from harness import EngineSettings, Server, free_port, make_server, start_tier
 
-PARTS = ("cpu-tier", "round-trips", "llm-tier", "front", "chunks", "kv-events")
+PARTS = ("cpu-tier", "round-trips", "llm-tier", "front", "chunks", "kv-events", "workers")
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,8 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "measured for, and subtracted")
     group.add_argument("--bentoml-config", help="llm-tier: the served pipeline's BENTOML_CONFIG file (e.g. one that "
                        "excludes /generate from tracing)")
-    group.add_argument("--interval-ms", type=float, default=2.0, help="front: the stand-in GPU tier's time between tokens")
+    group.add_argument("--interval-ms", type=float, default=2.0, help="front and workers: the stand-in GPU tier's time "
+                       "between tokens")
     group.add_argument("--profile", help="front: a py-spy profile (raw format) of the PromptService worker, here")
+    group = parser.add_argument_group("workers (--prompt-workers workers, --concurrency kept-alive connections)")
+    group.add_argument("--requests-per-connection", type=int, default=8)
     group = parser.add_argument_group("chunks (bench/chunk_stream_service.py)")
     group.add_argument("--variants", nargs="+", default=["0", "1"], choices=["0", "1", "2", "3"],
                        help="0 BentoML's defaults; 1 tracing, metrics and access log off; 2 only the route excluded "
@@ -83,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if "front" in args.parts:
         result["front"] = front_cost(settings, args, out)
         log(f"front: {result['front']}")
+    if "workers" in args.parts:
+        result["workers"] = worker_spread(settings, args, out)
+        log(f"workers: {result['workers']}")
     if "chunks" in args.parts:
         result["chunks"] = {variant: chunk_cost(variant, args.lines, args.streams, out) for variant in args.variants}
         log(f"chunks: {result['chunks']}")
@@ -307,6 +315,67 @@ def front_cost(settings: EngineSettings, args: argparse.Namespace, out: Path) ->
         if front is not None:
             front.stop()
         gpu_tier.stop()
+
+
+# --- workers: how evenly PromptService's workers share a kept-alive client's requests -------------------
+
+
+async def kept_alive_load(base_url: str, connections: int, per_connection: int, output_len: int) -> int:
+    """`connections` clients at once, each sending `per_connection` /generate calls one after the
+    other over one aiohttp session that keeps connections alive (as bench/chat_load.py and the
+    OpenAI SDK do); returns the calls that succeeded."""
+    import aiohttp
+
+    payload = {"prompt": SHORT_PROMPT, "max_tokens": output_len, "ignore_eos": True}
+    done = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        for _ in range(per_connection):
+            async with session.post(f"{base_url}/generate", json=payload) as response:
+                await response.read()
+                done += response.status == 200
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(client(session) for _ in range(connections)))
+    return done
+
+
+def worker_spread(settings: EngineSettings, args: argparse.Namespace, out: Path) -> dict:
+    """PromptService with --prompt-workers workers against bench/paced_gpu_tier.py, once with
+    PIPELINE_SPREAD_CONNECTIONS off and once on: each worker's calls (its access log) and CPU time."""
+    gpu_port = free_port()
+    gpu_tier = Server("paced-gpu-tier", [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(gpu_port),
+                                         "--interval-ms", str(args.interval_ms)], {}, gpu_port, out / "logs" / "paced-gpu-tier.log")
+    found = {}
+    try:
+        gpu_tier.start_and_wait(60)
+        for spread in ("false", "true"):
+            log_path = out / "logs" / f"front-spread-{spread}.log"
+            front = start_tier("PromptService", log=log_path, depends={"LLMService": gpu_tier.url}, ready_timeout_s=180,
+                               env={"PIPELINE_MODEL": settings.model, "PIPELINE_SERVED_MODEL_NAME": "m",
+                                    "PIPELINE_PROMPT_WORKERS": str(args.prompt_workers),
+                                    "PIPELINE_MAX_MODEL_LEN": "4096", "PIPELINE_SPREAD_CONNECTIONS": spread})
+            try:
+                workers = front.workers()["PromptService"]
+                before = [cpu_s(worker) for worker in workers]
+                ok = asyncio.run(kept_alive_load(front.url, args.concurrency, args.requests_per_connection,
+                                                 args.output_len or 64))
+                spent = [cpu_s(worker) - start for worker, start in zip(workers, before)]
+            finally:
+                front.stop()
+            calls = [line.split("[entry_service:PromptService:")[1].split("]")[0]
+                     for line in log_path.read_text().splitlines() if "path=/generate," in line]
+            per_worker = sorted((calls.count(str(n)) for n in range(1, len(workers) + 1)), reverse=True)
+            found[f"spread_connections_{spread}"] = {
+                "ok": ok, "calls_per_worker": per_worker, "cpu_s_per_worker": sorted((round(c, 2) for c in spent), reverse=True),
+                "busiest_worker_share_of_calls": round(per_worker[0] / max(sum(per_worker), 1), 3),
+                "busiest_worker_share_of_cpu": round(max(spent) / max(sum(spent), 1e-9), 3)}
+    finally:
+        gpu_tier.stop()
+    return {"workers": args.prompt_workers, "connections": args.concurrency,
+            "requests_per_connection": args.requests_per_connection, "output_len": args.output_len or 64,
+            "interval_ms": args.interval_ms, **found}
 
 
 # --- chunks: BentoML's cost per streamed chunk ----------------------------------------------------------

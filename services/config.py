@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     prompt_workers: int | Literal["cpu_count"] = Field(
         "cpu_count", description="PromptService worker processes."
     )
+    spread_connections: bool = Field(
+        True, description="End the client's connection after each generation response (`Connection: close`) when "
+        "PromptService has several workers, so that the client's next request goes to whichever worker accepts it "
+        "first. The workers share one accept queue, and a burst of kept-alive connections would stay with the one "
+        "worker that accepted it (docs/architecture.md, \"The front door\")."
+    )
     chat_template: str = Field(
         "model",
         description="`model` (the model's own chat template), a named template from "

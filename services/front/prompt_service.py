@@ -285,4 +285,5 @@ PromptService.add_asgi_middleware(
     timeout_s=settings.request_timeout_s,
     max_streams_per_request=settings.max_streams_per_request,
     retry_after_s=settings.retry_after_s,
+    close_after_generation=settings.spread_connections and settings.prompt_workers != 1,
 )

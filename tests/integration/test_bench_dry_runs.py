@@ -85,6 +85,15 @@ def test_costs_parts_that_start_their_own_servers(tmp_path: Path):
     assert found["chunks"]["0"]["chunks"] == 100
 
 
+def test_costs_counts_each_front_workers_calls_with_connections_spread_and_kept(tmp_path: Path):
+    bench("costs", "--parts", "workers", "--prompt-workers", "2", "--concurrency", "4", "--requests-per-connection", "2",
+          "--output-len", "2", "--out", str(tmp_path))
+    found = summary(tmp_path)["workers"]
+    for spread in ("false", "true"):
+        run = found[f"spread_connections_{spread}"]
+        assert run["ok"] == 8 and sum(run["calls_per_worker"]) == 8 and len(run["cpu_s_per_worker"]) == 2
+
+
 def test_costs_round_trips_and_the_llm_tiers_cpu_per_token(pipeline: Server, tmp_path: Path):
     args = cli.build_parser().parse_args(["costs", "--cpu", "-n", "2", "--idle-s", "0.5", "--concurrency", "2",
                                           "--input-len", "16", "--output-len", "4", "--prompts", "4"])
