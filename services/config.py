@@ -107,10 +107,10 @@ class Settings(BaseSettings):
         "cpu_count", description="PromptService worker processes."
     )
     spread_connections: bool = Field(
-        True, description="End the client's connection after each generation response (`Connection: close`) when "
-        "PromptService has several workers, so that the client's next request goes to whichever worker accepts it "
-        "first. The workers share one accept queue, and a burst of kept-alive connections would stay with the one "
-        "worker that accepted it (docs/architecture.md, \"The front door\")."
+        True, description="End a connection after each generation response (`Connection: close`) when the service has "
+        "several workers (PromptService's workers; LLMService's engine clients), so that the client's next request "
+        "goes to whichever worker accepts it first. The workers share one accept queue, and kept-alive connections "
+        "opened in a burst would stay with the one worker that accepted them (docs/architecture.md, \"The front door\")."
     )
     chat_template: str = Field(
         "model",

@@ -1,5 +1,6 @@
-"""One HTTP request at the ASGI level, on either tier: its body, read whole and bounded, and its
-work ended as soon as its client goes away.
+"""One HTTP request at the ASGI level, on either tier: its body, read whole and bounded, its work
+ended as soon as its client goes away, and its connection ended after a generation
+(`SpreadConnections`), so that a service's workers share a client's requests.
 
 `run_until_client_leaves` runs the app as a task of its own and watches the connection itself, as
 a server does not reliably stop a route whose client left. Cancelling the app closes every stream
@@ -103,3 +104,25 @@ async def run_until_client_leaves(
         if not work.done():  # this call itself was cancelled (the server is shutting down)
             work.cancel()
         await asyncio.gather(watcher, work, return_exceptions=True)
+
+
+class SpreadConnections:
+    """ASGI middleware: a response on one of `paths` ends its connection (`Connection: close`, which
+    uvicorn honours), so the client's next request goes to whichever of the service's workers
+    accepts it first. The workers share one accept queue, and kept-alive connections opened in a
+    burst stay with the worker that accepted them (docs/architecture.md, "The front door")."""
+
+    def __init__(self, app: ASGIApp, *, paths: frozenset[str]) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)

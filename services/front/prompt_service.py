@@ -17,7 +17,8 @@ from pydantic import Field
 
 from services.config import settings, stream_tracing
 from services.errors import RequestError
-from services.front.admission import AdmissionMiddleware
+from services.connection import SpreadConnections
+from services.front.admission import GENERATION_PATHS, AdmissionMiddleware
 from services.front.api_document import OpenAPI31Service
 from services.front.generation import TextGeneration, TextOptions
 from services.front.health import TierMonitor
@@ -272,8 +273,11 @@ class PromptService:
             InflightRequest.current().break_response(error)
 
 
-# The front door, outermost first: API keys (when configured), then admission (body size, GPU tier
-# readiness, each request's life). BentoML's request metrics wrap both, so refusals are counted.
+# The front door, outermost first: a generation's connection ended after it (several workers), API
+# keys (when configured), then admission (body size, GPU tier readiness, each request's life).
+# BentoML's request metrics wrap them all, so refusals are counted.
+if settings.spread_connections and settings.prompt_workers != 1:
+    PromptService.add_asgi_middleware(SpreadConnections, paths=GENERATION_PATHS)
 if settings.api_keys:
     PromptService.add_asgi_middleware(BearerAuthMiddleware, keys=settings.api_keys)
 PromptService.add_asgi_middleware(
@@ -285,5 +289,4 @@ PromptService.add_asgi_middleware(
     timeout_s=settings.request_timeout_s,
     max_streams_per_request=settings.max_streams_per_request,
     retry_after_s=settings.retry_after_s,
-    close_after_generation=settings.spread_connections and settings.prompt_workers != 1,
 )

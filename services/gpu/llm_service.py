@@ -17,6 +17,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 
 from services.config import settings, stream_tracing
+from services.connection import SpreadConnections
 from services.gpu.draining import Drain
 from services.gpu.engine_args import engine_args, kv_events_wanted
 from services.gpu.engine_clients import EngineClientSlot, EngineLoad, begin_epoch, engine_epoch, start_engine_client
@@ -402,7 +403,10 @@ LLMService.models.extend(
     if (reference := adapter_reference(module.path)) is not None
 )
 
-# Outermost first: who is calling (401), what they send (415), then the call's engine requests.
+# Outermost first: a generation's connection ended after it (several engine clients), who is
+# calling (401), what they send (415), then the call's engine requests.
+if settings.spread_connections and settings.engine_client_count > 1:
+    LLMService.add_asgi_middleware(SpreadConnections, paths=frozenset({"/generate"}))
 LLMService.add_asgi_middleware(BearerAuthMiddleware, keys=[settings.internal_token.get_secret_value()],
                                what="the internal token (PIPELINE_INTERNAL_TOKEN)")
 LLMService.add_asgi_middleware(JsonOnlyMiddleware)

@@ -50,9 +50,10 @@ def test_the_pipeline_runs_two_engine_clients_on_one_engine(pipeline: Server):
 
 def test_every_engine_client_streams_generations(pipeline: Server):
     """Each LLMService worker, reached on a connection it accepted (/load says which), streams
-    a generation of its own; and a burst through the front is answered in full. (Which worker
-    accepts the front's pooled connections is the kernel's choice: the fresh-clone run once saw
-    all 32 of a burst on one worker, so the spread is measured in benchmarks, not asserted.)"""
+    a generation of its own, and ends the connection after it (PIPELINE_SPREAD_CONNECTIONS); and a
+    burst through the front is answered in full. (Which worker accepts a connection is the
+    kernel's choice: before connections were ended, the fresh-clone run once saw all 32 of a burst
+    on one worker; the spread is measured in benchmarks, not asserted.)"""
     start = generate_calls_by_worker(pipeline)
     served: dict[int, int] = {}
     deadline = time.monotonic() + 10
@@ -65,6 +66,7 @@ def test_every_engine_client_streams_generations(pipeline: Server):
                                 "sampling_params": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}}
             response = llm.post("/generate", json=body)
             assert response.status_code == 200, response.text
+            assert response.headers.get("connection") == "close", "a generation ends its connection (several workers)"
             frames = [json.loads(line) for line in response.text.splitlines() if line.strip()]
             served[worker] = frames[-1]["completion_tokens"]
     assert served == {1: 8, 2: 8}, f"tokens streamed by each engine client: {served}"

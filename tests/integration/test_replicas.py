@@ -143,6 +143,7 @@ def test_distinct_prompts_spread_over_both_replicas(front: Server, replicas: lis
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda prompt: complete(front, prompt, max_tokens=24), prompts))
     assert [a.status_code for a in answers] == [200] * 16
+    assert {a.headers.get("connection") for a in answers} == {"close"}, "two front workers: each generation ends its connection"
     served = moved(replicas, before, "vllm:request_success_total")
     assert sum(served.values()) == 16
     assert all(count >= 2 for count in served.values()), served
