@@ -3,7 +3,8 @@
 SIGTERM turns the worker not ready at once and refuses new work with 503, while the streams under
 way run to their end; then it stops (after `PIPELINE_DRAIN_TIMEOUT_S` at the latest; a second
 SIGTERM stops at once). Worker 1 waits for the whole engine's requests, the others for their own.
-Why not uvicorn's own handler: docs/architecture.md, "Scaling in".
+Why not uvicorn's own handler: docs/architecture.md, "Scaling in". `told_to_stop()` says whether
+this process has had its SIGTERM: its engine exiting then is the stop, logged as such, not a fault.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 logger = logging.getLogger("bentoml.service.llm")
+
+_told_to_stop = threading.Event()
+
+
+def told_to_stop() -> bool:
+    """Whether this process has had its SIGTERM (circus sends it to the EngineCore too)."""
+    return _told_to_stop.is_set()
 
 
 class Drain:
@@ -31,6 +40,7 @@ class Drain:
         self._previous = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(signum, frame) -> None:
+            _told_to_stop.set()
             if self.draining:  # a second one: stop now
                 self._stop(signum, frame)
                 return

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.gpu.draining import told_to_stop
 from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
 from services.run_dir import RUN_DIR_ENV, share_run_dir  # noqa: F401 (share_run_dir: the replica's run directory)
 
@@ -412,7 +413,10 @@ def _watch_engine_pid(client, pid: int, every_s: float = 0.5) -> None:
         core = client.engine_core
         if not core.resources.engine_dead:
             core.resources.engine_dead = True
-            logger.error("the EngineCore (pid %d) exited; this engine client is dead", pid)
+            if told_to_stop():
+                logger.info("the EngineCore (pid %d) stopped with the replica", pid)
+            else:
+                logger.error("the EngineCore (pid %d) exited; this engine client is dead", pid)
             core.shutdown()
 
     threading.Thread(target=watch, daemon=True, name="EngineCoreWatch").start()

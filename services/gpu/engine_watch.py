@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from services.gpu.draining import told_to_stop
+
 logger = logging.getLogger("bentoml.service.llm")
 
 PARENT_ENV = "PIPELINE_ENGINE_PARENT_PID"
@@ -66,16 +68,22 @@ def deaf_to_sigterm_while_parent_lives(every_s: float = WATCH_EVERY_S) -> thread
     worker that was not in its busy loop then (seen here: one still starting when its EngineCore
     was killed) waited on forever, deaf to the SIGTERM that would have ended it."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    return watch_parent(os.getppid(), every_s, on_gone=lambda: os._exit(1))
+    # INFO: the EngineCore's end, a stop or a fault, is told by the engine clients
+    return watch_parent(os.getppid(), every_s, on_gone=lambda: os._exit(1),
+                        said=(logging.INFO, "its EngineCore (pid %d) is gone; this executor worker exits"))
 
 
-def watch_parent(parent: int, every_s: float = WATCH_EVERY_S, on_gone: Callable[[], None] | None = None) -> threading.Thread:
-    """A daemon thread that ends this process once `parent` is no longer its parent."""
+def watch_parent(parent: int, every_s: float = WATCH_EVERY_S, on_gone: Callable[[], None] | None = None,
+                 said: tuple[int, str] = (logging.ERROR, "the worker that launched this engine (pid %d) is gone; "
+                                                         "the engine stops")) -> threading.Thread:
+    """A daemon thread that ends this process once `parent` is no longer its parent, saying so
+    (`said`: a level, and a message with the parent's pid)."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every_s)
-        logger.error("the worker that launched this engine (pid %d) is gone; the engine stops", parent)
+        level, message = said
+        logger.log(level, message, parent)
         (on_gone or _stop_this_process)()
 
     thread = threading.Thread(target=watch, daemon=True, name="ParentWatch")
@@ -105,12 +113,16 @@ def launching_watched_engines() -> Iterator[None]:
 
 
 def exit_when_engine_dies(client, every_s: float = WATCH_EVERY_S, exit: Callable[[int], None] = os._exit) -> threading.Thread:
-    """A daemon thread that ends this worker once its engine client is dead (`errored`)."""
+    """A daemon thread that ends this worker once its engine client is dead (`errored`). While the
+    replica stops (SIGTERM), that is the engine's own stop: said at INFO, not as a fault."""
 
     def watch() -> None:
         while not client.errored:
             time.sleep(every_s)
-        logger.error("the engine is gone; this worker exits so that it starts again with a new engine")
+        if told_to_stop():
+            logger.info("the engine stopped with the replica; this worker exits")
+        else:
+            logger.error("the engine is gone; this worker exits so that it starts again with a new engine")
         time.sleep(WORKER_EXIT_GRACE_S)
         if _workers_are_not_restarted():
             logger.error("in a container circus restarts no worker: stopping the server (pid %d)", os.getppid())
@@ -127,3 +139,23 @@ def _workers_are_not_restarted() -> bool:
     from bentoml.serving import running_inside_container
 
     return running_inside_container()
+
+
+class EngineStopNotAFault(logging.Filter):
+    """vLLM's engine client logs the EngineDeadError of its output handler at ERROR, with a
+    traceback. While the replica stops, that is the EngineCore having stopped first (circus
+    signals it with the workers): the record becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if told_to_stop() and type(error).__name__ == "EngineDeadError":
+            record.msg, record.args = f"{record.getMessage()} (the engine stopped with the replica)", None
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.INFO, "INFO", None, None
+        return True
+
+
+def quiet_engine_stop() -> None:
+    """Log an EngineCore's exit during the replica's stop as the stop it is (EngineStopNotAFault)."""
+    engine_client_log = logging.getLogger("vllm.v1.engine.async_llm")
+    if not any(isinstance(f, EngineStopNotAFault) for f in engine_client_log.filters):
+        engine_client_log.addFilter(EngineStopNotAFault())

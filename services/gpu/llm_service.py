@@ -23,7 +23,7 @@ from services.gpu.engine_args import engine_args, kv_events_wanted
 from services.gpu.engine_clients import EngineClientSlot, EngineLoad, begin_epoch, engine_epoch, start_engine_client
 from services.gpu.engine_io import to_deltas, vllm_sampling_params
 from services.gpu.engine_stats import EngineStats
-from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines
+from services.gpu.engine_watch import exit_when_engine_dies, launching_watched_engines, quiet_engine_stop
 from services.gpu.kv_events import LOAD_EVERY_S, KvEventRelay
 from services.gpu.kv_indexer import KvIndexerProcess
 from services.gpu.lora import AdapterExists, AdapterRegistry, sanitize_message
@@ -88,6 +88,7 @@ class LLMService:
         # The usage context picks the scheduler's defaults: `vllm serve`'s (on an H100: up to 1024
         # sequences and 8192 tokens a step), not the bare engine's (128 and 2048).
         usage = UsageContext.OPENAI_API_SERVER
+        quiet_engine_stop()  # an EngineCore that stops with the replica is no fault in the log
         self.run_dir = share_run_dir()
         count = settings.engine_client_count
         slot = EngineClientSlot.of_this_worker(count) if count > 1 else None

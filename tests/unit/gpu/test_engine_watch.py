@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import signal
@@ -115,6 +116,54 @@ def test_a_worker_exits_once_its_engine_client_is_dead(monkeypatch):
     assert not exited.wait(0.1), "exited while the engine was alive"
     client.errored = True
     assert exited.wait(5), "a worker with a dead engine stayed up"
+
+
+def test_an_engine_that_stops_with_the_replica_is_logged_as_the_stop_and_the_worker_still_exits(monkeypatch, caplog):
+    from services.gpu import draining
+
+    monkeypatch.setattr(engine_watch, "WORKER_EXIT_GRACE_S", 0)
+    stopping = threading.Event()
+    monkeypatch.setattr(draining, "_told_to_stop", stopping)
+    for told, level in ((True, logging.INFO), (False, logging.ERROR)):
+        stopping.set() if told else stopping.clear()
+        client, exited = DeadClient(), threading.Event()
+        client.errored = True
+        with caplog.at_level(logging.INFO, logger="bentoml.service.llm"):
+            caplog.clear()
+            engine_watch.exit_when_engine_dies(client, every_s=0.01, exit=lambda code: exited.set())
+            assert exited.wait(5), "a worker with a dead engine stayed up"
+        said = [r for r in caplog.records if "engine" in r.getMessage()]
+        assert [r.levelno for r in said] == [level], [(r.levelname, r.getMessage()) for r in said]
+
+
+def test_vllms_engine_dead_traceback_is_one_info_line_while_the_replica_stops(monkeypatch):
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from services.gpu import draining
+
+    stopping = threading.Event()
+    monkeypatch.setattr(draining, "_told_to_stop", stopping)
+
+    def record() -> logging.LogRecord:
+        try:
+            raise EngineDeadError()
+        except EngineDeadError:
+            return logging.getLogger("vllm.v1.engine.async_llm").makeRecord(
+                "vllm.v1.engine.async_llm", logging.ERROR, __file__, 1, "AsyncLLM output_handler failed.", None,
+                sys.exc_info())
+
+    quiet = engine_watch.EngineStopNotAFault()
+    running = record()
+    assert quiet.filter(running) and running.levelno == logging.ERROR and running.exc_info, "a fault stays a fault"
+    stopping.set()
+    stopped = record()
+    assert quiet.filter(stopped)
+    assert (stopped.levelno, stopped.exc_info) == (logging.INFO, None)
+    assert stopped.getMessage() == "AsyncLLM output_handler failed. (the engine stopped with the replica)"
+    engine_watch.quiet_engine_stop()
+    engine_watch.quiet_engine_stop()
+    filters = logging.getLogger("vllm.v1.engine.async_llm").filters
+    assert sum(isinstance(f, engine_watch.EngineStopNotAFault) for f in filters) == 1
 
 
 def test_a_restarted_engine_client_stops_the_engine_it_cannot_join_again(tmp_path: Path):
