@@ -3,8 +3,7 @@
 One ASGI middleware per PromptService worker: every body is read up to `max_body_bytes` (413), a
 generation request is refused at once (503) while the GPU tier is not ready, and each generation
 request runs under one `InflightRequest` until its call ends or its client leaves. Every 429 and
-503 carries `Retry-After`, and with `close_after_generation` a generation response ends its
-connection, so the workers share a kept-alive client's requests (docs/architecture.md, "The front door").
+503 carries `Retry-After` (docs/architecture.md, "The front door").
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ GENERATION_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completi
 class AdmissionMiddleware:
     def __init__(
         self, app: ASGIApp, *, max_body_bytes: int, budget: SequenceBudget, tier: TierMonitor | None,
-        timeout_s: float, max_streams_per_request: int, retry_after_s: int = 1, close_after_generation: bool = False,
+        timeout_s: float, max_streams_per_request: int, retry_after_s: int = 1,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -37,7 +36,6 @@ class AdmissionMiddleware:
         self.timeout_s = timeout_s
         self.max_streams_per_request = max_streams_per_request
         self.retry_after_s = retry_after_s
-        self.close_after_generation = close_after_generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,8 +96,6 @@ class AdmissionMiddleware:
                 if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in message.get("headers", [])):
                     message = {**message, "headers": [*message.get("headers", []),
                                                       (b"retry-after", str(self.retry_after_s).encode())]}
-                if self.close_after_generation:  # the server (uvicorn) closes the connection after this response
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             elif replacing:
                 return  # the masked body is dropped; ours was sent
             elif life.broken is not None and not message.get("more_body", False):
