@@ -281,18 +281,28 @@ def llm_tier_cost(server: Server, settings: EngineSettings, args: argparse.Names
             "tokens_per_chunk": round(figures["tokens_per_chunk"], 2)}
 
 
+def paced_gpu_tier(interval_ms: float, out: Path) -> Server:
+    """bench/paced_gpu_tier.py (LLMService's contract, one token per choice every `interval_ms`), not started."""
+    port = free_port()
+    return Server("paced-gpu-tier", [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(port),
+                                     "--interval-ms", str(interval_ms)], {}, port, out / "logs" / "paced-gpu-tier.log")
+
+
+def front_before(gpu_tier: Server, settings: EngineSettings, log: Path, env: dict[str, str]) -> Server:
+    """PromptService alone, ready, with `gpu_tier` as its LLMService and `env` over the defaults here."""
+    return start_tier("PromptService", log=log, depends={"LLMService": gpu_tier.url}, ready_timeout_s=180,
+                      env={"PIPELINE_MODEL": settings.model, "PIPELINE_SERVED_MODEL_NAME": "m",
+                           "PIPELINE_MAX_MODEL_LEN": "4096", **env})
+
+
 def front_cost(settings: EngineSettings, args: argparse.Namespace, out: Path) -> dict:
     """PromptService alone, one worker, against bench/paced_gpu_tier.py (LLMService's contract, one
     token per choice every --interval-ms): the worker's CPU time per output token."""
-    gpu_port = free_port()
-    gpu_tier = Server("paced-gpu-tier", [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(gpu_port),
-                                         "--interval-ms", str(args.interval_ms)], {}, gpu_port, out / "logs" / "paced-gpu-tier.log")
+    gpu_tier = paced_gpu_tier(args.interval_ms, out)
     front = None
     try:
         gpu_tier.start_and_wait(60)
-        front = start_tier("PromptService", log=out / "logs" / "front.log", depends={"LLMService": gpu_tier.url},
-                           ready_timeout_s=180, env={"PIPELINE_MODEL": settings.model, "PIPELINE_SERVED_MODEL_NAME": "m",
-                                                     "PIPELINE_PROMPT_WORKERS": "1", "PIPELINE_MAX_MODEL_LEN": "4096"})
+        front = front_before(gpu_tier, settings, out / "logs" / "front.log", {"PIPELINE_PROMPT_WORKERS": "1"})
         (worker,) = front.workers()["PromptService"]
         profiler = None
         if args.profile:
@@ -344,18 +354,14 @@ async def kept_alive_load(base_url: str, connections: int, per_connection: int, 
 def worker_spread(settings: EngineSettings, args: argparse.Namespace, out: Path) -> dict:
     """PromptService with --prompt-workers workers against bench/paced_gpu_tier.py, once with
     PIPELINE_SPREAD_CONNECTIONS off and once on: each worker's calls (its access log) and CPU time."""
-    gpu_port = free_port()
-    gpu_tier = Server("paced-gpu-tier", [sys.executable, "-m", "bench.paced_gpu_tier", "--port", str(gpu_port),
-                                         "--interval-ms", str(args.interval_ms)], {}, gpu_port, out / "logs" / "paced-gpu-tier.log")
+    gpu_tier = paced_gpu_tier(args.interval_ms, out)
     found = {}
     try:
         gpu_tier.start_and_wait(60)
         for spread in ("false", "true"):
             log_path = out / "logs" / f"front-spread-{spread}.log"
-            front = start_tier("PromptService", log=log_path, depends={"LLMService": gpu_tier.url}, ready_timeout_s=180,
-                               env={"PIPELINE_MODEL": settings.model, "PIPELINE_SERVED_MODEL_NAME": "m",
-                                    "PIPELINE_PROMPT_WORKERS": str(args.prompt_workers),
-                                    "PIPELINE_MAX_MODEL_LEN": "4096", "PIPELINE_SPREAD_CONNECTIONS": spread})
+            front = front_before(gpu_tier, settings, log_path, {"PIPELINE_PROMPT_WORKERS": str(args.prompt_workers),
+                                                                "PIPELINE_SPREAD_CONNECTIONS": spread})
             try:
                 workers = front.workers()["PromptService"]
                 before = [cpu_s(worker) for worker in workers]

@@ -86,7 +86,8 @@ def analyse(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
             rows[system]["requests_per_replica"] = [f["requests_per_replica"] for f in ordered]
             rows[system]["hit_rate_per_replica"] = [f["hit_rate_per_replica"] for f in ordered]
         targets = []
-        kind = label.split("-")[0] if label.split("-")[0] in ("mixed", "random") else "chat"
+        workload = label.split("-")[0]
+        kind = workload if workload in TARGETS else "chat"
         for name in OURS:
             if (ours := systems.get(name)) is None:
                 continue

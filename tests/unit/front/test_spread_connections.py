@@ -10,11 +10,11 @@ connection.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import uvicorn
 
+from harness import free_port
 from services.connection import SpreadConnections
 from services.front.admission import GENERATION_PATHS
 
@@ -56,9 +56,7 @@ async def two_requests_on_one_connection(port: int, first: str) -> tuple[bytes, 
 
 
 def serve_and_ask(served, first: str) -> tuple[bytes, bytes]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port, lifespan="off", log_config=None))
 
     async def main():
