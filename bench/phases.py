@@ -132,6 +132,11 @@ def table(k: Knobs) -> dict[str, Phase]:
                           "--caches", f"{c}/smol", "--out", f"{r}/repeats"],
                          note="the headline, as alternating rounds: the pipeline against vllm serve --api-server-count 8, "
                               "and the pipeline with KV cache events on"),
+        "spread": Phase([*serve, "--targets", "pipeline-ec8", "pipeline-ec8-keepalive", "vllm-api8",
+                         *k.shared(SMOL_KV, 3, rounds=True), *smol, "--concurrency", "64", "256", *SMOL_LOAD, *rounds,
+                         "--caches", f"{c}/smol", "--out", f"{r}/spread"],
+                        note="the connection spread's effect, as alternating rounds: the pipeline with it (the default) "
+                             "and without (PIPELINE_SPREAD_CONNECTIONS=false), against vllm serve --api-server-count 8"),
         "routing": routing("routing", ROUTING_KV, ["pipeline-kv", "pipeline-rr", "pipeline-kv-2fronts",
                                                    "router-cache_aware", "router-round_robin"],
                            ["prefix:32", "prefix:64", "mixed:32", "multiturn:16", "random:64"]),

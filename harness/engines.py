@@ -96,18 +96,19 @@ def pipeline_command(settings: EngineSettings, port: int, prompt_workers: int,
     return serve_command(port), env
 
 
-TARGET = re.compile(r"(?:vllm(?:-api(?P<api_servers>[1-9][0-9]*))?|pipeline(?:-ec(?P<engine_clients>[1-9][0-9]*))?)"
-                    r"(?P<kv_events>-kvevents)?")
+TARGET = re.compile(r"(?:vllm(?:-api(?P<api_servers>[1-9][0-9]*))?"
+                    r"|pipeline(?:-ec(?P<engine_clients>[1-9][0-9]*))?(?P<keep_alive>-keepalive)?)(?P<kv_events>-kvevents)?")
 
 
 def parse_target(target: str) -> tuple[str, int | None]:
     """`vllm`, `vllm-apiN` (`vllm serve --api-server-count N`), `pipeline`, `pipeline-ecN`
     (PIPELINE_ENGINE_CLIENTS=N), each optionally `-kvevents` (the engine publishes KV cache
-    events; `kv_events`): the server kind and its process count, if given."""
+    events; `kv_events`), a pipeline's also `-keepalive` before it (connections kept alive after a
+    generation: PIPELINE_SPREAD_CONNECTIONS=false): the server kind and its process count, if given."""
     match = TARGET.fullmatch(target)
     if not match:
         raise ValueError(f"unknown target {target!r}: vllm, vllm-apiN, pipeline or pipeline-ecN, "
-                         "each optionally with -kvevents")
+                         "each optionally with -kvevents (a pipeline's also -keepalive, before it)")
     count = match["api_servers"] or match["engine_clients"]
     return target.split("-")[0], int(count) if count else None
 
@@ -135,4 +136,5 @@ def make_server(target: str, settings: EngineSettings, port: int, log_dir: Path,
                       live_path=None)
     argv, env = pipeline_command(settings, port, prompt_workers, engine_clients=count)
     env["PIPELINE_KV_EVENTS"] = "true" if events else "false"
+    env["PIPELINE_SPREAD_CONNECTIONS"] = "false" if TARGET.fullmatch(target)["keep_alive"] else "true"
     return Server(target, argv, env, port, log_dir / f"server-{target}.log")

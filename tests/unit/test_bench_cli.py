@@ -46,7 +46,7 @@ def test_every_phase_is_a_command_its_subcommand_accepts(tmp_path: Path, changes
     parser = cli.build_parser()
     table = phases.table(knobs(tmp_path, **changes))
     assert set(table) == {"llama7b", "smol", "tp2", "clients", "pinned2", "pinned4", "features", "unit", "startup_smol",
-                          "startup_llama7b", "ttft1", "repeats", "routing", "routing_tight", "routing4", "routing4_tight",
+                          "startup_llama7b", "ttft1", "repeats", "spread", "routing", "routing_tight", "routing4", "routing4_tight",
                           "costs"}
     for name, phase in table.items():
         if phase.argv[:2] != ["-m", "bench"]:

@@ -75,3 +75,12 @@ def test_kv_events_are_a_targets_choice_the_same_for_both_servers(tmp_path: Path
     assert "--kv-events-config" not in vllm_plain.argv
     config = vllm_evented.argv[vllm_evented.argv.index("--kv-events-config") + 1]
     assert '"enable_kv_cache_events": true' in config and vllm_evented.argv[vllm_evented.argv.index("--api-server-count") + 1] == "8"
+
+
+def test_keepalive_turns_the_connection_spread_off_in_the_pipeline_only(tmp_path: Path):
+    """`-keepalive` measures the pipeline as it was before the connection spread
+    (PIPELINE_SPREAD_CONNECTIONS=false); a plain target runs with the default, the spread on."""
+    settings = EngineSettings(model="/m", served_name="m", max_model_len=4096)
+    spread, kept = (make_server(target, settings, 8000, tmp_path) for target in ("pipeline-ec8", "pipeline-ec8-keepalive"))
+    assert spread.env["PIPELINE_SPREAD_CONNECTIONS"] == "true" and kept.env["PIPELINE_SPREAD_CONNECTIONS"] == "false"
+    assert kept.env["PIPELINE_ENGINE_CLIENTS"] == "8" and kept.env["PIPELINE_KV_EVENTS"] == "false"

@@ -105,12 +105,14 @@ def test_one_engine_client_counts_its_own_requests():
 
 
 @pytest.mark.parametrize("target, parsed", [("vllm", ("vllm", None)), ("vllm-api8", ("vllm", 8)),
-                                            ("pipeline", ("pipeline", None)), ("pipeline-ec4", ("pipeline", 4))])
+                                            ("pipeline", ("pipeline", None)), ("pipeline-ec4", ("pipeline", 4)),
+                                            ("pipeline-ec8-keepalive-kvevents", ("pipeline", 8))])
 def test_benchmark_targets(target, parsed):
     assert parse_target(target) == parsed
 
 
-@pytest.mark.parametrize("target", ["vllm-ec2", "pipeline-api2", "pipeline-ec0", "sglang"])
+@pytest.mark.parametrize("target", ["vllm-ec2", "pipeline-api2", "pipeline-ec0", "sglang", "vllm-api8-keepalive",
+                                    "pipeline-ec8-kvevents-keepalive"])
 def test_unknown_benchmark_targets_are_refused(target):
     with pytest.raises(ValueError):
         parse_target(target)
