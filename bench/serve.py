@@ -61,6 +61,18 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                      "room for the others): vLLM's start-up memory profile counts what the others allocate meanwhile")
 
 
+def get_ready(args: argparse.Namespace, target: str, server, meta: dict) -> None:
+    """Wait for `target` to be ready, pin what would run on the GPU machine (--pin-gpu-host), and
+    record its start in `meta`."""
+    ready = server.wait_ready(args.ready_timeout)
+    log(f"{target} ready after {ready:.0f} s")
+    if args.pin_gpu_host:  # what would run on the GPU machine, onto its CPU budget
+        threads = pin(gpu_host_processes(server), parse_cpus(args.pin_gpu_host))
+        log(f"{target}: {threads} threads pinned to CPUs {args.pin_gpu_host}")
+    env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
+    meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
+
+
 def clients_for(concurrency: int, per_client: int) -> int:
     return max(1, math.ceil(concurrency / per_client))
 
@@ -94,14 +106,28 @@ def run(args: argparse.Namespace) -> int:
             servers[target].env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"vllm-cache-{target}")
         if args.caches:  # every compile cache of each server in a folder of its own (services/gpu/caches.py)
             servers[target].env |= cache_environment(Path(args.caches) / target)
-    if args.devices:
-        for target, server in servers.items():
-            log(f"starting {target}: {' '.join(server.argv)} (CUDA_VISIBLE_DEVICES={server.env['CUDA_VISIBLE_DEVICES']})")
-            server.start()
     status = 0
     failed: set[str] = set()
+
+    def fail(target: str) -> None:
+        nonlocal status
+        traceback.print_exc()
+        meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
+        failed.add(target)
+        status = 1
+
     order = list(servers)
     try:
+        if args.devices:
+            for target, server in servers.items():
+                log(f"starting {target}: {' '.join(server.argv)} (CUDA_VISIBLE_DEVICES={server.env['CUDA_VISIBLE_DEVICES']})")
+                server.start()
+            # every server up before the first is measured: no level runs beside another server's compilation
+            for target, server in servers.items():
+                try:
+                    get_ready(args, target, server, meta)
+                except Exception:
+                    fail(target)
         # With --rounds R (servers up side by side), every level is measured R times, the servers taking
         # turns and the one that went first in a round going last in the next.
         for round_index in range(1, args.rounds + 1):
@@ -110,24 +136,14 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 server = servers[target]
                 try:
-                    if round_index == 1:
-                        if not args.devices:
-                            log(f"starting {target}: {' '.join(server.argv)}")
-                            server.start()
-                        ready = server.wait_ready(args.ready_timeout)
-                        log(f"{target} ready after {ready:.0f} s")
-                        if args.pin_gpu_host:  # what would run on the GPU machine, onto its CPU budget
-                            threads = pin(gpu_host_processes(server), parse_cpus(args.pin_gpu_host))
-                            log(f"{target}: {threads} threads pinned to CPUs {args.pin_gpu_host}")
-                        env = {k: v for k, v in server.env.items() if k != "PIPELINE_INTERNAL_TOKEN"}  # a secret, even a throwaway one
-                        meta["servers"][target] = {"ready_after_s": ready, "argv": server.argv, "env": env}
+                    if round_index == 1 and not args.devices:
+                        log(f"starting {target}: {' '.join(server.argv)}")
+                        server.start()
+                        get_ready(args, target, server, meta)
                     suffix = f"-r{round_index}" if args.rounds > 1 else ""
                     sweep(args, target, server, settings, out, suffix=suffix, warm_up=round_index == 1)
                 except Exception:
-                    traceback.print_exc()
-                    meta["servers"].setdefault(target, {})["error"] = traceback.format_exc()[-2000:]
-                    failed.add(target)
-                    status = 1
+                    fail(target)
                 finally:
                     if args.rounds == 1 or target in failed:
                         server.stop()
