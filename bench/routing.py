@@ -28,7 +28,8 @@ from bench.loadgen import run_load
 from bench.machine import describe_machine
 from bench.metrics import errors, summarize
 from bench.results import finish, log, results_folder
-from bench.server_metrics import ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters
+from bench.server_metrics import (ENGINE_COUNTERS, engine_block_size, engine_counters, router_counters,
+                                  routing_reasons)
 from harness import EngineSettings, Server, free_port, make_server, pipeline_command, start_tier, tier_command, tier_env
 from services.gpu.caches import cache_environment
 
@@ -308,7 +309,7 @@ def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str,
         time.sleep(PREDICTION_TTL_S)  # the fronts' predictions from the warm-up expire; their indexes saw the reset
     before = counters(group.replicas)
     fronts = [f"{door}/metrics" for door in doors] if system.startswith("pipeline") else []
-    believed_before = router_counters(fronts)
+    believed_before, reasons_before = router_counters(fronts), routing_reasons(fronts)
     if run.workload == "random":
         workload = Workload(args.input_len, args.output_len, run.concurrency, args.prompts, seed)
         record = run_load(doors[0], args.served_name, args.model, workload, out / "logs" / system,
@@ -322,6 +323,8 @@ def measure(args, group, system: str, run: Run, seed: int, out: Path, name: str,
         believed = router_counters(fronts)
         record["router"] = {replica: {name: value - believed_before.get(replica, {}).get(name, 0.0)
                                       for name, value in values.items()} for replica, values in believed.items()}
+        record["routing_reasons"] = {reason: count - reasons_before.get(reason, 0.0)
+                                     for reason, count in routing_reasons(fronts).items()}
     record["system"], record["run"], record["block_size"] = system, run.label, group.block
     if run.workload != "random":
         record["ideal_hit_rate"] = ideal_hit_rate(record, group.block)
@@ -339,6 +342,8 @@ def describe(record: dict) -> str:
         blocks = sum(r["pipeline_replica_prompt_blocks_total"] for r in record["router"].values())
         expected = sum(r["pipeline_replica_cached_blocks_predicted_total"] for r in record["router"].values())
         ideal += f", router expected {expected / blocks if blocks else float('nan'):.1%} of blocks cached"
+    if record.get("routing_reasons"):
+        ideal += ", kv decisions " + " ".join(f"{reason} {count:.0f}" for reason, count in record["routing_reasons"].items())
     return (f"{figures['completed']} ok, {figures['failed']} failed, {figures['output_throughput']:.1f} out tok/s, "
             f"TTFT p50/p90 {figures['ttft_p50_ms']:.0f}/{figures['ttft_p90_ms']:.0f} ms, "
             f"hit rate {hits / queried if queried else float('nan'):.1%}{ideal}, requests per replica {spread}, "

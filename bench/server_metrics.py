@@ -122,6 +122,18 @@ def router_counters(urls: list[str]) -> dict[str, dict[str, float]]:
     return believed
 
 
+def routing_reasons(urls: list[str]) -> dict[str, float]:
+    """Why the fronts' `kv` routing chose the replicas it did (`pipeline_routing_decisions_total`
+    by reason: held, new, load, guarded), summed over the fronts' `/metrics` at `urls`."""
+    reasons: dict[str, float] = {}
+    for url in urls:
+        for family in text_string_to_metric_families(_get(url)):
+            for sample in family.samples:
+                if sample.name == "pipeline_routing_decisions_total":
+                    reasons[sample.labels["reason"]] = reasons.get(sample.labels["reason"], 0.0) + sample.value
+    return reasons
+
+
 def engine_block_size(url: str) -> int | None:
     """The KV-cache block size of the engine behind `url` (a `/metrics`), from vLLM's
     `vllm:cache_config_info` gauge, which carries the cache's settings as labels."""

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from bench.metrics import summarize
+from services.front.metrics import ROUTING_REASONS
 
 RUN_FILE = re.compile(r"(?P<run>(?:prefix|mixed|multiturn|random)-c\d+)-(?P<system>.+)-r(?P<round>\d+)\.json")
 OURS = ("pipeline-kv", "pipeline-kv-2fronts")  # each judged against the targets on its own
@@ -48,6 +49,7 @@ def figures(record: dict) -> dict:
     found["hit_rate_per_replica"] = [
         r["vllm:prefix_cache_hits_total"] / r["vllm:prefix_cache_queries_total"] if r["vllm:prefix_cache_queries_total"]
         else float("nan") for r in replicas.values()]
+    found["routing_reasons"] = record.get("routing_reasons")  # the pipeline's kv decisions by reason, when recorded
     return found
 
 
@@ -85,6 +87,8 @@ def analyse(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
             rows[system]["failed"] = sum(f["failed"] for f in ordered)
             rows[system]["requests_per_replica"] = [f["requests_per_replica"] for f in ordered]
             rows[system]["hit_rate_per_replica"] = [f["hit_rate_per_replica"] for f in ordered]
+            if any(f.get("routing_reasons") for f in ordered):
+                rows[system]["routing_reasons"] = [f.get("routing_reasons") or {} for f in ordered]
         targets = []
         workload = label.split("-")[0]
         kind = workload if workload in TARGETS else "chat"
@@ -135,6 +139,11 @@ def markdown(report: dict, title: str) -> str:
             lines.append(f"| {system} | {_cell(row['output_throughput'])} | {_cell(row['ttft_p50_ms'])} | "
                          f"{_cell(row['ttft_p90_ms'])} | {_cell(row['hit_rate'], 1, 100)} | "
                          f"{_cell(row['ideal_hit_rate'], 1, 100)} | {per_replica} | {row['failed']} |")
+        decided = {system: row["routing_reasons"] for system, row in part["systems"].items() if "routing_reasons" in row}
+        if decided:
+            lines += ["", f"`kv` decisions by reason ({'/'.join(ROUTING_REASONS)}), per round: " + "; ".join(
+                f"{system} " + ", ".join("/".join(f"{rounds.get(reason, 0):.0f}" for reason in ROUTING_REASONS)
+                                         for rounds in per_round) for system, per_round in decided.items())]
         if part["targets"]:
             lines += ["", "| system | target | measured | met |", "|---|---|---|---|"]
             for target in part["targets"]:

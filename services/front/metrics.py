@@ -15,6 +15,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ABORT_REASONS = ("client_left", "deadline", "gpu_tier")  # pipeline_aborted_requests_total{reason}
 PROMPT_KINDS = ("chat", "text")  # pipeline_prompt_processing_seconds{kind}
+# pipeline_routing_decisions_total{reason}, why `kv` routing chose a replica (routing/policy.py): it holds the
+# most of the prompt; the prompt is held nowhere; a replica holding more was open but cost more (its load);
+# every replica holding more was passed over by a guard (a full cache, a queue, a load far above the least loaded)
+ROUTING_REASONS = ("held", "new", "load", "guarded")
 
 
 class FrontMetrics:
@@ -79,6 +83,11 @@ class FrontMetrics:
         self.replica_retries = Counter(
             "pipeline_replica_retries", "Requests moved away from a replica that failed or refused them before their "
             "first token.", ["replica"])
+        self.routing_decisions = Counter(
+            "pipeline_routing_decisions", "kv routing's choices, by reason: the replica chosen holds the most of the prompt "
+            "(held), the prompt is held nowhere (new), a replica holding more was passed over for its load (load) or by a "
+            "guard: full cache, queue, or far busier than the least loaded (guarded).", ["reason"])
+        self.routing_reason = {reason: self.routing_decisions.labels(reason) for reason in ROUTING_REASONS}
         self.replica_events_live = Gauge(
             "pipeline_replica_events_live", "1 while the replica's /kv_events stream is live (its snapshot arrived and "
             "no silence past the read deadline since), so its index is trusted; else 0 (the lowest over the front's "

@@ -73,6 +73,8 @@ def test_routing_measures_each_run_from_the_engines_counters(tmp_path: Path):
     assert report["prefix-c2"]["systems"]["pipeline-kv"]["failed"] == 0
     assert report["prefix-c2"]["systems"]["pipeline-kv"]["requests_per_replica"] == [[4]]  # the engine's own count
     assert report["multiturn-c2"]["systems"]["pipeline-kv"]["requests_per_replica"] == [[4]]
+    (reasons,) = report["prefix-c2"]["systems"]["pipeline-kv"]["routing_reasons"]  # the front's own word, each request
+    assert sum(reasons.values()) == 4 and reasons["new"] >= 1
 
 
 def test_costs_parts_that_start_their_own_servers(tmp_path: Path):

@@ -139,7 +139,8 @@ def test_the_ideal_hit_rate_of_a_conversation_is_each_turns_previous_prompt_in_w
     assert ideal_hit_rate(record, block_size=16) == pytest.approx((96 + 144) / 460)
 
 
-def run_file(folder: Path, name: str, throughput: float, ttft: float, hits: tuple[int, int], ideal: float) -> None:
+def run_file(folder: Path, name: str, throughput: float, ttft: float, hits: tuple[int, int], ideal: float,
+             reasons: dict[str, float] | None = None) -> None:
     """A run's record: 10 requests of 10 output tokens over `10 * 10 / throughput` s, each with `ttft`."""
     duration = 100 / throughput
     requests = {"start_s": [0.0] * 10, "ttft_s": [ttft] * 10, "latency_s": [duration] * 10, "prompt_len": [100] * 10,
@@ -147,7 +148,7 @@ def run_file(folder: Path, name: str, throughput: float, ttft: float, hits: tupl
     replicas = {f"r{i}": {"vllm:prefix_cache_queries_total": 500.0, "vllm:prefix_cache_hits_total": float(hit),
                           "vllm:request_success_total": 5.0} for i, hit in enumerate(hits)}
     record = {"workload": {"kind": "prefix"}, "duration_s": duration, "requests": requests, "replicas": replicas,
-              "ideal_hit_rate": ideal}
+              "ideal_hit_rate": ideal, **({"routing_reasons": reasons} if reasons else {})}
     (folder / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -155,7 +156,8 @@ def test_the_report_measures_each_target_as_the_median_of_the_rounds_ratios(tmp_
     runs = tmp_path / "runs"
     runs.mkdir()
     for round_, (ours, theirs) in enumerate([(130.0, 100.0), (120.0, 100.0), (90.0, 100.0)], start=1):
-        run_file(runs, f"prefix-c32-pipeline-kv-r{round_}", ours, 0.05, (450, 440), ideal=0.9)
+        run_file(runs, f"prefix-c32-pipeline-kv-r{round_}", ours, 0.05, (450, 440), ideal=0.9,
+                 reasons={"held": 6.0 + round_, "new": 2.0, "load": 1.0, "guarded": 0.0})
         run_file(runs, f"prefix-c32-router-cache_aware-r{round_}", theirs, 0.1, (300, 400), ideal=0.9)
         run_file(runs, f"prefix-c32-pipeline-rr-r{round_}", 80.0, 0.2, (200, 200), ideal=0.9)
     report = analyse(load(tmp_path))["prefix-c32"]
@@ -171,6 +173,8 @@ def test_the_report_measures_each_target_as_the_median_of_the_rounds_ratios(tmp_
     assert report["systems"]["router-cache_aware"]["requests_per_replica"] == [[5, 5]] * 3
     text = markdown(analyse(load(tmp_path)), "t")
     assert "| pipeline-kv | 120 (90-130) |" in text and "**no**" not in text.split("| target")[1]
+    # why the kv router chose as it did, per round (only the pipeline records it)
+    assert "(held/new/load/guarded), per round: pipeline-kv 7/2/1/0, 8/2/1/0, 9/2/1/0" in text
 
 
 def test_the_mixed_workload_is_reported_against_its_own_targets(tmp_path: Path):
@@ -222,3 +226,14 @@ def test_the_routers_belief_is_summed_per_replica_over_the_fronts(monkeypatch):
                                          "pipeline_replica_cached_blocks_predicted_total": 20.0}
     assert believed["10.0.0.2:3000"]["pipeline_replica_requests_total"] == 2.0
     assert server_metrics.router_counters([]) == {}
+
+
+def test_the_kv_routers_reasons_are_summed_over_the_fronts(monkeypatch):
+    from bench import server_metrics
+
+    pages = {"http://front-a/metrics": 'pipeline_routing_decisions_total{reason="held"} 5.0\n'
+                                       'pipeline_routing_decisions_total{reason="load"} 1.0\n',
+             "http://front-b/metrics": 'pipeline_routing_decisions_total{reason="held"} 2.0\n'
+                                       'pipeline_replica_requests_total{replica="10.0.0.1:3000"} 8.0\n'}
+    monkeypatch.setattr(server_metrics, "_get", pages.__getitem__)
+    assert server_metrics.routing_reasons(list(pages)) == {"held": 7.0, "load": 1.0}

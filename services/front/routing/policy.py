@@ -67,6 +67,7 @@ class Choice:
     blocks: int  # the prompt's full blocks at this replica's block size
     cached: int  # of those, the ones the router believes the replica holds (0: not looked at)
     keys: list[int] | None = None  # the prompt's keys at this replica's block size, when looked at
+    reason: str | None = None  # why kv chose it: one of ROUTING_REASONS (services/front/metrics.py)
 
 
 # --- the scorers -------------------------------------------------------------------------------------
@@ -217,10 +218,14 @@ class KvAware(RoundRobin):
         if open_:
             least_active = min(active[replica] for replica in open_)
             open_ = [replica for replica in open_ if not overloaded(active[replica], least_active, self.weights)]
+        opened = set(open_)
+        guarded = [replica for replica in in_turn if replica not in opened]
         if not open_:  # every replica is full or queueing: spread
             replica = least_loaded(in_turn)
             cached, keys = cached_blocks(replica, prompt, now)
-            return Choice(replica, prompt.blocks(replica.block_size), cached, keys)
+            choice = Choice(replica, prompt.blocks(replica.block_size), cached, keys)
+            choice.reason = reason(choice, 0, held_tokens(guarded, prompt, now))
+            return choice
         looked = cached_everywhere(open_, prompt, now)
         held = [cached * (replica.block_size or 0) for replica, cached, _ in looked]
         most = max(held)
@@ -232,7 +237,25 @@ class KvAware(RoundRobin):
             rank = (cost, -cached, replica.inflight)
             if best is None or rank < best[0]:  # strictly lower: ties stay with the earlier in turn
                 best = (rank, Choice(replica, prompt.blocks(replica.block_size), cached, keys))
-        return best[1]
+        choice = best[1]
+        choice.reason = reason(choice, most, held_tokens(guarded, prompt, now) if guarded else 0)
+        return choice
+
+
+def held_tokens(replicas: list[Replica], prompt: Prompt, now: float) -> int:
+    """The most of the prompt, in tokens, that any of `replicas` holds (or is believed to)."""
+    return max((cached_blocks(replica, prompt, now)[0] * (replica.block_size or 0) for replica in replicas), default=0)
+
+
+def reason(choice: Choice, open_most: int, guarded_most: int) -> str:
+    """Why `choice` (one of ROUTING_REASONS), given the most of the prompt, in tokens, held by an open
+    replica and by one a guard passed over."""
+    chosen = choice.cached * (choice.replica.block_size or 0)
+    if max(open_most, guarded_most) == 0:
+        return "new"
+    if chosen >= max(open_most, guarded_most):
+        return "held"
+    return "load" if open_most > chosen else "guarded"
 
 
 def make_policy(name: str, weights: Weights = Weights()) -> RoundRobin:

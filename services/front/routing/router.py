@@ -17,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from services.errors import DeadlineExceeded, Overloaded, RequestError, TierUnavailable
+from services.front.metrics import front_metrics
 from services.front.routing.index import BlockIndex, Routed
 from services.front.routing.policy import Prompt, RoundRobin
 from services.front.routing.replica import Replica
@@ -83,6 +84,8 @@ class ReplicaRouter:
         metrics.requests.inc()
         metrics.prompt_blocks.inc(choice.blocks)
         metrics.cached_blocks_predicted.inc(choice.cached)
+        if choice.reason is not None:
+            front_metrics().routing_reason[choice.reason].inc()
         return Sending(replica, choice.keys, index, routed,
                        len(prompt.token_ids) - choice.cached * (replica.block_size or 0))
 

@@ -175,7 +175,8 @@ def test_kv_sends_a_prompt_to_the_replica_holding_its_prefix():
     a, b, c = replica(1), holding(replica(2), PREFIX), replica(3)
     prompt = Prompt(PREFIX + [7, 7, 7])
     choice = KvAware().choose([a, b, c], prompt, NOW)
-    assert choice.replica is b and (choice.blocks, choice.cached) == (8, 8)
+    assert choice.replica is b and (choice.blocks, choice.cached) == (8, 8) and choice.reason == "held"
+    assert KvAware().choose([a, c], prompt, NOW).reason == "new"
     # the cost, term by term: 3 tokens to prefill there, 35 elsewhere
     assert [kv_cost(r, prompt, KvAware().choose([r], prompt, NOW).cached, Weights()) for r in (a, b)] == [35, 3]
 
@@ -186,7 +187,8 @@ def test_kv_weighs_load_against_prefix():
     idle = replica(2)  # 32 new tokens + 0
     assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is busy
     busy.report(ReplicaLoad(running=4))  # 40 > 32: the prefill elsewhere is cheaper than the queue
-    assert KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW).replica is idle
+    choice = KvAware(weights).choose([busy, idle], Prompt(PREFIX), NOW)
+    assert choice.replica is idle and choice.reason == "load"
 
 
 def test_kv_counts_what_this_worker_sent_since_the_replicas_report_while_it_runs():
@@ -324,7 +326,8 @@ def test_a_hot_prefix_spills_to_another_replica_once_its_home_is_far_busier():
     home_replica = holding(replica(1, capacity=8192, load=ReplicaLoad(running=37)), hot)
     spare = replica(2, capacity=8192, load=ReplicaLoad(running=4))
     policy = KvAware()
-    assert policy.choose([home_replica, spare], Prompt(hot + [1] * 16), NOW).replica is spare
+    spilled = policy.choose([home_replica, spare], Prompt(hot + [1] * 16), NOW)
+    assert spilled.replica is spare and spilled.reason == "guarded"  # the cut-off, not the cost
     home_replica.report(ReplicaLoad(running=30))  # 26 more: at home
     assert policy.choose([home_replica, spare], Prompt(hot + [1] * 16), NOW).replica is home_replica
 
@@ -368,13 +371,17 @@ def test_a_saturated_replica_is_passed_over_whatever_it_holds():
     full = holding(replica(1, load=ReplicaLoad(kv_usage=0.97)), PREFIX)
     queueing = holding(replica(2, load=ReplicaLoad(waiting=8)), PREFIX)
     free = replica(3, load=ReplicaLoad(running=6))
-    assert KvAware().choose([full, queueing, free], Prompt(PREFIX), NOW).replica is free
+    choice = KvAware().choose([full, queueing, free], Prompt(PREFIX), NOW)
+    assert choice.replica is free and choice.reason == "guarded"
 
 
 def test_when_every_replica_is_saturated_requests_spread_by_load():
     a = holding(replica(1, load=ReplicaLoad(running=9, waiting=9)), PREFIX)
     b = replica(2, load=ReplicaLoad(running=2, waiting=9))
-    assert KvAware().choose([a, b], Prompt(PREFIX), NOW).replica is b
+    choice = KvAware().choose([a, b], Prompt(PREFIX), NOW)
+    assert choice.replica is b and choice.reason == "guarded"
+    a.report(ReplicaLoad(running=1, waiting=9))  # the one holding the prompt is now the least loaded
+    assert KvAware().choose([a, b], Prompt(PREFIX), NOW).reason == "held"
 
 
 def test_ties_go_to_more_cached_then_fewer_inflight_then_in_turn():

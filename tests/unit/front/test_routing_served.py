@@ -158,10 +158,13 @@ def test_kv_sends_a_prefix_to_the_replica_whose_engine_reported_it():
         with front_over(fakes) as front:
             wait_for(lambda: all(front.replica(f).index.live for f in fakes), what="both event streams")
             predicted = metric("pipeline_replica_cached_blocks_predicted_total", fakes[1])
+            held = REGISTRY.get_sample_value("pipeline_routing_decisions_total", {"reason": "held"})
             for suffix in range(5):
                 assert complete(front.http, [Behaviour.PACED, *PREFIX, suffix]).status_code == 200
             assert [len(fake.started) for fake in fakes] == [0, 5]
             assert metric("pipeline_replica_cached_blocks_predicted_total", fakes[1]) - predicted == 5 * 8
+            # and why: the replica holding the prompt, each time
+            assert REGISTRY.get_sample_value("pipeline_routing_decisions_total", {"reason": "held"}) - held == 5
             assert metric("pipeline_replica_prompt_blocks_total", fakes[1]) == 5 * 8
 
 
