@@ -243,8 +243,10 @@ class KvAware(RoundRobin):
 
 
 def held_tokens(replicas: list[Replica], prompt: Prompt, now: float) -> int:
-    """The most of the prompt, in tokens, that any of `replicas` holds (or is believed to)."""
-    return max((cached_blocks(replica, prompt, now)[0] * (replica.block_size or 0) for replica in replicas), default=0)
+    """The most of the prompt, in tokens, that any of `replicas` holds (or is believed to): one walk
+    along the prompt's keys for all of them (`cached_everywhere`), as for the open replicas."""
+    return max((cached * (replica.block_size or 0) for replica, cached, _ in cached_everywhere(replicas, prompt, now)),
+               default=0)
 
 
 def reason(choice: Choice, open_most: int, guarded_most: int) -> str:
