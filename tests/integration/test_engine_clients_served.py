@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,15 +85,32 @@ def test_every_engine_client_streams_generations(pipeline: Server):
 
 
 def test_the_engine_load_is_summed_over_the_engine_clients(pipeline: Server):
-    """Requests in flight on either worker count in /load, whichever worker answers it."""
-    body = {**CHAT, "max_tokens": 200, "ignore_eos": True}
-    with httpx.Client(base_url=pipeline.url, timeout=300, limits=httpx.Limits(max_connections=8)) as client:
-        with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(4)]
-            loads = poll(lambda: loads_by_engine_client(pipeline), lambda seen: seen == {1: 4, 2: 4}, within_s=60)
-            assert loads == {1: 4, 2: 4}, f"/load from each worker, of 4 requests in flight: {loads}"
-            assert all(future.result().status_code == 200 for future in running)
-    assert pipeline.wait_engine_idle(within_s=10)[0] == 0
+    """Requests in flight on either worker count in /load, whichever worker answers it. The four
+    streams stay open until both workers have been read (a slow machine once finished 200-token
+    answers before the poll saw them all), then leave, and the engine goes idle."""
+    body = {**CHAT, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    read = threading.Event()
+    started = threading.Barrier(5)
+
+    def hold_a_stream() -> int:
+        with httpx.Client(base_url=pipeline.url, timeout=httpx.Timeout(120, connect=5)) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                chunks = response.iter_raw()  # kept: a dropped iterator closes the connection
+                next(chunks)  # the engine holds the request
+                started.wait(timeout=120)
+                read.wait(timeout=120)
+                return response.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(hold_a_stream) for _ in range(4)]
+        try:
+            started.wait(timeout=120)
+            loads = poll(lambda: loads_by_engine_client(pipeline), lambda seen: seen == {1: 4, 2: 4}, within_s=30)
+        finally:
+            read.set()
+        assert loads == {1: 4, 2: 4}, f"/load from each worker, of 4 requests in flight: {loads}"
+        assert [stream.result() for stream in streams] == [200] * 4
+    assert pipeline.wait_engine_idle(within_s=30)[0] == 0, "the streams left: the engine stops their work"
 
 
 @pytest.fixture(scope="module")
