@@ -117,6 +117,15 @@ def table(k: Knobs) -> dict[str, Phase]:
         "pinned4": Phase([*serve, "--targets", "pipeline-ec2", "vllm-api2", "vllm-api4", *k.shared(SMOL_KV, 3),
                           "--pin-gpu-host", "0-3", "--pin-rest", f"4-{k.cpus - 1}", *smol, "--concurrency", "64", "256",
                           *SMOL_LOAD, "--out", f"{r}/pinned4"], note="the GPU host's processes held to 4 CPUs"),
+        # the headline's servers, the GPU host's processes on half the CPUs and the rest (PromptService, the
+        # load generators) on the other half: the pipeline as a split deployment runs it, its text work off
+        # the engine's CPUs, against `vllm serve` holding the same half
+        "pinned_half": Phase([*serve, "--targets", "pipeline-ec8", "vllm-api8", *k.shared(SMOL_KV, 2, rounds=True),
+                              "--pin-gpu-host", f"0-{k.cpus // 2 - 1}", "--pin-rest", f"{k.cpus // 2}-{k.cpus - 1}",
+                              *smol, "--concurrency", "64", "256", *SMOL_LOAD, *rounds, "--caches", f"{c}/smol",
+                              "--out", f"{r}/pinned_half"],
+                             note="the headline with the GPU host's processes on half the CPUs, PromptService and the "
+                                  "load generators on the other half, as alternating rounds"),
         "features": Phase(["scripts/gpu_feature_check.py", "--model", f"{m}/smol", "--out", f"{r}/features/features.json"],
                           note="structured outputs, tool calling and several engine clients on this vLLM", extra=False),
         "unit": Phase(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", f"{r}/unit/junit.xml", *UNIT_TESTS],

@@ -45,7 +45,7 @@ def knobs(tmp_path: Path, **changes) -> phases.Knobs:
 def test_every_phase_is_a_command_its_subcommand_accepts(tmp_path: Path, changes: dict):
     parser = cli.build_parser()
     table = phases.table(knobs(tmp_path, **changes))
-    assert set(table) == {"llama7b", "smol", "tp2", "clients", "pinned2", "pinned4", "features", "unit", "startup_smol",
+    assert set(table) == {"llama7b", "smol", "tp2", "clients", "pinned2", "pinned4", "pinned_half", "features", "unit", "startup_smol",
                           "startup_llama7b", "ttft1", "repeats", "spread", "routing", "routing_tight", "routing4", "routing4_tight",
                           "costs"}
     for name, phase in table.items():
