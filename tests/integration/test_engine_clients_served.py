@@ -92,24 +92,33 @@ def test_the_engine_load_is_summed_over_the_engine_clients(pipeline: Server):
     read = threading.Event()
     started = threading.Barrier(5)
 
-    def hold_a_stream() -> int:
+    def hold_a_stream() -> None:
         with httpx.Client(base_url=pipeline.url, timeout=httpx.Timeout(120, connect=5)) as http:
             with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                chunks = response.iter_raw()  # kept: a dropped iterator closes the connection
-                next(chunks)  # the engine holds the request
+                try:
+                    assert response.status_code == 200, response.read()
+                    chunks = response.iter_raw()  # kept: a dropped iterator closes the connection
+                    next(chunks)  # the engine holds the request
+                except BaseException:
+                    started.abort()  # the others stop waiting, and the test says why
+                    raise
                 started.wait(timeout=120)
                 read.wait(timeout=120)
-                return response.status_code
 
     with ThreadPoolExecutor(4) as pool:
         streams = [pool.submit(hold_a_stream) for _ in range(4)]
         try:
             started.wait(timeout=120)
             loads = poll(lambda: loads_by_engine_client(pipeline), lambda seen: seen == {1: 4, 2: 4}, within_s=30)
+        except threading.BrokenBarrierError:
+            for stream in streams:
+                stream.result()  # the stream that failed raises its error
+            raise
         finally:
             read.set()
         assert loads == {1: 4, 2: 4}, f"/load from each worker, of 4 requests in flight: {loads}"
-        assert [stream.result() for stream in streams] == [200] * 4
+        for stream in streams:
+            stream.result()
     assert pipeline.wait_engine_idle(within_s=30)[0] == 0, "the streams left: the engine stops their work"
 
 
